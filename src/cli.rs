@@ -1,0 +1,229 @@
+//! Owns the command line (SPEC §1): parsing with clap and running each command.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::scope::{Scope, Scopes};
+use crate::token::{new_token, KeyStanza};
+
+/// Exit code for an invalid config (EX_USAGE), as SPEC §1 fixes for `check`.
+pub const EXIT_INVALID_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keygate",
+    version,
+    about = "API-key gateway: team tokens in, the real upstream key out, with shared quotas"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Run the gateway with a stand-in upstream and in-memory quotas, offline.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: SocketAddr,
+    },
+    /// Validate a config and print every problem; exit 0 when valid, 64 otherwise.
+    Check {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Internal tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a new token; prints it once, with the [[keys]] stanza holding its hash.
+    New {
+        #[arg(long)]
+        team: String,
+        #[arg(long)]
+        id: String,
+        #[arg(long, default_value = "generate,read", value_delimiter = ',')]
+        scopes: Vec<String>,
+        #[arg(long, default_value = "prod")]
+        env: String,
+        /// RFC 3339 time after which the token answers 401, e.g. 2027-06-01T00:00:00Z.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// Print the SHA-256 hex of a token (from the argument, or stdin).
+    Hash { token: Option<String> },
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::Demo {
+            listen,
+            admin_listen,
+        } => {
+            crate::telemetry::init();
+            runtime_block_on(async move { crate::demo::run(listen, admin_listen).await })
+        }
+        Command::Check { config } => check(&config),
+        Command::Token { command } => token(command),
+    }
+}
+
+fn runtime_block_on<F>(future: F) -> ExitCode
+where
+    F: std::future::Future<Output = Result<(), String>>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("keygate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(future) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keygate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(path: &std::path::Path) -> ExitCode {
+    crate::telemetry::init();
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprint!("keygate: invalid config {e}");
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    runtime_block_on(async move {
+        crate::server::serve_until_signal(config)
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprint!("{e}");
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    // A config can be well-formed and still useless: every env needs a readable key.
+    let keys = crate::upstream_keys::UpstreamKeys::load(&config.upstream.keys);
+    let problems = keys.problems();
+    if !problems.is_empty() {
+        eprintln!(
+            "{}: {} problem{}",
+            path.display(),
+            problems.len(),
+            if problems.len() == 1 { "" } else { "s" }
+        );
+        for (env, problem) in problems {
+            eprintln!("  - upstream.keys.{env}: {problem}");
+        }
+        return ExitCode::from(EXIT_INVALID_CONFIG);
+    }
+    println!(
+        "{}: valid ({} teams, {} keys, {} routes, store {})",
+        path.display(),
+        config.teams.len(),
+        config.keys.len(),
+        config.routes.len(),
+        match &config.store.url {
+            crate::config::StoreUrl::Memory => "memory",
+            crate::config::StoreUrl::Redis(_) => "redis",
+            crate::config::StoreUrl::Cluster(_) => "redis-cluster",
+        }
+    );
+    ExitCode::SUCCESS
+}
+
+fn token(command: TokenCommand) -> ExitCode {
+    match command {
+        TokenCommand::New {
+            team,
+            id,
+            scopes,
+            env,
+            expires,
+        } => {
+            let mut parsed = Scopes::default();
+            for name in &scopes {
+                match Scope::parse(name.trim()) {
+                    Some(scope) => parsed.insert(scope),
+                    None => {
+                        eprintln!("keygate: unknown scope {name:?} (known: read, generate, admin)");
+                        return ExitCode::from(EXIT_INVALID_CONFIG);
+                    }
+                }
+            }
+            if let Some(expires) = &expires {
+                if expires.parse::<jiff::Timestamp>().is_err() {
+                    eprintln!("keygate: --expires {expires:?} is not an RFC 3339 time like 2027-06-01T00:00:00Z");
+                    return ExitCode::from(EXIT_INVALID_CONFIG);
+                }
+            }
+            let token = match new_token(&env) {
+                Ok(token) => token,
+                Err(e) => {
+                    eprintln!("keygate: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let stanza = KeyStanza {
+                id: &id,
+                team: &team,
+                token: &token,
+                scopes: parsed,
+                env: &env,
+                expires: expires.as_deref(),
+            };
+            println!("# The token, shown this once. Give it to team {team:?}; keygate keeps only its hash.");
+            println!("{token}");
+            println!();
+            println!("# Add to the config:");
+            print!("{}", stanza.render());
+            ExitCode::SUCCESS
+        }
+        TokenCommand::Hash { token } => {
+            let token = match token {
+                Some(token) => token,
+                None => {
+                    let mut input = String::new();
+                    if let Err(e) = std::io::stdin().read_to_string(&mut input) {
+                        eprintln!("keygate: cannot read stdin: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                    input.trim().to_string()
+                }
+            };
+            println!("{}", crate::auth::sha256_hex(token.as_bytes()));
+            ExitCode::SUCCESS
+        }
+    }
+}

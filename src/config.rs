@@ -1,0 +1,1204 @@
+//! Owns configuration: the raw TOML shape (SPEC §2, `deny_unknown_fields`), environment
+//! overrides (`KEYGATE_<SECTION>__<KEY>`), and validation into a typed [`Config`] that
+//! reports every problem at once, each naming the field and the offending value.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Method;
+use ipnet::IpNet;
+use jiff::tz::TimeZone;
+use jiff::Timestamp;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::quota::Limits;
+use crate::routing::parse_route_match;
+use crate::scope::{Scope, Scopes};
+use crate::secret::Secret;
+
+/// Where `serve` and `check` look when no `--config` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "config/keygate.toml";
+
+/// Limits accepted for any window (SPEC §4): a "no limit" plan is just a huge one.
+pub const MIN_LIMIT: u64 = 1;
+pub const MAX_LIMIT: u64 = 1_000_000_000;
+
+// ---------------------------------------------------------------------------------------
+// Raw shape, exactly as written in the file.
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+    shutdown_grace: Option<String>,
+    max_header_bytes: Option<u64>,
+    max_body_bytes: Option<u64>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_connections: Option<u64>,
+    http2_max_concurrent_streams: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: Option<String>,
+    timeout: Option<String>,
+    connect_timeout: Option<String>,
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    keys: BTreeMap<String, RawKeySource>,
+    limits: Option<RawLimits>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeySource {
+    env: Option<String>,
+    file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    rpm: u64,
+    rpd: u64,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    url: Option<String>,
+    on_error: Option<String>,
+    timeout: Option<String>,
+    expected_replicas: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawQuotas {
+    day_tz: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTeam {
+    name: String,
+    plan: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    id: String,
+    team: String,
+    token_sha256: String,
+    scopes: Vec<String>,
+    env: String,
+    expires: Option<String>,
+    rpm: Option<u64>,
+    rpd: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    #[serde(rename = "match")]
+    matches: String,
+    scope: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    thresholds: Option<Vec<f64>>,
+    #[serde(default)]
+    webhooks: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUsageLog {
+    path: Option<String>,
+    redis_stream: Option<String>,
+}
+
+const SECTIONS: &[&str] = &[
+    "server",
+    "upstream",
+    "store",
+    "quotas",
+    "plans",
+    "teams",
+    "keys",
+    "routes",
+    "alerts",
+    "usage_log",
+];
+
+// ---------------------------------------------------------------------------------------
+// Validated, typed configuration.
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub store: StoreConfig,
+    pub day_tz: TimeZone,
+    pub day_tz_name: String,
+    pub plans: BTreeMap<String, Limits>,
+    pub teams: Vec<TeamConfig>,
+    pub keys: Vec<KeyConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub alerts: AlertsConfig,
+    pub usage_log: UsageLogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub tls: Option<TlsFiles>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub shutdown_grace: Duration,
+    pub max_header_bytes: usize,
+    pub max_body_bytes: u64,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub http2_max_concurrent_streams: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Origin only: scheme, host and port. Every proxied request goes here.
+    pub url: http::Uri,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub ca_file: Option<PathBuf>,
+    /// The real keys per environment (`prod`, `dev`, …).
+    pub keys: BTreeMap<String, KeySource>,
+    /// The upstream key's own plan, over all teams and replicas.
+    pub limits: Option<Limits>,
+}
+
+/// Where a real upstream key comes from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    Env(String),
+    /// A file holding one key per line; several lines are used in turn.
+    File(PathBuf),
+    /// Given directly by code (the demo, tests); never from a config file.
+    Inline(Vec<Secret>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    Memory,
+    Redis(String),
+    Cluster(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    Local,
+    Open,
+    Closed,
+}
+
+impl OnStoreError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnStoreError::Local => "local",
+            OnStoreError::Open => "open",
+            OnStoreError::Closed => "closed",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub url: StoreUrl,
+    pub on_error: OnStoreError,
+    pub timeout: Duration,
+    pub expected_replicas: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct TeamConfig {
+    pub name: String,
+    pub plan: String,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone)]
+pub struct KeyConfig {
+    pub id: String,
+    pub team: String,
+    pub token_sha256: [u8; 32],
+    pub scopes: Scopes,
+    pub env: String,
+    pub expires: Option<Timestamp>,
+    pub rpm: Option<u64>,
+    pub rpd: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub method: Option<Method>,
+    pub prefix: String,
+    pub scope: Scope,
+    pub label: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AlertsConfig {
+    pub thresholds: Vec<f64>,
+    pub webhooks: Vec<http::Uri>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UsageLogConfig {
+    /// `None` is stdout (`path = "-"`).
+    pub path: Option<PathBuf>,
+    pub redis_stream: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors.
+
+/// Every problem found in a config, each naming the field and the offending value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub source: String,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{}: {} problem{}",
+            self.source,
+            self.problems.len(),
+            if self.problems.len() == 1 { "" } else { "s" }
+        )?;
+        for problem in &self.problems {
+            writeln!(f, "  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn add(&mut self, field: impl fmt::Display, message: impl fmt::Display) {
+        self.0.push(format!("{field}: {message}"));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Loading.
+
+impl Config {
+    /// Loads a TOML file with `KEYGATE_*` environment overrides from the process.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("KEYGATE_") && k.contains("__"))
+            .collect();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source: path.display().to_string(),
+            problems: vec![format!("cannot read the file: {e}")],
+        })?;
+        Self::from_toml_with_env(&text, &path.display().to_string(), env, path.parent())
+    }
+
+    /// Parses TOML text alone: no environment, relative paths against the working directory.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Self::from_toml_with_env(text, "config", HashMap::new(), None)
+    }
+
+    /// Parses TOML text with the given `KEYGATE_*` overrides. Relative file paths in the
+    /// config are resolved against `base_dir` (the config file's folder) when given.
+    pub fn from_toml_with_env(
+        text: &str,
+        source_name: &str,
+        env: HashMap<String, String>,
+        base_dir: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError {
+            source: source_name.to_string(),
+            problems,
+        };
+        let environment = config::Environment::with_prefix("KEYGATE")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("server.trusted_proxies")
+            .with_list_parse_key("alerts.webhooks")
+            .with_list_parse_key("alerts.thresholds")
+            .source(Some(env));
+        let merged = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(environment)
+            .build()
+            .map_err(|e| fail(vec![e.to_string()]))?;
+        let top: HashMap<String, config::Value> = merged
+            .clone()
+            .try_deserialize()
+            .map_err(|e| fail(vec![e.to_string()]))?;
+
+        let mut problems = Problems::default();
+        let mut unknown: Vec<&String> = top
+            .keys()
+            .filter(|k| !SECTIONS.contains(&k.as_str()))
+            .collect();
+        unknown.sort();
+        for key in unknown {
+            problems.add(
+                key,
+                format!("unknown section (known: {})", SECTIONS.join(", ")),
+            );
+        }
+
+        let raw = RawConfig {
+            server: section(&top, "server", &mut problems),
+            upstream: section(&top, "upstream", &mut problems),
+            store: section(&top, "store", &mut problems),
+            quotas: section(&top, "quotas", &mut problems),
+            plans: plans(&top, &mut problems),
+            teams: array(&top, "teams", &mut problems),
+            keys: array(&top, "keys", &mut problems),
+            routes: array(&top, "routes", &mut problems),
+            alerts: section(&top, "alerts", &mut problems),
+            usage_log: section(&top, "usage_log", &mut problems),
+        };
+        let config = validate(raw, base_dir, &mut problems);
+        if problems.0.is_empty() {
+            Ok(config)
+        } else {
+            Err(fail(problems.0))
+        }
+    }
+
+    pub fn team(&self, name: &str) -> Option<&TeamConfig> {
+        self.teams.iter().find(|t| t.name == name)
+    }
+}
+
+struct RawConfig {
+    server: RawServer,
+    upstream: RawUpstream,
+    store: RawStore,
+    quotas: RawQuotas,
+    plans: BTreeMap<String, Option<RawLimits>>,
+    teams: Vec<Option<RawTeam>>,
+    keys: Vec<Option<RawKey>>,
+    routes: Vec<Option<RawRoute>>,
+    alerts: RawAlerts,
+    usage_log: RawUsageLog,
+}
+
+fn clean_serde_error(e: config::ConfigError) -> String {
+    e.to_string()
+}
+
+/// Deserializes one table section; a missing one is its default. Errors are recorded and
+/// the default used, so the other sections are still checked.
+fn section<T: DeserializeOwned + Default>(
+    top: &HashMap<String, config::Value>,
+    name: &str,
+    problems: &mut Problems,
+) -> T {
+    match top.get(name) {
+        None => T::default(),
+        Some(value) => value.clone().try_deserialize().unwrap_or_else(|e| {
+            problems.add(format!("[{name}]"), clean_serde_error(e));
+            T::default()
+        }),
+    }
+}
+
+/// Deserializes an array of tables element by element, so every bad element is reported.
+fn array<T: DeserializeOwned>(
+    top: &HashMap<String, config::Value>,
+    name: &str,
+    problems: &mut Problems,
+) -> Vec<Option<T>> {
+    let Some(value) = top.get(name) else {
+        return Vec::new();
+    };
+    let items: Vec<config::Value> = match value.clone().into_array() {
+        Ok(items) => items,
+        Err(e) => {
+            problems.add(
+                name,
+                format!("must be an array of tables ([[{name}]]): {e}"),
+            );
+            return Vec::new();
+        }
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| match item.try_deserialize() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                problems.add(format!("{name}[{i}]"), clean_serde_error(e));
+                None
+            }
+        })
+        .collect()
+}
+
+fn plans(
+    top: &HashMap<String, config::Value>,
+    problems: &mut Problems,
+) -> BTreeMap<String, Option<RawLimits>> {
+    let Some(value) = top.get("plans") else {
+        return BTreeMap::new();
+    };
+    let table = match value.clone().into_table() {
+        Ok(table) => table,
+        Err(e) => {
+            problems.add(
+                "plans",
+                format!("must be a table of name = {{ rpm, rpd }}: {e}"),
+            );
+            return BTreeMap::new();
+        }
+    };
+    table
+        .into_iter()
+        .map(|(name, v)| {
+            let parsed = v
+                .try_deserialize::<RawLimits>()
+                .map_err(|e| problems.add(format!("plans.{name}"), clean_serde_error(e)))
+                .ok();
+            (name, parsed)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Validation.
+
+/// Parses a duration such as `"30s"`, `"50ms"`, `"24h"` or `"1h 30m"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let signed: jiff::SignedDuration = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. \"50ms\", \"30s\", \"24h\")"))?;
+    Duration::try_from(signed).map_err(|_| format!("{text:?} must not be negative"))
+}
+
+fn duration_field(
+    value: Option<&str>,
+    default: Duration,
+    field: &str,
+    problems: &mut Problems,
+) -> Duration {
+    match value {
+        None => default,
+        Some(text) => match parse_duration(text) {
+            Ok(d) if d.is_zero() => {
+                problems.add(field, format!("{text:?} must be longer than zero"));
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                problems.add(field, e);
+                default
+            }
+        },
+    }
+}
+
+fn socket_field(
+    value: Option<&str>,
+    default: &str,
+    field: &str,
+    problems: &mut Problems,
+) -> SocketAddr {
+    let text = value.unwrap_or(default);
+    text.parse().unwrap_or_else(|_| {
+        problems.add(
+            field,
+            format!("{text:?} is not an address like \"127.0.0.1:8080\""),
+        );
+        default.parse().expect("default address parses")
+    })
+}
+
+fn limit_field(value: u64, field: &str, problems: &mut Problems) -> u64 {
+    if !(MIN_LIMIT..=MAX_LIMIT).contains(&value) {
+        problems.add(
+            field,
+            format!("{value} is out of range ({MIN_LIMIT} to {MAX_LIMIT})"),
+        );
+    }
+    value
+}
+
+fn resolve(base_dir: Option<&Path>, path: &Path) -> PathBuf {
+    match base_dir {
+        Some(dir) if path.is_relative() && !dir.as_os_str().is_empty() => dir.join(path),
+        _ => path.to_path_buf(),
+    }
+}
+
+fn existing_file(
+    base_dir: Option<&Path>,
+    path: &Path,
+    field: &str,
+    problems: &mut Problems,
+) -> PathBuf {
+    let resolved = resolve(base_dir, path);
+    if !resolved.is_file() {
+        problems.add(
+            field,
+            format!(
+                "{:?} is not a readable file",
+                resolved.display().to_string()
+            ),
+        );
+    }
+    resolved
+}
+
+fn validate(raw: RawConfig, base_dir: Option<&Path>, problems: &mut Problems) -> Config {
+    let server = validate_server(raw.server, base_dir, problems);
+    let upstream = validate_upstream(raw.upstream, base_dir, problems);
+    let store = validate_store(raw.store, problems);
+
+    let day_tz_name = raw.quotas.day_tz.unwrap_or_else(|| "UTC".to_string());
+    let day_tz = TimeZone::get(&day_tz_name).unwrap_or_else(|_| {
+        problems.add(
+            "quotas.day_tz",
+            format!("{day_tz_name:?} is not a known time zone (e.g. \"UTC\", \"Europe/Berlin\")"),
+        );
+        TimeZone::UTC
+    });
+
+    let mut plans = BTreeMap::new();
+    for (name, limits) in raw.plans {
+        if let Some(limits) = limits {
+            let field = format!("plans.{name}");
+            let rpm = limit_field(limits.rpm, &format!("{field}.rpm"), problems);
+            let rpd = limit_field(limits.rpd, &format!("{field}.rpd"), problems);
+            plans.insert(name, Limits { rpm, rpd });
+        }
+    }
+
+    let mut teams: Vec<TeamConfig> = Vec::new();
+    for (i, team) in raw.teams.into_iter().enumerate() {
+        let Some(team) = team else { continue };
+        let field = format!("teams[{i}]");
+        if team.name.trim().is_empty() {
+            problems.add(format!("{field}.name"), "must not be empty");
+        }
+        if teams.iter().any(|t| t.name == team.name) {
+            problems.add(
+                format!("{field}.name"),
+                format!("duplicate team {:?}", team.name),
+            );
+        }
+        let limits = match plans.get(&team.plan) {
+            Some(limits) => *limits,
+            None => {
+                problems.add(
+                    format!("{field}.plan"),
+                    format!(
+                        "unknown plan {:?} (known: {})",
+                        team.plan,
+                        plans.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                );
+                Limits { rpm: 1, rpd: 1 }
+            }
+        };
+        teams.push(TeamConfig {
+            name: team.name,
+            plan: team.plan,
+            limits,
+        });
+    }
+
+    let mut keys: Vec<KeyConfig> = Vec::new();
+    let mut hashes: HashSet<[u8; 32]> = HashSet::new();
+    for (i, key) in raw.keys.into_iter().enumerate() {
+        let Some(key) = key else { continue };
+        let field = format!("keys[{i}]");
+        if key.id.trim().is_empty() {
+            problems.add(format!("{field}.id"), "must not be empty");
+        }
+        if keys.iter().any(|k| k.id == key.id) {
+            problems.add(
+                format!("{field}.id"),
+                format!("duplicate key id {:?}", key.id),
+            );
+        }
+        if !teams.iter().any(|t| t.name == key.team) {
+            problems.add(
+                format!("{field}.team"),
+                format!("unknown team {:?}", key.team),
+            );
+        }
+        let token_sha256 = match parse_sha256_hex(&key.token_sha256) {
+            Some(hash) => {
+                if !hashes.insert(hash) {
+                    problems.add(
+                        format!("{field}.token_sha256"),
+                        "the same hash is used by another key",
+                    );
+                }
+                hash
+            }
+            None => {
+                problems.add(
+                    format!("{field}.token_sha256"),
+                    format!(
+                        "{:?} is not 64 hex digits (use `keygate token hash`)",
+                        key.token_sha256
+                    ),
+                );
+                [0; 32]
+            }
+        };
+        let mut scopes = Scopes::default();
+        for name in &key.scopes {
+            match Scope::parse(name) {
+                Some(scope) => scopes.insert(scope),
+                None => problems.add(
+                    format!("{field}.scopes"),
+                    format!("unknown scope {name:?} (known: read, generate, admin)"),
+                ),
+            }
+        }
+        if key.scopes.is_empty() {
+            problems.add(format!("{field}.scopes"), "must name at least one scope");
+        }
+        if !upstream.keys.contains_key(&key.env) {
+            problems.add(
+                format!("{field}.env"),
+                format!(
+                    "unknown env {:?} (upstream.keys has: {})",
+                    key.env,
+                    upstream.keys.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            );
+        }
+        let expires = key.expires.as_deref().and_then(|text| {
+            text.parse::<Timestamp>()
+                .map_err(|_| {
+                    problems.add(
+                        format!("{field}.expires"),
+                        format!("{text:?} is not an RFC 3339 time like \"2027-06-01T00:00:00Z\""),
+                    )
+                })
+                .ok()
+        });
+        let rpm = key
+            .rpm
+            .map(|v| limit_field(v, &format!("{field}.rpm"), problems));
+        let rpd = key
+            .rpd
+            .map(|v| limit_field(v, &format!("{field}.rpd"), problems));
+        keys.push(KeyConfig {
+            id: key.id,
+            team: key.team,
+            token_sha256,
+            scopes,
+            env: key.env,
+            expires,
+            rpm,
+            rpd,
+        });
+    }
+
+    let mut routes: Vec<RouteConfig> = Vec::new();
+    for (i, route) in raw.routes.into_iter().enumerate() {
+        let Some(route) = route else { continue };
+        let field = format!("routes[{i}]");
+        let scope = Scope::parse(&route.scope).unwrap_or_else(|| {
+            problems.add(
+                format!("{field}.scope"),
+                format!(
+                    "unknown scope {:?} (known: read, generate, admin)",
+                    route.scope
+                ),
+            );
+            Scope::Admin
+        });
+        match parse_route_match(&route.matches) {
+            Ok((method, prefix)) => {
+                if routes
+                    .iter()
+                    .any(|r| r.method == method && r.prefix == prefix)
+                {
+                    problems.add(
+                        format!("{field}.match"),
+                        format!("duplicate route {:?}", route.matches),
+                    );
+                }
+                routes.push(RouteConfig {
+                    method,
+                    prefix,
+                    scope,
+                    label: route.matches,
+                });
+            }
+            Err(e) => problems.add(format!("{field}.match"), e),
+        }
+    }
+
+    let alerts = validate_alerts(raw.alerts, problems);
+    let usage_log = UsageLogConfig {
+        path: match raw.usage_log.path.as_deref() {
+            None | Some("-") => None,
+            Some("") => {
+                problems.add("usage_log.path", "must be \"-\" (stdout) or a file path");
+                None
+            }
+            Some(p) => Some(resolve(base_dir, Path::new(p))),
+        },
+        redis_stream: raw.usage_log.redis_stream,
+    };
+
+    Config {
+        server,
+        upstream,
+        store,
+        day_tz,
+        day_tz_name,
+        plans,
+        teams,
+        keys,
+        routes,
+        alerts,
+        usage_log,
+    }
+}
+
+fn validate_server(
+    raw: RawServer,
+    base_dir: Option<&Path>,
+    problems: &mut Problems,
+) -> ServerConfig {
+    let listen = socket_field(
+        raw.listen.as_deref(),
+        "127.0.0.1:8080",
+        "server.listen",
+        problems,
+    );
+    let admin_listen = socket_field(
+        raw.admin_listen.as_deref(),
+        "127.0.0.1:9090",
+        "server.admin_listen",
+        problems,
+    );
+    if listen == admin_listen {
+        problems.add(
+            "server.admin_listen",
+            format!("{admin_listen} is also server.listen"),
+        );
+    }
+    let tls = match (raw.tls_cert, raw.tls_key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: existing_file(base_dir, &cert, "server.tls_cert", problems),
+            key: existing_file(base_dir, &key, "server.tls_key", problems),
+        }),
+        (Some(_), None) => {
+            problems.add("server.tls_key", "missing: tls_cert needs tls_key");
+            None
+        }
+        (None, Some(_)) => {
+            problems.add("server.tls_cert", "missing: tls_key needs tls_cert");
+            None
+        }
+    };
+    let trusted_proxies = raw
+        .trusted_proxies
+        .iter()
+        .filter_map(|text| {
+            let parsed = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from));
+            parsed
+                .map_err(|_| {
+                    problems.add(
+                        "server.trusted_proxies",
+                        format!("{text:?} is not a CIDR like \"10.0.0.0/8\" or an address"),
+                    )
+                })
+                .ok()
+        })
+        .collect();
+    let max_header_bytes = raw.max_header_bytes.unwrap_or(16 * 1024);
+    if !(1024..=1024 * 1024).contains(&max_header_bytes) {
+        problems.add(
+            "server.max_header_bytes",
+            format!("{max_header_bytes} is out of range (1024 to 1048576)"),
+        );
+    }
+    let max_connections = raw.max_connections.unwrap_or(8192);
+    if max_connections == 0 {
+        problems.add("server.max_connections", "must be at least 1");
+    }
+    let streams = raw.http2_max_concurrent_streams.unwrap_or(256);
+    if streams == 0 {
+        problems.add("server.http2_max_concurrent_streams", "must be at least 1");
+    }
+    ServerConfig {
+        listen,
+        admin_listen,
+        tls,
+        trusted_proxies,
+        shutdown_grace: duration_field(
+            raw.shutdown_grace.as_deref(),
+            Duration::from_secs(30),
+            "server.shutdown_grace",
+            problems,
+        ),
+        max_header_bytes: max_header_bytes as usize,
+        // Image prompts are small, but image-to-image uploads are not.
+        max_body_bytes: raw.max_body_bytes.unwrap_or(32 * 1024 * 1024),
+        header_read_timeout: duration_field(
+            raw.header_read_timeout.as_deref(),
+            Duration::from_secs(10),
+            "server.header_read_timeout",
+            problems,
+        ),
+        idle_timeout: duration_field(
+            raw.idle_timeout.as_deref(),
+            Duration::from_secs(60),
+            "server.idle_timeout",
+            problems,
+        ),
+        max_connections: max_connections as usize,
+        http2_max_concurrent_streams: streams,
+    }
+}
+
+fn validate_upstream(
+    raw: RawUpstream,
+    base_dir: Option<&Path>,
+    problems: &mut Problems,
+) -> UpstreamConfig {
+    let fallback: http::Uri = http::Uri::from_static("https://upstream.invalid");
+    let url = match raw.url.as_deref() {
+        None => {
+            problems.add("upstream.url", "missing (e.g. \"https://api.imagen.ai\")");
+            fallback
+        }
+        Some(text) => match parse_origin(text) {
+            Ok(uri) => uri,
+            Err(e) => {
+                problems.add("upstream.url", format!("{text:?} {e}"));
+                fallback
+            }
+        },
+    };
+    let mut keys = BTreeMap::new();
+    if raw.keys.is_empty() {
+        problems.add(
+            "upstream.keys",
+            "at least one env is needed, e.g. [upstream.keys.prod] env = \"IMAGEN_API_KEY\"",
+        );
+    }
+    for (env, source) in raw.keys {
+        let field = format!("upstream.keys.{env}");
+        match (source.env, source.file) {
+            (Some(var), None) if !var.is_empty() => {
+                keys.insert(env, KeySource::Env(var));
+            }
+            (None, Some(file)) => {
+                keys.insert(env, KeySource::File(resolve(base_dir, &file)));
+            }
+            (Some(_), Some(_)) => problems.add(field, "set either env or file, not both"),
+            _ => problems.add(field, "set env = \"VAR\" or file = \"/path\""),
+        }
+    }
+    let limits = raw.limits.map(|l| Limits {
+        rpm: limit_field(l.rpm, "upstream.limits.rpm", problems),
+        rpd: limit_field(l.rpd, "upstream.limits.rpd", problems),
+    });
+    UpstreamConfig {
+        url,
+        timeout: duration_field(
+            raw.timeout.as_deref(),
+            Duration::from_secs(120),
+            "upstream.timeout",
+            problems,
+        ),
+        connect_timeout: duration_field(
+            raw.connect_timeout.as_deref(),
+            Duration::from_secs(5),
+            "upstream.connect_timeout",
+            problems,
+        ),
+        ca_file: raw
+            .ca_file
+            .map(|p| existing_file(base_dir, &p, "upstream.ca_file", problems)),
+        keys,
+        limits,
+    }
+}
+
+/// Accepts `http(s)://host[:port]` with an empty or `/` path and nothing else.
+pub fn parse_origin(text: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = text.parse().map_err(|_| "is not a URL".to_string())?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err("must start with http:// or https://".into()),
+    }
+    let authority = uri.authority().ok_or("has no host")?;
+    if authority.as_str().contains('@') {
+        return Err("must not carry credentials".into());
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err("must be an origin only (no path or query)".into());
+    }
+    http::Uri::builder()
+        .scheme(uri.scheme_str().unwrap_or("https"))
+        .authority(authority.as_str())
+        .path_and_query("/")
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+fn validate_store(raw: RawStore, problems: &mut Problems) -> StoreConfig {
+    let url_text = raw.url.unwrap_or_else(|| "memory://".to_string());
+    let url = if url_text == "memory://" {
+        StoreUrl::Memory
+    } else if let Some(nodes) = url_text.strip_prefix("redis+cluster://") {
+        let nodes: Vec<String> = nodes
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(|n| format!("redis://{n}"))
+            .collect();
+        if nodes.is_empty() {
+            problems.add("store.url", format!("{url_text:?} names no cluster node"));
+        }
+        StoreUrl::Cluster(nodes)
+    } else if url_text.starts_with("redis://") || url_text.starts_with("rediss://") {
+        StoreUrl::Redis(url_text.clone())
+    } else {
+        problems.add(
+            "store.url",
+            format!("{url_text:?} is not memory://, redis://, rediss:// or redis+cluster://"),
+        );
+        StoreUrl::Memory
+    };
+    let on_error = match raw.on_error.as_deref().unwrap_or("local") {
+        "local" => OnStoreError::Local,
+        "open" => OnStoreError::Open,
+        "closed" => OnStoreError::Closed,
+        other => {
+            problems.add(
+                "store.on_error",
+                format!("{other:?} is not local, open or closed"),
+            );
+            OnStoreError::Local
+        }
+    };
+    let expected_replicas = raw.expected_replicas.unwrap_or(1);
+    if expected_replicas == 0 {
+        problems.add("store.expected_replicas", "must be at least 1");
+    }
+    StoreConfig {
+        url,
+        on_error,
+        timeout: duration_field(
+            raw.timeout.as_deref(),
+            Duration::from_millis(50),
+            "store.timeout",
+            problems,
+        ),
+        expected_replicas: expected_replicas.max(1),
+    }
+}
+
+fn validate_alerts(raw: RawAlerts, problems: &mut Problems) -> AlertsConfig {
+    let thresholds = raw.thresholds.unwrap_or_else(|| vec![0.8, 0.95, 1.0]);
+    for t in &thresholds {
+        if !(*t > 0.0 && *t <= 1.0) {
+            problems.add("alerts.thresholds", format!("{t} is not in (0, 1]"));
+        }
+    }
+    let mut sorted = thresholds.clone();
+    sorted.sort_by(f64::total_cmp);
+    sorted.dedup();
+    let webhooks = raw
+        .webhooks
+        .iter()
+        .filter_map(|text| match text.parse::<http::Uri>() {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("http") | Some("https"))
+                    && uri.host().is_some() =>
+            {
+                Some(uri)
+            }
+            _ => {
+                problems.add("alerts.webhooks", format!("{text:?} is not an http(s) URL"));
+                None
+            }
+        })
+        .collect();
+    AlertsConfig {
+        thresholds: sorted,
+        webhooks,
+    }
+}
+
+pub fn parse_sha256_hex(text: &str) -> Option<[u8; 32]> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b";
+
+    fn minimal() -> String {
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:1"
+[upstream]
+url = "https://api.imagen.ai"
+[upstream.keys.prod]
+env = "IMAGEN_API_KEY"
+[plans]
+pro = {{ rpm = 100, rpd = 10000 }}
+[[teams]]
+name = "design"
+plan = "pro"
+[[keys]]
+id = "design-1"
+team = "design"
+token_sha256 = "{HASH}"
+scopes = ["generate", "read"]
+env = "prod"
+[[routes]]
+match = "POST /v1/text-to-image"
+scope = "generate"
+"#
+        )
+    }
+
+    #[test]
+    fn minimal_config_validates() {
+        let config = Config::from_toml(&minimal()).unwrap();
+        assert_eq!(
+            config.teams[0].limits,
+            Limits {
+                rpm: 100,
+                rpd: 10000
+            }
+        );
+        assert_eq!(config.store.url, StoreUrl::Memory);
+        assert_eq!(config.store.timeout, Duration::from_millis(50));
+        assert_eq!(config.upstream.url.to_string(), "https://api.imagen.ai/");
+        assert!(config.keys[0].scopes.contains(Scope::Generate));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = minimal()
+            .replace("plan = \"pro\"", "plan = \"platinum\"")
+            .replace("env = \"prod\"", "env = \"staging\"")
+            .replace("scope = \"generate\"", "scope = \"write\"")
+            .replace("url = \"https://api.imagen.ai\"", "url = \"ftp://x\"")
+            + "\n[store]\nurl = \"mongodb://x\"\ntimeout = \"fast\"\n[bogus]\nx = 1\n";
+        let err = Config::from_toml(&text).unwrap_err();
+        let all = err.problems.join("\n");
+        for needle in [
+            "teams[0].plan: unknown plan \"platinum\"",
+            "keys[0].env: unknown env \"staging\"",
+            "routes[0].scope: unknown scope \"write\"",
+            "upstream.url: \"ftp://x\"",
+            "store.url: \"mongodb://x\"",
+            "store.timeout: \"fast\"",
+            "bogus: unknown section",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_per_element() {
+        let text = minimal().replace("plan = \"pro\"", "plan = \"pro\"\ncolour = \"red\"")
+            + "\n[[keys]]\nid = \"x\"\n";
+        let err = Config::from_toml(&text).unwrap_err();
+        let all = err.problems.join("\n");
+        assert!(all.contains("teams[0]") && all.contains("colour"), "{all}");
+        assert!(all.contains("keys[1]") && all.contains("team"), "{all}");
+    }
+
+    #[test]
+    fn environment_overrides_win() {
+        let env = HashMap::from([
+            (
+                "KEYGATE_STORE__URL".to_string(),
+                "redis://10.0.0.5:6379".to_string(),
+            ),
+            (
+                "KEYGATE_SERVER__LISTEN".to_string(),
+                "0.0.0.0:8080".to_string(),
+            ),
+            (
+                "KEYGATE_STORE__EXPECTED_REPLICAS".to_string(),
+                "3".to_string(),
+            ),
+        ]);
+        let config = Config::from_toml_with_env(&minimal(), "t", env, None).unwrap();
+        assert_eq!(
+            config.store.url,
+            StoreUrl::Redis("redis://10.0.0.5:6379".into())
+        );
+        assert_eq!(config.server.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(config.store.expected_replicas, 3);
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("50ms").unwrap(), Duration::from_millis(50));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,133 @@
+//! Owns the per-request context: everything the pipeline learns about one request, filled
+//! in step by step and read once by the finish step.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Method};
+use jiff::Timestamp;
+
+use crate::auth::ApiKey;
+use crate::quota::{QuotaReport, SubjectUsage};
+
+/// How a request ended, as one bounded label for metrics and the usage log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Forwarded and answered by the upstream below 500.
+    Forwarded,
+    /// The upstream answered 5xx, could not be reached, or broke off its answer.
+    UpstreamError,
+    UpstreamTimeout,
+    Unauthorized,
+    Forbidden,
+    RateLimited,
+    BadRequest,
+    /// The store was closed (`on_error = "closed"`) or no upstream key was readable.
+    Unavailable,
+    /// The client went away before the answer was complete.
+    ClientClosed,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 9] = [
+        Outcome::Forwarded,
+        Outcome::UpstreamError,
+        Outcome::UpstreamTimeout,
+        Outcome::Unauthorized,
+        Outcome::Forbidden,
+        Outcome::RateLimited,
+        Outcome::BadRequest,
+        Outcome::Unavailable,
+        Outcome::ClientClosed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::UpstreamTimeout => "upstream_timeout",
+            Outcome::Unauthorized => "unauthorized",
+            Outcome::Forbidden => "forbidden",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::BadRequest => "bad_request",
+            Outcome::Unavailable => "unavailable",
+            Outcome::ClientClosed => "client_closed",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct RequestContext {
+    pub request_id: HeaderValue,
+    pub received_at: Timestamp,
+    pub started: Instant,
+    pub method: Method,
+    /// The canonical path without query (the raw one, cut short, when it had no canonical form).
+    pub path: String,
+    pub route: Option<Arc<str>>,
+    pub key: Option<Arc<ApiKey>>,
+    pub client_ip: IpAddr,
+    pub user_agent: Option<String>,
+    pub status: u16,
+    pub upstream_status: Option<u16>,
+    pub outcome: Outcome,
+    /// Why it failed, for the log only.
+    pub cause: Option<String>,
+    pub upstream_latency: Option<Duration>,
+    pub bytes_in: Arc<AtomicU64>,
+    pub bytes_out: u64,
+    /// The team's own usage after the decision (first subject).
+    pub team_usage: Option<SubjectUsage>,
+    pub quota: Option<QuotaReport>,
+}
+
+impl RequestContext {
+    pub fn new(request_id: HeaderValue, method: Method, client_ip: IpAddr, now: Timestamp) -> Self {
+        Self {
+            request_id,
+            received_at: now,
+            started: Instant::now(),
+            method,
+            path: String::new(),
+            route: None,
+            key: None,
+            client_ip,
+            user_agent: None,
+            status: 0,
+            upstream_status: None,
+            outcome: Outcome::Forwarded,
+            cause: None,
+            upstream_latency: None,
+            bytes_in: Arc::new(AtomicU64::new(0)),
+            bytes_out: 0,
+            team_usage: None,
+            quota: None,
+        }
+    }
+
+    pub fn bytes_in(&self) -> u64 {
+        self.bytes_in.load(Ordering::Relaxed)
+    }
+
+    pub fn latency(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn team(&self) -> Option<&str> {
+        self.key.as_deref().map(|k| &*k.team)
+    }
+
+    pub fn key_id(&self) -> Option<&str> {
+        self.key.as_deref().map(|k| &*k.id)
+    }
+
+    pub fn env(&self) -> Option<&str> {
+        self.key.as_deref().map(|k| &*k.env)
+    }
+
+    pub fn request_id_str(&self) -> &str {
+        self.request_id.to_str().unwrap_or("")
+    }
+}

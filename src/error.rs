@@ -1,0 +1,252 @@
+//! Owns the one error type of the request path: its status, its public code and message,
+//! and the upstream-shaped JSON body a client receives. Causes are for the log only.
+
+use bytes::Bytes;
+use http::StatusCode;
+
+use crate::quota::QuotaReport;
+
+/// Why authentication failed. Only ever logged and counted; the client always sees the
+/// same 401 body so it cannot probe which check it tripped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    Missing,
+    Duplicated,
+    Malformed,
+    Unknown,
+    Expired,
+}
+
+impl AuthFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing",
+            AuthFailure::Duplicated => "duplicated",
+            AuthFailure::Malformed => "malformed",
+            AuthFailure::Unknown => "unknown",
+            AuthFailure::Expired => "expired",
+        }
+    }
+}
+
+/// Why a request was refused with 403.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forbidden {
+    /// No route matches the method and path: deny by default.
+    NoRoute,
+    /// The token lacks the scope the route requires.
+    MissingScope,
+}
+
+/// Which limit a 429 came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateLimitSubject {
+    Team,
+    Key,
+    Upstream,
+    /// A client address that sent too many invalid tokens.
+    ClientAddress,
+}
+
+impl RateLimitSubject {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateLimitSubject::Team => "team",
+            RateLimitSubject::Key => "key",
+            RateLimitSubject::Upstream => "upstream",
+            RateLimitSubject::ClientAddress => "client_address",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    #[error("authentication failed: {}", .0.as_str())]
+    Unauthorized(AuthFailure),
+    #[error("forbidden: {0:?}")]
+    Forbidden(Forbidden),
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("request body larger than {limit} bytes")]
+    PayloadTooLarge { limit: u64 },
+    #[error("rate limited by {}", .subject.as_str())]
+    RateLimited {
+        subject: RateLimitSubject,
+        report: Option<Box<QuotaReport>>,
+        retry_after_secs: u64,
+    },
+    #[error("upstream unreachable: {0}")]
+    UpstreamUnreachable(String),
+    #[error("upstream timed out after {0:?}")]
+    UpstreamTimeout(std::time::Duration),
+    #[error("quota store unavailable: {0}")]
+    StoreUnavailable(String),
+    #[error("no upstream key available for env {0:?}")]
+    UpstreamKeyUnavailable(String),
+    #[error("too many connections")]
+    Overloaded,
+}
+
+/// Expands to the upstream's error body for a code and message, as a `&'static str`, so
+/// every error answer is a constant with no formatting on the request path.
+macro_rules! error_body {
+    ($code:literal, $message:literal) => {
+        concat!(
+            r#"{"error":{"code":""#,
+            $code,
+            r#"","message":""#,
+            $message,
+            r#""}}"#
+        )
+    };
+}
+
+const BAD_REQUEST: &str = error_body!("bad_request", "Malformed request");
+const UNAUTHORIZED: &str = error_body!("unauthorized", "Invalid API key");
+const FORBIDDEN: &str = error_body!(
+    "forbidden",
+    "API key does not have permission for this operation"
+);
+const NOT_FOUND: &str = error_body!("not_found", "Not found");
+const METHOD_NOT_ALLOWED: &str = error_body!("method_not_allowed", "Method not allowed");
+const PAYLOAD_TOO_LARGE: &str = error_body!("payload_too_large", "Request body too large");
+const RATE_LIMITED: &str = error_body!(
+    "rate_limit_exceeded",
+    "Rate limit exceeded. Please try again later."
+);
+const BAD_GATEWAY: &str = error_body!("bad_gateway", "Upstream service unreachable");
+const SERVICE_UNAVAILABLE: &str = error_body!(
+    "service_unavailable",
+    "Service temporarily unavailable. Please try again later."
+);
+const GATEWAY_TIMEOUT: &str = error_body!("gateway_timeout", "Upstream service timed out");
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
+            GatewayError::NotFound => StatusCode::NOT_FOUND,
+            GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::StoreUnavailable(_)
+            | GatewayError::UpstreamKeyUnavailable(_)
+            | GatewayError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The public error code, as in the body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::Unauthorized(_) => "unauthorized",
+            GatewayError::Forbidden(_) => "forbidden",
+            GatewayError::NotFound => "not_found",
+            GatewayError::MethodNotAllowed => "method_not_allowed",
+            GatewayError::PayloadTooLarge { .. } => "payload_too_large",
+            GatewayError::RateLimited { .. } => "rate_limit_exceeded",
+            GatewayError::UpstreamUnreachable(_) => "bad_gateway",
+            GatewayError::UpstreamTimeout(_) => "gateway_timeout",
+            GatewayError::StoreUnavailable(_)
+            | GatewayError::UpstreamKeyUnavailable(_)
+            | GatewayError::Overloaded => "service_unavailable",
+        }
+    }
+
+    /// The whole JSON body the client receives. Never contains the cause.
+    pub fn body(&self) -> &'static str {
+        match self {
+            GatewayError::BadRequest(_) => BAD_REQUEST,
+            GatewayError::Unauthorized(_) => UNAUTHORIZED,
+            GatewayError::Forbidden(_) => FORBIDDEN,
+            GatewayError::NotFound => NOT_FOUND,
+            GatewayError::MethodNotAllowed => METHOD_NOT_ALLOWED,
+            GatewayError::PayloadTooLarge { .. } => PAYLOAD_TOO_LARGE,
+            GatewayError::RateLimited { .. } => RATE_LIMITED,
+            GatewayError::UpstreamUnreachable(_) => BAD_GATEWAY,
+            GatewayError::UpstreamTimeout(_) => GATEWAY_TIMEOUT,
+            GatewayError::StoreUnavailable(_)
+            | GatewayError::UpstreamKeyUnavailable(_)
+            | GatewayError::Overloaded => SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn body_bytes(&self) -> Bytes {
+        Bytes::from_static(self.body().as_bytes())
+    }
+
+    /// The short outcome label used in metrics and the usage log.
+    pub fn outcome(&self) -> crate::context::Outcome {
+        use crate::context::Outcome;
+        match self {
+            GatewayError::BadRequest(_)
+            | GatewayError::NotFound
+            | GatewayError::MethodNotAllowed
+            | GatewayError::PayloadTooLarge { .. } => Outcome::BadRequest,
+            GatewayError::Unauthorized(_) => Outcome::Unauthorized,
+            GatewayError::Forbidden(_) => Outcome::Forbidden,
+            GatewayError::RateLimited { .. } => Outcome::RateLimited,
+            GatewayError::UpstreamUnreachable(_) => Outcome::UpstreamError,
+            GatewayError::UpstreamTimeout(_) => Outcome::UpstreamTimeout,
+            GatewayError::StoreUnavailable(_)
+            | GatewayError::UpstreamKeyUnavailable(_)
+            | GatewayError::Overloaded => Outcome::Unavailable,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_bodies_are_byte_identical() {
+        assert_eq!(
+            GatewayError::Unauthorized(AuthFailure::Missing).body(),
+            r#"{"error":{"code":"unauthorized","message":"Invalid API key"}}"#
+        );
+        assert_eq!(
+            GatewayError::Forbidden(Forbidden::MissingScope).body(),
+            r#"{"error":{"code":"forbidden","message":"API key does not have permission for this operation"}}"#
+        );
+        let limited = GatewayError::RateLimited {
+            subject: RateLimitSubject::Team,
+            report: None,
+            retry_after_secs: 1,
+        };
+        assert_eq!(
+            limited.body(),
+            r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit exceeded. Please try again later."}}"#
+        );
+    }
+
+    #[test]
+    fn every_body_is_json_with_its_code() {
+        let all = [
+            GatewayError::BadRequest("x"),
+            GatewayError::Unauthorized(AuthFailure::Unknown),
+            GatewayError::Forbidden(Forbidden::NoRoute),
+            GatewayError::NotFound,
+            GatewayError::MethodNotAllowed,
+            GatewayError::PayloadTooLarge { limit: 1 },
+            GatewayError::UpstreamUnreachable("refused".into()),
+            GatewayError::UpstreamTimeout(std::time::Duration::from_secs(1)),
+            GatewayError::StoreUnavailable("down".into()),
+            GatewayError::UpstreamKeyUnavailable("prod".into()),
+            GatewayError::Overloaded,
+        ];
+        for error in all {
+            let body: serde_json::Value = serde_json::from_str(error.body()).unwrap();
+            assert_eq!(body["error"]["code"], error.code());
+            assert!(!error.body().contains("refused") && !error.body().contains("down"));
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! Owns the upstream side: one pooled HTTP/1.1 + HTTP/2 client over rustls, the rewrite of
+//! a client request into an upstream request (origin pinned, token swapped for the real
+//! key, hop-by-hop headers dropped), and the classification of upstream failures.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::InboundBody;
+use crate::config::UpstreamConfig;
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the ones a
+/// client could use to talk to a proxy along the way.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers and every header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Removes what the client must not choose for the upstream: its own credentials and Host,
+/// forwarding headers (rebuilt by the gateway), and anything in keygate's own namespace.
+pub fn strip_client_controlled(headers: &mut HeaderMap) {
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(header::HOST);
+    headers.remove(header::FORWARDED);
+    headers.remove(crate::client_addr::X_FORWARDED_FOR);
+    headers.remove(HeaderName::from_static("x-forwarded-host"));
+    headers.remove(HeaderName::from_static("x-forwarded-proto"));
+    headers.remove(HeaderName::from_static("x-real-ip"));
+    let ours: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("x-keygate-"))
+        .cloned()
+        .collect();
+    for name in ours {
+        headers.remove(name);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("connect: {0}")]
+    Connect(String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("request body too large")]
+    BodyTooLarge,
+    #[error("{0}")]
+    Failed(String),
+}
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, InboundBody>;
+
+/// The upstream: its pinned origin and the connection pool to it.
+#[derive(Clone)]
+pub struct Upstream {
+    client: HttpsClient,
+    scheme: Scheme,
+    authority: Authority,
+    timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> Result<Self, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(ca_file) = &config.ca_file {
+            let pem = std::fs::read(ca_file)
+                .map_err(|e| format!("upstream.ca_file {}: {e}", ca_file.display()))?;
+            let mut added = 0;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert =
+                    cert.map_err(|e| format!("upstream.ca_file {}: {e}", ca_file.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("upstream.ca_file {}: {e}", ca_file.display()))?;
+                added += 1;
+            }
+            if added == 0 {
+                return Err(format!(
+                    "upstream.ca_file {} holds no certificate",
+                    ca_file.display()
+                ));
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+
+        let scheme = config.url.scheme().cloned().unwrap_or(Scheme::HTTPS);
+        let authority = config
+            .url
+            .authority()
+            .cloned()
+            .ok_or_else(|| "upstream.url has no host".to_string())?;
+        Ok(Self {
+            client,
+            scheme,
+            authority,
+            timeout: config.timeout,
+        })
+    }
+
+    /// The upstream URI for a canonical path and the client's query: always this origin.
+    pub fn uri(&self, canonical_path: &str, query: Option<&str>) -> Result<Uri, String> {
+        let path_and_query = match query {
+            Some(q) => PathAndQuery::try_from(format!("{canonical_path}?{q}")),
+            None => PathAndQuery::try_from(canonical_path),
+        }
+        .map_err(|e| e.to_string())?;
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|e| e.to_string())
+    }
+
+    /// Sends a prepared request; the timeout covers connecting and the response head.
+    /// Returns the response and how long the upstream took to answer.
+    pub async fn send(
+        &self,
+        mut request: Request<InboundBody>,
+        body_exceeded: &std::sync::atomic::AtomicBool,
+    ) -> Result<(Response<Incoming>, Duration), ForwardError> {
+        // The pool picks HTTP/1.1 or HTTP/2 per connection; an inbound HTTP/2 version
+        // would be refused on an HTTP/1.1 connection.
+        *request.version_mut() = Version::HTTP_11;
+        let started = Instant::now();
+        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+            Err(_) => Err(ForwardError::Timeout(self.timeout)),
+            Ok(Ok(response)) => Ok((response, started.elapsed())),
+            Ok(Err(e)) => {
+                if body_exceeded.load(std::sync::atomic::Ordering::Relaxed) {
+                    Err(ForwardError::BodyTooLarge)
+                } else if e.is_connect() {
+                    Err(ForwardError::Connect(error_chain(&e)))
+                } else {
+                    Err(ForwardError::Failed(error_chain(&e)))
+                }
+            }
+        }
+    }
+}
+
+/// Builds the upstream request's headers from the client's: the real key in, everything
+/// the client must not control out, forwarding headers rebuilt.
+pub fn rewrite_request_headers(
+    headers: &mut HeaderMap,
+    upstream_authorization: HeaderValue,
+    forwarded_for: HeaderValue,
+    request_id: &HeaderValue,
+) {
+    strip_hop_by_hop(headers);
+    strip_client_controlled(headers);
+    headers.insert(header::AUTHORIZATION, upstream_authorization);
+    headers.insert(crate::client_addr::X_FORWARDED_FOR, forwarded_for);
+    headers.insert(X_REQUEST_ID, request_id.clone());
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrite_drops_what_the_client_must_not_control() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("authorization", "Bearer kg_internal_token"),
+            ("host", "evil.example"),
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("proxy-authorization", "Basic x"),
+            ("x-keygate-team", "admin"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("content-type", "application/json"),
+        ] {
+            headers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        let mut key = HeaderValue::from_static("Bearer sk-real");
+        key.set_sensitive(true);
+        rewrite_request_headers(
+            &mut headers,
+            key,
+            HeaderValue::from_static("127.0.0.1"),
+            &HeaderValue::from_static("req-1"),
+        );
+        assert_eq!(headers["authorization"], "Bearer sk-real");
+        assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(headers["x-request-id"], "req-1");
+        assert_eq!(headers["content-type"], "application/json");
+        for gone in [
+            "host",
+            "connection",
+            "x-secret-hop",
+            "proxy-authorization",
+            "x-keygate-team",
+        ] {
+            assert!(!headers.contains_key(gone), "{gone} was forwarded");
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! keygate — an API-key gateway in front of a paid HTTP API.
+//!
+//! Services call keygate with internal per-team tokens; keygate checks the token and its
+//! scope, enforces the team's minute and day quota, swaps the token for the real upstream
+//! key and streams the request upstream. The real key never leaves the backend.
+//!
+//! # The request pipeline ([`pipeline`])
+//!
+//! ```text
+//! route ──▶ authenticate ──▶ authorize ──▶ quota ──▶ forward ──▶ finish
+//! routing    auth             scope          quota      forward     observe
+//! ```
+//!
+//! Every step returns `Result<_, GatewayError>` ([`error`]); the finish step runs for
+//! every request, from one [`context::RequestContext`], when the response body ends.
+//!
+//! # Modules
+//!
+//! - [`cli`], [`demo`], [`token`]: the command line and what it runs.
+//! - [`config`]: raw TOML → validated [`config::Config`]; [`secret`]: redacted secrets.
+//! - [`server`], [`tls`], [`admin`]: listeners, TLS, `/healthz` `/readyz`.
+//! - [`gateway`]: shared state and the hot-swappable [`gateway::Snapshot`].
+//! - [`pipeline`]: the steps above; [`body`]: streamed, counted bodies.
+//! - [`routing`]: canonical paths and the route table; [`auth`]: tokens → key records;
+//!   [`scope`]: permission levels; [`client_addr`]: who the client is.
+//! - [`quota`]: the store trait, window arithmetic, the memory store, quota headers.
+//! - [`forward`]: the upstream client and header rewrite; [`upstream_keys`]: real keys.
+//! - [`context`], [`observe`], [`request_id`], [`telemetry`]: what is recorded.
+//! - [`clock`]: wall or manual time for the quota windows.
+
+pub mod admin;
+pub mod auth;
+pub mod body;
+pub mod cli;
+pub mod client_addr;
+pub mod clock;
+pub mod config;
+pub mod context;
+pub mod demo;
+pub mod error;
+pub mod forward;
+pub mod gateway;
+pub mod observe;
+pub mod pipeline;
+pub mod quota;
+pub mod request_id;
+pub mod routing;
+pub mod scope;
+pub mod secret;
+pub mod server;
+pub mod telemetry;
+pub mod tls;
+pub mod token;
+pub mod upstream_keys;

@@ -1,0 +1,374 @@
+//! Owns the request path, one visible step at a time:
+//! route → authenticate → authorize → quota → forward → finish.
+//! Each step returns `Result<_, GatewayError>`; the finish step runs for every request,
+//! whatever step ended it, when the response body is done or dropped.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+
+use crate::auth::{self, ApiKey};
+use crate::body::{BodyEnd, InboundBody, OnFinish, ResponseBody};
+use crate::config::OnStoreError;
+use crate::context::{Outcome, RequestContext};
+use crate::error::{Forbidden, GatewayError, RateLimitSubject};
+use crate::forward::{self, ForwardError, X_REQUEST_ID};
+use crate::gateway::{Gateway, Snapshot};
+use crate::quota::{report, Admission, Decision, SubjectKind};
+use crate::routing::{self, Route};
+
+/// Longest raw path kept in the context when the path has no canonical form.
+const MAX_LOGGED_PATH: usize = 256;
+const MAX_USER_AGENT: usize = 256;
+
+/// Serves one proxied request. Never fails: every error becomes the spec's JSON answer.
+pub async fn handle(
+    gateway: Arc<Gateway>,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let snapshot = gateway.snapshot();
+    let request_id = gateway.request_ids.for_request(request.headers());
+    let client_ip = gateway.client_ip(peer.ip(), request.headers());
+    let mut ctx = RequestContext::new(
+        request_id,
+        request.method().clone(),
+        client_ip,
+        gateway.clock.now(),
+    );
+    ctx.user_agent = request
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(|ua| truncate(ua, MAX_USER_AGENT).to_string());
+
+    let response = match run(&gateway, &snapshot, &mut ctx, peer, request).await {
+        Ok(response) => response,
+        Err(error) => error_response(&mut ctx, error),
+    };
+    let (mut parts, body) = response.into_parts();
+    parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
+    ctx.status = parts.status.as_u16();
+    let finish = Box::new(Finish { gateway, ctx });
+    Response::from_parts(parts, body.with_finish(finish))
+}
+
+async fn run(
+    gateway: &Gateway,
+    snapshot: &Snapshot,
+    ctx: &mut RequestContext,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let target = route(snapshot, ctx, &request, gateway.edge.max_body_bytes)?;
+    let key = authenticate(snapshot, ctx, &request)?;
+    let route = authorize(&key, target.route)?;
+    ctx.route = Some(route.label.clone());
+    let upstream_authorization = gateway
+        .upstream_keys
+        .authorization(&key.env)
+        .map_err(|_| GatewayError::UpstreamKeyUnavailable(key.env.to_string()))?;
+    let decision = quota(gateway, ctx, &key).await?;
+    forward(
+        gateway,
+        ctx,
+        &key,
+        peer,
+        target,
+        request,
+        upstream_authorization,
+        decision,
+    )
+    .await
+}
+
+/// What the request asks for: the canonical path and the route it falls under (if any).
+struct Target<'a> {
+    path: String,
+    route: Option<&'a Route>,
+}
+
+/// Step 1 — route: reject what is not a plain origin-form request to some path, then find
+/// the route by method and canonical path.
+fn route<'a>(
+    snapshot: &'a Snapshot,
+    ctx: &mut RequestContext,
+    request: &Request<Incoming>,
+    max_body_bytes: u64,
+) -> Result<Target<'a>, GatewayError> {
+    let uri = request.uri();
+    let path = match routing::canonical_path(uri.path()) {
+        Ok(path) => path.into_owned(),
+        Err(e) => {
+            ctx.path = truncate(uri.path(), MAX_LOGGED_PATH).to_string();
+            return Err(GatewayError::BadRequest(match e {
+                routing::PathError::NotAbsolute => "request target is not a path",
+                _ => "path cannot be canonicalised",
+            }));
+        }
+    };
+    ctx.path = path.clone();
+    if request.method() == Method::CONNECT {
+        return Err(GatewayError::BadRequest("CONNECT is not supported"));
+    }
+    // An absolute-form target (`POST http://host/path HTTP/1.1`) must name the Host it is
+    // sent to; the upstream origin is fixed either way.
+    if request.version() < Version::HTTP_2 {
+        if let Some(authority) = uri.authority() {
+            let host = request
+                .headers()
+                .get(header::HOST)
+                .map(HeaderValue::as_bytes);
+            if host != Some(authority.as_str().as_bytes()) {
+                return Err(GatewayError::BadRequest(
+                    "absolute-form target names another host",
+                ));
+            }
+        }
+    }
+    if let Some(length) = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if length > max_body_bytes {
+            return Err(GatewayError::PayloadTooLarge {
+                limit: max_body_bytes,
+            });
+        }
+    }
+    let route = snapshot.routes.find(request.method(), &path);
+    Ok(Target { path, route })
+}
+
+/// Step 2 — authenticate: the Bearer token must hash to a known, unexpired key.
+fn authenticate(
+    snapshot: &Snapshot,
+    ctx: &mut RequestContext,
+    request: &Request<Incoming>,
+) -> Result<Arc<ApiKey>, GatewayError> {
+    let key = auth::authenticate(&snapshot.keys, request.headers(), ctx.received_at)
+        .map_err(GatewayError::Unauthorized)?;
+    ctx.key = Some(key.clone());
+    Ok(key)
+}
+
+/// Step 3 — authorize: an unmatched route is denied (deny by default); a matched one needs
+/// its scope.
+fn authorize<'a>(key: &ApiKey, route: Option<&'a Route>) -> Result<&'a Route, GatewayError> {
+    let route = route.ok_or(GatewayError::Forbidden(Forbidden::NoRoute))?;
+    if key.scopes.contains(route.scope) {
+        Ok(route)
+    } else {
+        Err(GatewayError::Forbidden(Forbidden::MissingScope))
+    }
+}
+
+/// Step 4 — quota: one decision over the team, the key's override and the upstream
+/// ceiling, bounded by the store timeout.
+async fn quota(
+    gateway: &Gateway,
+    ctx: &mut RequestContext,
+    key: &ApiKey,
+) -> Result<Option<Decision>, GatewayError> {
+    let decided = tokio::time::timeout(
+        gateway.edge.store_timeout,
+        gateway.store.decide(&key.subjects),
+    )
+    .await
+    .unwrap_or(Err(crate::quota::StoreError::Timeout(
+        gateway.edge.store_timeout,
+    )));
+    let decision = match decided {
+        Ok(decision) => decision,
+        Err(error) => match gateway.edge.on_store_error {
+            OnStoreError::Open => {
+                ctx.cause = Some(format!("store error, admitted (on_error = open): {error}"));
+                return Ok(None);
+            }
+            OnStoreError::Closed | OnStoreError::Local => {
+                return Err(GatewayError::StoreUnavailable(error.to_string()));
+            }
+        },
+    };
+    ctx.team_usage = decision.usage.first().copied();
+    let report = decision.report();
+    ctx.quota = Some(report);
+    if decision.admitted() {
+        return Ok(Some(decision));
+    }
+    let subject = match decision.denied_by.map(|(kind, _)| kind) {
+        Some(SubjectKind::Key) => RateLimitSubject::Key,
+        Some(SubjectKind::Upstream) => RateLimitSubject::Upstream,
+        Some(SubjectKind::Team) | None => RateLimitSubject::Team,
+    };
+    Err(GatewayError::RateLimited {
+        subject,
+        report: Some(Box::new(report)),
+        retry_after_secs: decision.retry_after_secs,
+    })
+}
+
+/// Step 5 — forward: rewrite the request for the upstream and stream both bodies.
+/// Upstream failures (connect error, timeout, 5xx) give the admission back.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    gateway: &Gateway,
+    ctx: &mut RequestContext,
+    key: &Arc<ApiKey>,
+    peer: SocketAddr,
+    target: Target<'_>,
+    request: Request<Incoming>,
+    upstream_authorization: HeaderValue,
+    decision: Option<Decision>,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let admission = decision.as_ref().and_then(|d| d.admission);
+    let (mut parts, body) = request.into_parts();
+    let uri = gateway
+        .upstream
+        .uri(&target.path, parts.uri.query())
+        .map_err(|_| GatewayError::BadRequest("query cannot be forwarded"))?;
+    let forwarded_for =
+        crate::client_addr::forwarded_for(peer.ip(), &parts.headers, &gateway.edge.trusted_proxies);
+    forward::rewrite_request_headers(
+        &mut parts.headers,
+        upstream_authorization,
+        forwarded_for,
+        &ctx.request_id,
+    );
+    parts.uri = uri;
+    let exceeded = Arc::new(AtomicBool::new(false));
+    let body = InboundBody::new(
+        body,
+        ctx.bytes_in.clone(),
+        gateway.edge.max_body_bytes,
+        exceeded.clone(),
+    );
+    let sent = gateway
+        .upstream
+        .send(Request::from_parts(parts, body), &exceeded)
+        .await;
+    let (response, upstream_latency) = match sent {
+        Ok(answer) => answer,
+        Err(error) => {
+            refund(gateway, key, admission);
+            return Err(match error {
+                ForwardError::Timeout(after) => GatewayError::UpstreamTimeout(after),
+                ForwardError::BodyTooLarge => GatewayError::PayloadTooLarge {
+                    limit: gateway.edge.max_body_bytes,
+                },
+                ForwardError::Connect(cause) | ForwardError::Failed(cause) => {
+                    GatewayError::UpstreamUnreachable(cause)
+                }
+            });
+        }
+    };
+    ctx.upstream_latency = Some(upstream_latency);
+    ctx.upstream_status = Some(response.status().as_u16());
+    if response.status().is_server_error() {
+        ctx.outcome = Outcome::UpstreamError;
+        refund(gateway, key, admission);
+    }
+    let (mut parts, body) = response.into_parts();
+    forward::strip_hop_by_hop(&mut parts.headers);
+    if let Some(report) = &ctx.quota {
+        report.write_headers(&mut parts.headers);
+    }
+    Ok(Response::from_parts(parts, ResponseBody::upstream(body)))
+}
+
+/// Gives an admission back off the request path: the client's answer does not wait for it.
+fn refund(gateway: &Gateway, key: &Arc<ApiKey>, admission: Option<Admission>) {
+    let Some(admission) = admission else { return };
+    let store = gateway.store.clone();
+    let key = key.clone();
+    let timeout = gateway.edge.store_timeout;
+    tokio::spawn(async move {
+        let refunded =
+            tokio::time::timeout(timeout * 4, store.refund(&key.subjects, admission)).await;
+        if !matches!(refunded, Ok(Ok(()))) {
+            tracing::warn!(key_id = %key.id, "refund of a failed upstream call did not reach the store");
+        }
+    });
+}
+
+/// Turns an error into the client's answer; the cause stays in the context for the log.
+fn error_response(ctx: &mut RequestContext, error: GatewayError) -> Response<ResponseBody> {
+    ctx.outcome = error.outcome();
+    ctx.cause = Some(error.to_string());
+    let mut response = Response::new(ResponseBody::full(error.body_bytes()));
+    *response.status_mut() = error.status();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let GatewayError::RateLimited {
+        report,
+        retry_after_secs,
+        ..
+    } = &error
+    {
+        if let Some(report) = report {
+            report.write_headers(headers);
+        }
+        report::write_retry_after(headers, *retry_after_secs);
+    }
+    response
+}
+
+/// A fixed JSON answer outside the pipeline (admin listener, connection refusals).
+pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::full(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Step 6 — finish: runs once per request when the response body ends or is dropped, and
+/// hands the one request context to the observer.
+struct Finish {
+    gateway: Arc<Gateway>,
+    ctx: RequestContext,
+}
+
+impl OnFinish for Finish {
+    fn finish(self: Box<Self>, bytes_out: u64, end: BodyEnd) {
+        let Finish { gateway, mut ctx } = *self;
+        ctx.bytes_out = bytes_out;
+        match end {
+            BodyEnd::Complete => {}
+            BodyEnd::UpstreamFailed => {
+                ctx.outcome = Outcome::UpstreamError;
+                ctx.cause
+                    .get_or_insert_with(|| "upstream broke off its answer".into());
+            }
+            BodyEnd::Dropped => {
+                if ctx.outcome == Outcome::Forwarded {
+                    ctx.outcome = Outcome::ClientClosed;
+                }
+            }
+        }
+        gateway.observer.record(&ctx);
+    }
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}

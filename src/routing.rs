@@ -1,0 +1,296 @@
+//! Owns the request target: one canonical form of the path, and the route table that maps
+//! method + path prefix to the scope it needs (deny by default).
+//!
+//! The canonical path is decided once and used for both the scope check and the forwarded
+//! request, so `/v1/./text-to-image`, `//v1/text-to-image` or `/v1/%74ext-to-image` cannot
+//! be checked as one path and forwarded as another.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use http::Method;
+
+use crate::scope::Scope;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("path does not start with '/'")]
+    NotAbsolute,
+    #[error("invalid percent-encoding")]
+    BadEscape,
+    #[error("encoded '/', '\\' or control character")]
+    ForbiddenEscape,
+    #[error("backslash in path")]
+    Backslash,
+    #[error("'..' above the root")]
+    AboveRoot,
+}
+
+/// Returns the canonical form of a request path: dot segments resolved, empty segments
+/// collapsed, escapes of unreserved characters decoded and other escapes upper-cased.
+/// Encoded slashes, backslashes and control characters are refused outright, because
+/// upstream servers disagree on what they mean.
+pub fn canonical_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
+    if !raw.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    if is_already_canonical(raw) {
+        return Ok(Cow::Borrowed(raw));
+    }
+    let mut segments: Vec<String> = Vec::new();
+    for segment in raw.split('/') {
+        let decoded = decode_segment(segment)?;
+        match decoded.as_str() {
+            "" | "." => {}
+            ".." => {
+                if segments.pop().is_none() {
+                    return Err(PathError::AboveRoot);
+                }
+            }
+            _ => segments.push(decoded),
+        }
+    }
+    let mut path = String::with_capacity(raw.len());
+    for segment in &segments {
+        path.push('/');
+        path.push_str(segment);
+    }
+    let last = raw.rsplit('/').next().unwrap_or("");
+    let trailing_slash = matches!(last, "" | "." | ".." | "%2E" | "%2e");
+    if path.is_empty() || (trailing_slash && !segments.is_empty()) {
+        path.push('/');
+    }
+    Ok(Cow::Owned(path))
+}
+
+fn is_already_canonical(raw: &str) -> bool {
+    let bytes = raw.as_bytes();
+    if bytes.iter().any(|b| matches!(b, b'%' | b'\\')) {
+        return false;
+    }
+    // Every segment after the leading '/' must be non-empty (except a final trailing one)
+    // and not a dot segment.
+    let body = &raw[1..];
+    let mut parts = body.split('/').peekable();
+    while let Some(part) = parts.next() {
+        let is_last = parts.peek().is_none();
+        if part == "." || part == ".." || (part.is_empty() && !is_last) {
+            return false;
+        }
+    }
+    true
+}
+
+fn decode_segment(segment: &str) -> Result<String, PathError> {
+    let bytes = segment.as_bytes();
+    let mut out = String::with_capacity(segment.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => return Err(PathError::Backslash),
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).ok_or(PathError::BadEscape)?;
+                let value = hex_value(hex[0])
+                    .zip(hex_value(hex[1]))
+                    .map(|(hi, lo)| hi << 4 | lo)
+                    .ok_or(PathError::BadEscape)?;
+                if value == b'/' || value == b'\\' || value < 0x20 || value == 0x7f {
+                    return Err(PathError::ForbiddenEscape);
+                }
+                if value.is_ascii_alphanumeric() || matches!(value, b'-' | b'.' | b'_' | b'~') {
+                    out.push(value as char);
+                } else {
+                    out.push('%');
+                    out.push(hex[0].to_ascii_uppercase() as char);
+                    out.push(hex[1].to_ascii_uppercase() as char);
+                }
+                i += 3;
+            }
+            other => {
+                out.push(other as char);
+                i += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// One configured route: `match = "POST /v1/text-to-image"`, `scope = "generate"`.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// `None` matches any method (`match = "* /v1/"`).
+    pub method: Option<Method>,
+    pub prefix: String,
+    pub scope: Scope,
+    /// The `match` string as configured; the bounded `route` label of metrics and logs.
+    pub label: Arc<str>,
+}
+
+impl Route {
+    fn matches(&self, method: &Method, path: &str) -> bool {
+        if let Some(wanted) = &self.method {
+            if wanted != method {
+                return false;
+            }
+        }
+        path_has_prefix(path, &self.prefix)
+    }
+}
+
+/// A prefix matches at segment boundaries only: `/v1/images` covers `/v1/images` and
+/// `/v1/images/x`, never `/v1/images-admin`.
+fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// The routes, most specific first: longest prefix, then an exact method before `*`.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    pub fn new(mut routes: Vec<Route>) -> Self {
+        routes.sort_by(|a, b| {
+            b.prefix
+                .len()
+                .cmp(&a.prefix.len())
+                .then_with(|| b.method.is_some().cmp(&a.method.is_some()))
+        });
+        Self { routes }
+    }
+
+    pub fn find(&self, method: &Method, canonical_path: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|route| route.matches(method, canonical_path))
+    }
+
+    pub fn labels(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.routes.iter().map(|r| &r.label)
+    }
+}
+
+/// Parses a route's `match` string: `"METHOD /prefix"` or `"* /prefix"`.
+pub fn parse_route_match(text: &str) -> Result<(Option<Method>, String), String> {
+    let mut parts = text.split_whitespace();
+    let (Some(method), Some(prefix), None) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(format!(
+            "{text:?} is not \"METHOD /path-prefix\" (e.g. \"POST /v1/text-to-image\")"
+        ));
+    };
+    let method = if method == "*" {
+        None
+    } else {
+        if !method.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(format!("method {method:?} must be upper-case, like POST"));
+        }
+        Some(Method::from_bytes(method.as_bytes()).map_err(|_| format!("bad method {method:?}"))?)
+    };
+    match canonical_path(prefix) {
+        Ok(canonical) if canonical == prefix => Ok((method, prefix.to_string())),
+        Ok(canonical) => Err(format!(
+            "path prefix {prefix:?} is not canonical; write {canonical:?}"
+        )),
+        Err(e) => Err(format!("path prefix {prefix:?}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_forms() {
+        let cases = [
+            ("/v1/text-to-image", Ok("/v1/text-to-image")),
+            ("/v1/./text-to-image", Ok("/v1/text-to-image")),
+            ("//v1//text-to-image", Ok("/v1/text-to-image")),
+            ("/v1/x/../text-to-image", Ok("/v1/text-to-image")),
+            ("/v1/%74ext-to-image", Ok("/v1/text-to-image")),
+            ("/v1/%2e/text-to-image", Ok("/v1/text-to-image")),
+            ("/v1/a%2fb", Err(PathError::ForbiddenEscape)),
+            ("/v1/a%5Cb", Err(PathError::ForbiddenEscape)),
+            ("/v1/a\\b", Err(PathError::Backslash)),
+            ("/../v1", Err(PathError::AboveRoot)),
+            ("/v1/%zz", Err(PathError::BadEscape)),
+            ("/v1/%4", Err(PathError::BadEscape)),
+            ("/v1/a%20b", Ok("/v1/a%20b")),
+            ("/v1/a%3fb", Ok("/v1/a%3Fb")),
+            ("/", Ok("/")),
+            ("/v1/", Ok("/v1/")),
+            ("/v1/x/..", Ok("/v1/")),
+            ("*", Err(PathError::NotAbsolute)),
+        ];
+        for (raw, want) in cases {
+            let got = canonical_path(raw).map(|c| c.into_owned());
+            assert_eq!(got, want.map(str::to_string), "{raw}");
+        }
+    }
+
+    #[test]
+    fn canonical_is_idempotent() {
+        for raw in ["/a/./b/../c//d/", "/%41%2e%2E/x", "/v1/a%3fb"] {
+            let once = canonical_path(raw).unwrap().into_owned();
+            assert_eq!(canonical_path(&once).unwrap(), once);
+        }
+    }
+
+    fn table() -> RouteTable {
+        let route = |m: &str, scope| {
+            let (method, prefix) = parse_route_match(m).unwrap();
+            Route {
+                method,
+                prefix,
+                scope,
+                label: m.into(),
+            }
+        };
+        RouteTable::new(vec![
+            route("* /v1/", Scope::Read),
+            route("POST /v1/text-to-image", Scope::Generate),
+        ])
+    }
+
+    #[test]
+    fn most_specific_route_wins_and_prefixes_stop_at_segments() {
+        let table = table();
+        let find = |m: Method, p: &str| table.find(&m, p).map(|r| r.scope);
+        assert_eq!(
+            find(Method::POST, "/v1/text-to-image"),
+            Some(Scope::Generate)
+        );
+        assert_eq!(
+            find(Method::POST, "/v1/text-to-image/x"),
+            Some(Scope::Generate)
+        );
+        assert_eq!(
+            find(Method::POST, "/v1/text-to-image-hd"),
+            Some(Scope::Read)
+        );
+        assert_eq!(find(Method::GET, "/v1/models"), Some(Scope::Read));
+        assert_eq!(find(Method::GET, "/v2/models"), None);
+        assert_eq!(find(Method::GET, "/v1"), None);
+    }
+
+    #[test]
+    fn route_match_strings_are_validated() {
+        assert!(parse_route_match("POST /v1/text-to-image").is_ok());
+        assert!(parse_route_match("post /v1").is_err());
+        assert!(parse_route_match("POST v1").is_err());
+        assert!(parse_route_match("POST /v1/./x").is_err());
+        assert!(parse_route_match("POST").is_err());
+    }
+}
