@@ -817,7 +817,7 @@ fn validate_server(
         "server.admin_listen",
         problems,
     );
-    if listen == admin_listen {
+    if listen == admin_listen && listen.port() != 0 {
         problems.add(
             "server.admin_listen",
             format!("{admin_listen} is also server.listen"),

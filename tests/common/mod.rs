@@ -1,0 +1,253 @@
+//! Test support shared by the integration tests: a recording mock upstream, real
+//! `redis-server` processes, an in-process gateway on 127.0.0.1:0, and a log capture that
+//! fails a test when a secret shows up in any log line.
+#![allow(dead_code)]
+
+pub mod logs;
+pub mod redis;
+pub mod upstream;
+
+use std::sync::{Arc, Once};
+
+use keygate::clock::{Clock, ManualClock, SystemClock};
+use keygate::config::{Config, KeySource};
+use keygate::secret::Secret;
+use keygate::server::{RunningGateway, StartOptions};
+
+pub use upstream::MockUpstream;
+#[allow(unused_imports)]
+pub use upstream::Reply;
+
+/// The real upstream key every test gateway holds. It must never reach a client or a log.
+pub const REAL_KEY: &str = "sk-upstream-REAL-test-0123456789abcdef";
+/// A second real key, for the `dev` environment.
+pub const REAL_DEV_KEY: &str = "sk-upstream-DEV-test-fedcba9876543210";
+
+/// Internal tokens of the standard test config.
+pub const TOKEN_DESIGN_GENERATE: &str = "kg_prod_design_generate_token_000000000000001";
+pub const TOKEN_DESIGN_READ: &str = "kg_prod_design_read_token_000000000000000000002";
+pub const TOKEN_DESIGN_TIGHT: &str = "kg_prod_design_tight_token_00000000000000000003";
+pub const TOKEN_DESIGN_EXPIRED: &str = "kg_prod_design_expired_token_000000000000000004";
+pub const TOKEN_MARKETING: &str = "kg_prod_marketing_generate_token_000000000005";
+pub const TOKEN_DESIGN_DEV: &str = "kg_dev_design_dev_token_00000000000000000000006";
+
+pub const ALL_SECRETS: &[&str] = &[
+    REAL_KEY,
+    REAL_DEV_KEY,
+    TOKEN_DESIGN_GENERATE,
+    TOKEN_DESIGN_READ,
+    TOKEN_DESIGN_TIGHT,
+    TOKEN_DESIGN_EXPIRED,
+    TOKEN_MARKETING,
+    TOKEN_DESIGN_DEV,
+];
+
+pub fn hash(token: &str) -> String {
+    keygate::auth::sha256_hex(token.as_bytes())
+}
+
+/// Installs the ring crypto provider for reqwest (built without one) and the log capture.
+pub fn init() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        logs::install();
+    });
+}
+
+/// Plans and limits of the standard config, so tests can name them.
+pub const DESIGN_RPM: u64 = 100;
+pub const DESIGN_RPD: u64 = 10_000;
+pub const MARKETING_RPM: u64 = 10;
+pub const MARKETING_RPD: u64 = 100;
+pub const TIGHT_KEY_RPM: u64 = 3;
+
+/// The standard config: teams `design` (pro) and `marketing` (free), routes for
+/// text-to-image (generate) and `/v1/` (read), memory store. `extra` is appended verbatim.
+pub fn standard_config_text(upstream_url: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace = "5s"
+
+[upstream]
+url = "{upstream_url}"
+timeout = "5s"
+connect_timeout = "1s"
+[upstream.keys.prod]
+env = "KEYGATE_TEST_UNUSED_PROD"
+[upstream.keys.dev]
+env = "KEYGATE_TEST_UNUSED_DEV"
+
+[plans]
+free = {{ rpm = {MARKETING_RPM}, rpd = {MARKETING_RPD} }}
+pro = {{ rpm = {DESIGN_RPM}, rpd = {DESIGN_RPD} }}
+
+[[teams]]
+name = "design"
+plan = "pro"
+
+[[teams]]
+name = "marketing"
+plan = "free"
+
+[[keys]]
+id = "design-generate"
+team = "design"
+token_sha256 = "{gen}"
+scopes = ["generate", "read"]
+env = "prod"
+
+[[keys]]
+id = "design-read"
+team = "design"
+token_sha256 = "{read}"
+scopes = ["read"]
+env = "prod"
+
+[[keys]]
+id = "design-tight"
+team = "design"
+token_sha256 = "{tight}"
+scopes = ["generate"]
+env = "prod"
+rpm = {TIGHT_KEY_RPM}
+
+[[keys]]
+id = "design-expired"
+team = "design"
+token_sha256 = "{expired}"
+scopes = ["generate"]
+env = "prod"
+expires = "2020-01-01T00:00:00Z"
+
+[[keys]]
+id = "marketing-generate"
+team = "marketing"
+token_sha256 = "{marketing}"
+scopes = ["generate", "read"]
+env = "prod"
+
+[[keys]]
+id = "design-dev"
+team = "design"
+token_sha256 = "{dev}"
+scopes = ["generate"]
+env = "dev"
+
+[[routes]]
+match = "POST /v1/text-to-image"
+scope = "generate"
+
+[[routes]]
+match = "GET /v1/"
+scope = "read"
+{extra}
+"#,
+        gen = hash(TOKEN_DESIGN_GENERATE),
+        read = hash(TOKEN_DESIGN_READ),
+        tight = hash(TOKEN_DESIGN_TIGHT),
+        expired = hash(TOKEN_DESIGN_EXPIRED),
+        marketing = hash(TOKEN_MARKETING),
+        dev = hash(TOKEN_DESIGN_DEV),
+    )
+}
+
+/// Parses a config text and gives it the test's real keys in process (no env vars).
+pub fn config_from(text: &str) -> Config {
+    let mut config = Config::from_toml(text).unwrap_or_else(|e| panic!("test config invalid: {e}"));
+    config
+        .upstream
+        .keys
+        .insert("prod".into(), KeySource::Inline(vec![Secret::new(REAL_KEY)]));
+    config
+        .upstream
+        .keys
+        .insert("dev".into(), KeySource::Inline(vec![Secret::new(REAL_DEV_KEY)]));
+    config
+}
+
+/// A gateway running in this process, with an HTTP client aimed at it.
+pub struct TestGateway {
+    pub running: Option<RunningGateway>,
+    pub proxy: String,
+    pub admin: String,
+    pub client: reqwest::Client,
+}
+
+impl TestGateway {
+    pub async fn start(config: Config) -> Self {
+        Self::start_with(config, Arc::new(SystemClock)).await
+    }
+
+    pub async fn start_with_clock(config: Config, clock: Arc<ManualClock>) -> Self {
+        Self::start_with(config, clock).await
+    }
+
+    pub async fn start_with(config: Config, clock: Arc<dyn Clock>) -> Self {
+        init();
+        let running = keygate::server::start(
+            config,
+            StartOptions {
+                clock,
+                ..StartOptions::default()
+            },
+        )
+        .await
+        .expect("gateway starts");
+        let proxy = format!("http://{}", running.proxy_addr);
+        let admin = format!("http://{}", running.admin_addr);
+        Self {
+            running: Some(running),
+            proxy,
+            admin,
+            client: client(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.proxy, path)
+    }
+
+    /// `POST /v1/text-to-image` with a token and the seed's JSON body.
+    pub async fn generate(&self, token: &str) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/text-to-image"))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(PROMPT_BODY)
+            .send()
+            .await
+            .expect("request reaches the gateway")
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+}
+
+pub const PROMPT_BODY: &str = r#"{"prompt":"A beautiful sunset over mountains","model":"imagen-v2"}"#;
+
+pub fn client() -> reqwest::Client {
+    init();
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("reqwest client builds")
+}
+
+/// Parses a JSON body, failing the test with the raw text when it is not JSON.
+pub async fn json_body(response: reqwest::Response) -> serde_json::Value {
+    let text = response.text().await.expect("body reads");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+pub const UNAUTHORIZED_BODY: &str = r#"{"error":{"code":"unauthorized","message":"Invalid API key"}}"#;
+pub const FORBIDDEN_BODY: &str =
+    r#"{"error":{"code":"forbidden","message":"API key does not have permission for this operation"}}"#;
+pub const RATE_LIMITED_BODY: &str =
+    r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit exceeded. Please try again later."}}"#;
