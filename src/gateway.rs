@@ -12,6 +12,8 @@ use crate::clock::Clock;
 use crate::config::{Config, OnStoreError};
 use crate::forward::Upstream;
 use crate::observe::Observer;
+use crate::quota::calendar::DayCalendar;
+use crate::quota::failover::{FailoverStore, StoreHealth};
 use crate::quota::{Limits, QuotaStore, Subject, SubjectKind};
 use crate::request_id::RequestIds;
 use crate::routing::{Route, RouteTable};
@@ -97,7 +99,10 @@ pub struct EdgeSettings {
 
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
+    /// The quota store behind `store.timeout` and `store.on_error`.
     pub store: Arc<dyn QuotaStore>,
+    /// Whether the store is degraded, since when and why (`/readyz`, metrics, alerts).
+    pub store_health: Arc<StoreHealth>,
     pub upstream: Upstream,
     pub upstream_keys: UpstreamKeys,
     pub clock: Arc<dyn Clock>,
@@ -123,9 +128,17 @@ impl Gateway {
             on_store_error: config.store.on_error,
             store_timeout: config.store.timeout,
         };
+        let store = FailoverStore::new(
+            store,
+            &config.store,
+            clock.clone(),
+            DayCalendar::new(config.day_tz.clone()),
+        );
+        let store_health = store.health();
         Ok(Self {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config)),
-            store,
+            store: Arc::new(store),
+            store_health,
             upstream,
             upstream_keys,
             clock,

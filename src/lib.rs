@@ -23,7 +23,8 @@
 //! - [`pipeline`]: the steps above; [`body`]: streamed, counted bodies.
 //! - [`routing`]: canonical paths and the route table; [`auth`]: tokens → key records;
 //!   [`scope`]: permission levels; [`client_addr`]: who the client is.
-//! - [`quota`]: the store trait, window arithmetic, the memory store, quota headers.
+//! - [`quota`]: the store trait, window arithmetic, the memory and Redis stores, the
+//!   outage modes, quota headers; [`shared_redis`]: the connection to a fleet's Redis.
 //! - [`forward`]: the upstream client and header rewrite; [`upstream_keys`]: real keys.
 //! - [`context`], [`observe`], [`request_id`], [`telemetry`]: what is recorded.
 //! - [`clock`]: wall or manual time for the quota windows.
@@ -48,6 +49,7 @@ pub mod routing;
 pub mod scope;
 pub mod secret;
 pub mod server;
+pub mod shared_redis;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

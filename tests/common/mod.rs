@@ -14,6 +14,7 @@ use keygate::config::{Config, KeySource};
 use keygate::secret::Secret;
 use keygate::server::{RunningGateway, StartOptions};
 
+#[allow(unused_imports)]
 pub use upstream::MockUpstream;
 #[allow(unused_imports)]
 pub use upstream::Reply;
@@ -158,14 +159,14 @@ scope = "read"
 /// Parses a config text and gives it the test's real keys in process (no env vars).
 pub fn config_from(text: &str) -> Config {
     let mut config = Config::from_toml(text).unwrap_or_else(|e| panic!("test config invalid: {e}"));
-    config
-        .upstream
-        .keys
-        .insert("prod".into(), KeySource::Inline(vec![Secret::new(REAL_KEY)]));
-    config
-        .upstream
-        .keys
-        .insert("dev".into(), KeySource::Inline(vec![Secret::new(REAL_DEV_KEY)]));
+    config.upstream.keys.insert(
+        "prod".into(),
+        KeySource::Inline(vec![Secret::new(REAL_KEY)]),
+    );
+    config.upstream.keys.insert(
+        "dev".into(),
+        KeySource::Inline(vec![Secret::new(REAL_DEV_KEY)]),
+    );
     config
 }
 
@@ -223,6 +224,44 @@ impl TestGateway {
             .expect("request reaches the gateway")
     }
 
+    /// `GET /readyz`: status code and JSON body.
+    pub async fn readyz(&self) -> (u16, serde_json::Value) {
+        let response = self
+            .client
+            .get(format!("{}/readyz", self.admin))
+            .send()
+            .await
+            .expect("readyz answers");
+        let status = response.status().as_u16();
+        (status, json_body(response).await)
+    }
+
+    /// Polls `/readyz` until the quota store is reported in `state` (`ok` or `degraded`).
+    pub async fn wait_store_state(&self, state: &str, within: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let (_, body) = self.readyz().await;
+            if body["store"]["state"] == state {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "store not {state} within {within:?}: {body}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The gateway's view of the store: degraded state, errors, since when.
+    pub fn store_health(&self) -> std::sync::Arc<keygate::quota::failover::StoreHealth> {
+        self.running
+            .as_ref()
+            .expect("gateway running")
+            .gateway
+            .store_health
+            .clone()
+    }
+
     pub async fn shutdown(mut self) {
         if let Some(running) = self.running.take() {
             running.shutdown().await;
@@ -230,7 +269,8 @@ impl TestGateway {
     }
 }
 
-pub const PROMPT_BODY: &str = r#"{"prompt":"A beautiful sunset over mountains","model":"imagen-v2"}"#;
+pub const PROMPT_BODY: &str =
+    r#"{"prompt":"A beautiful sunset over mountains","model":"imagen-v2"}"#;
 
 pub fn client() -> reqwest::Client {
     init();
@@ -246,8 +286,7 @@ pub async fn json_body(response: reqwest::Response) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
-pub const UNAUTHORIZED_BODY: &str = r#"{"error":{"code":"unauthorized","message":"Invalid API key"}}"#;
-pub const FORBIDDEN_BODY: &str =
-    r#"{"error":{"code":"forbidden","message":"API key does not have permission for this operation"}}"#;
-pub const RATE_LIMITED_BODY: &str =
-    r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit exceeded. Please try again later."}}"#;
+pub const UNAUTHORIZED_BODY: &str =
+    r#"{"error":{"code":"unauthorized","message":"Invalid API key"}}"#;
+pub const FORBIDDEN_BODY: &str = r#"{"error":{"code":"forbidden","message":"API key does not have permission for this operation"}}"#;
+pub const RATE_LIMITED_BODY: &str = r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit exceeded. Please try again later."}}"#;
