@@ -111,6 +111,7 @@ impl Gateway {
         config: Arc<Config>,
         store: Arc<dyn QuotaStore>,
         clock: Arc<dyn Clock>,
+        observer: Observer,
     ) -> Result<Self, String> {
         let upstream = Upstream::new(&config.upstream)?;
         let upstream_keys = UpstreamKeys::load(&config.upstream.keys);
@@ -131,7 +132,7 @@ impl Gateway {
             clock,
             edge,
             request_ids: RequestIds::default(),
-            observer: Observer::default(),
+            observer,
         })
     }
 
@@ -142,6 +143,20 @@ impl Gateway {
     /// Replaces routes, keys and limits for new requests; in-flight ones keep theirs.
     pub fn apply_config(&self, config: Arc<Config>) {
         self.snapshot.store(Arc::new(Snapshot::build(config)));
+    }
+
+    /// The team subjects of the current config, for reading usage without charging.
+    pub fn team_subjects(&self) -> Vec<Subject> {
+        self.snapshot()
+            .config
+            .teams
+            .iter()
+            .map(|team| Subject {
+                kind: SubjectKind::Team,
+                id: team.name.as_str().into(),
+                limits: team.limits,
+            })
+            .collect()
     }
 
     pub fn client_ip(&self, peer: IpAddr, headers: &http::HeaderMap) -> IpAddr {

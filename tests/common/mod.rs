@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod logs;
+pub mod observe;
 pub mod redis;
 pub mod upstream;
 
@@ -158,14 +159,14 @@ scope = "read"
 /// Parses a config text and gives it the test's real keys in process (no env vars).
 pub fn config_from(text: &str) -> Config {
     let mut config = Config::from_toml(text).unwrap_or_else(|e| panic!("test config invalid: {e}"));
-    config
-        .upstream
-        .keys
-        .insert("prod".into(), KeySource::Inline(vec![Secret::new(REAL_KEY)]));
-    config
-        .upstream
-        .keys
-        .insert("dev".into(), KeySource::Inline(vec![Secret::new(REAL_DEV_KEY)]));
+    config.upstream.keys.insert(
+        "prod".into(),
+        KeySource::Inline(vec![Secret::new(REAL_KEY)]),
+    );
+    config.upstream.keys.insert(
+        "dev".into(),
+        KeySource::Inline(vec![Secret::new(REAL_DEV_KEY)]),
+    );
     config
 }
 
@@ -175,6 +176,10 @@ pub struct TestGateway {
     pub proxy: String,
     pub admin: String,
     pub client: reqwest::Client,
+    /// The usage log: the config's file, or one in a temp dir when the config says stdout
+    /// (so test output stays readable).
+    pub usage: observe::UsageFile,
+    _usage_dir: Option<tempfile::TempDir>,
 }
 
 impl TestGateway {
@@ -186,8 +191,19 @@ impl TestGateway {
         Self::start_with(config, clock).await
     }
 
-    pub async fn start_with(config: Config, clock: Arc<dyn Clock>) -> Self {
+    pub async fn start_with(mut config: Config, clock: Arc<dyn Clock>) -> Self {
         init();
+        let mut usage_dir = None;
+        let usage_path = match &config.usage_log.path {
+            Some(path) => path.clone(),
+            None => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let path = dir.path().join("usage.log");
+                usage_dir = Some(dir);
+                config.usage_log.path = Some(path.clone());
+                path
+            }
+        };
         let running = keygate::server::start(
             config,
             StartOptions {
@@ -204,6 +220,8 @@ impl TestGateway {
             proxy,
             admin,
             client: client(),
+            usage: observe::UsageFile::new(&usage_path),
+            _usage_dir: usage_dir,
         }
     }
 
@@ -230,7 +248,8 @@ impl TestGateway {
     }
 }
 
-pub const PROMPT_BODY: &str = r#"{"prompt":"A beautiful sunset over mountains","model":"imagen-v2"}"#;
+pub const PROMPT_BODY: &str =
+    r#"{"prompt":"A beautiful sunset over mountains","model":"imagen-v2"}"#;
 
 pub fn client() -> reqwest::Client {
     init();
@@ -246,8 +265,7 @@ pub async fn json_body(response: reqwest::Response) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
-pub const UNAUTHORIZED_BODY: &str = r#"{"error":{"code":"unauthorized","message":"Invalid API key"}}"#;
-pub const FORBIDDEN_BODY: &str =
-    r#"{"error":{"code":"forbidden","message":"API key does not have permission for this operation"}}"#;
-pub const RATE_LIMITED_BODY: &str =
-    r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit exceeded. Please try again later."}}"#;
+pub const UNAUTHORIZED_BODY: &str =
+    r#"{"error":{"code":"unauthorized","message":"Invalid API key"}}"#;
+pub const FORBIDDEN_BODY: &str = r#"{"error":{"code":"forbidden","message":"API key does not have permission for this operation"}}"#;
+pub const RATE_LIMITED_BODY: &str = r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit exceeded. Please try again later."}}"#;
