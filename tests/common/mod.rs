@@ -158,14 +158,14 @@ scope = "read"
 /// Parses a config text and gives it the test's real keys in process (no env vars).
 pub fn config_from(text: &str) -> Config {
     let mut config = Config::from_toml(text).unwrap_or_else(|e| panic!("test config invalid: {e}"));
-    config
-        .upstream
-        .keys
-        .insert("prod".into(), KeySource::Inline(vec![Secret::new(REAL_KEY)]));
-    config
-        .upstream
-        .keys
-        .insert("dev".into(), KeySource::Inline(vec![Secret::new(REAL_DEV_KEY)]));
+    config.upstream.keys.insert(
+        "prod".into(),
+        KeySource::Inline(vec![Secret::new(REAL_KEY)]),
+    );
+    config.upstream.keys.insert(
+        "dev".into(),
+        KeySource::Inline(vec![Secret::new(REAL_DEV_KEY)]),
+    );
     config
 }
 
@@ -230,7 +230,8 @@ impl TestGateway {
     }
 }
 
-pub const PROMPT_BODY: &str = r#"{"prompt":"A beautiful sunset over mountains","model":"imagen-v2"}"#;
+pub const PROMPT_BODY: &str =
+    r#"{"prompt":"A beautiful sunset over mountains","model":"imagen-v2"}"#;
 
 pub fn client() -> reqwest::Client {
     init();
@@ -246,8 +247,7 @@ pub async fn json_body(response: reqwest::Response) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
-pub const UNAUTHORIZED_BODY: &str = r#"{"error":{"code":"unauthorized","message":"Invalid API key"}}"#;
-pub const FORBIDDEN_BODY: &str =
-    r#"{"error":{"code":"forbidden","message":"API key does not have permission for this operation"}}"#;
-pub const RATE_LIMITED_BODY: &str =
-    r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit exceeded. Please try again later."}}"#;
+pub const UNAUTHORIZED_BODY: &str =
+    r#"{"error":{"code":"unauthorized","message":"Invalid API key"}}"#;
+pub const FORBIDDEN_BODY: &str = r#"{"error":{"code":"forbidden","message":"API key does not have permission for this operation"}}"#;
+pub const RATE_LIMITED_BODY: &str = r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit exceeded. Please try again later."}}"#;
