@@ -9,7 +9,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderValue, Method};
 
-use keygate::auth::ApiKey;
+use keygate::auth::{ApiKey, KeyOrigin};
 use keygate::context::{Outcome, RequestContext};
 use keygate::metrics::Metrics;
 use keygate::observe::Observer;
@@ -39,6 +39,11 @@ fn keys() -> Vec<Arc<ApiKey>> {
                 scopes: Scopes::default(),
                 env: "prod".into(),
                 expires: None,
+                rpm: None,
+                rpd: None,
+                origin: KeyOrigin::Config,
+                created: None,
+                last_used_ms: Default::default(),
                 subjects: vec![Subject {
                     kind: SubjectKind::Team,
                     id: team,

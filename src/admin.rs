@@ -21,6 +21,9 @@ pub async fn handle(gateway: Arc<Gateway>, request: Request<Incoming>) -> Respon
         (&Method::GET | &Method::HEAD, "/readyz") => readiness(&gateway),
         (&Method::GET | &Method::HEAD, "/metrics") => metrics(&gateway).await,
         (_, "/healthz" | "/readyz" | "/metrics") => error(GatewayError::MethodNotAllowed),
+        (_, path) if path.starts_with("/admin/") => {
+            crate::admin_api::handle(gateway, request).await
+        }
         _ => error(GatewayError::NotFound),
     }
 }

@@ -191,7 +191,19 @@ impl TestGateway {
         Self::start_with(config, clock).await
     }
 
-    pub async fn start_with(mut config: Config, clock: Arc<dyn Clock>) -> Self {
+    pub async fn start_with(config: Config, clock: Arc<dyn Clock>) -> Self {
+        Self::start_with_options(
+            config,
+            StartOptions {
+                clock,
+                ..StartOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// Starts with any options; a usage log on stdout is moved to a temp file.
+    pub async fn start_with_options(mut config: Config, options: StartOptions) -> Self {
         init();
         let mut usage_dir = None;
         let usage_path = match &config.usage_log.path {
@@ -204,15 +216,9 @@ impl TestGateway {
                 path
             }
         };
-        let running = keygate::server::start(
-            config,
-            StartOptions {
-                clock,
-                ..StartOptions::default()
-            },
-        )
-        .await
-        .expect("gateway starts");
+        let running = keygate::server::start(config, options)
+            .await
+            .expect("gateway starts");
         let proxy = format!("http://{}", running.proxy_addr);
         let admin = format!("http://{}", running.admin_addr);
         Self {
