@@ -17,9 +17,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+use std::path::PathBuf;
+
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ServerConfig, StoreUrl};
 use crate::gateway::Gateway;
+use crate::key_store::{KeyStore, MemoryKeyStore};
+use crate::observe::Observer;
 use crate::quota::calendar::DayCalendar;
 use crate::quota::memory::MemoryStore;
 use crate::quota::redis::RedisStore;
@@ -38,12 +42,17 @@ pub enum StartError {
     Upstream(String),
     #[error("store: {0}")]
     Store(String),
+    #[error("usage log: {0}")]
+    UsageLog(String),
 }
 
-/// How to start a gateway beyond its config: injected clock or store (tests, the demo).
+/// How to start a gateway beyond its config: injected clock or stores (tests, the demo),
+/// and the file the config came from (watched for changes).
 pub struct StartOptions {
     pub clock: Arc<dyn Clock>,
     pub store: Option<Arc<dyn QuotaStore>>,
+    pub key_store: Option<Arc<dyn KeyStore>>,
+    pub config_path: Option<PathBuf>,
 }
 
 impl Default for StartOptions {
@@ -51,6 +60,8 @@ impl Default for StartOptions {
         Self {
             clock: Arc::new(SystemClock),
             store: None,
+            key_store: None,
+            config_path: None,
         }
     }
 }
@@ -105,8 +116,23 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
         Some(store) => store,
         None => build_store(&config, options.clock.clone())?,
     };
-    let gateway =
-        Arc::new(Gateway::new(config.clone(), store, options.clock).map_err(StartError::Upstream)?);
+    let key_store = options
+        .key_store
+        .unwrap_or_else(|| Arc::new(MemoryKeyStore::default()));
+    let observer = Observer::start(&config.usage_log, Vec::new()).map_err(|e| {
+        StartError::UsageLog(format!(
+            "{}: {e}",
+            config
+                .usage_log
+                .path
+                .as_ref()
+                .map_or("stdout".into(), |p| p.display().to_string())
+        ))
+    })?;
+    let gateway = Arc::new(
+        Gateway::new(config.clone(), store, key_store, options.clock, observer)
+            .map_err(StartError::Upstream)?,
+    );
     let tls = match &config.server.tls {
         Some(files) => {
             Some(crate::tls::acceptor(&files.cert, &files.key).map_err(StartError::Tls)?)
@@ -138,6 +164,13 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
             async move { Ok::<_, Infallible>(crate::pipeline::handle(gateway, peer, request).await) }
         },
     ));
+    reopen_usage_log_on_hangup(&gateway, &mut tasks, shutdown_rx.clone());
+    crate::reload::spawn(
+        &mut tasks,
+        gateway.clone(),
+        options.config_path,
+        shutdown_rx.clone(),
+    );
     let admin_gateway = gateway.clone();
     tasks.spawn(serve_listener(
         admin,
@@ -164,6 +197,40 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
         shutdown,
         tasks,
     })
+}
+
+/// SIGHUP asks the usage log writer to reopen its file (after logrotate moved it). The
+/// handler is installed here, before `start` returns, so a SIGHUP from then on never takes
+/// the default action (terminating the process).
+fn reopen_usage_log_on_hangup(
+    gateway: &Gateway,
+    tasks: &mut JoinSet<()>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            tracing::warn!(
+                "cannot listen for SIGHUP: the usage log reopens only when rotated away"
+            );
+            return;
+        };
+        let reopen = gateway.observer.usage_log.reopen_flag();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    received = hangup.recv() => match received {
+                        Some(()) => reopen.store(true, std::sync::atomic::Ordering::Relaxed),
+                        None => break,
+                    },
+                    _ = shutdown.changed() => break,
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (gateway, tasks, shutdown);
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -295,8 +362,12 @@ async fn refuse(mut stream: TcpStream, tls: bool) {
 }
 
 /// Runs until SIGTERM or SIGINT, then shuts down gracefully.
-pub async fn serve_until_signal(config: Config) -> Result<(), StartError> {
-    let running = start(config, StartOptions::default()).await?;
+pub async fn serve_until_signal(config: Config, config_path: PathBuf) -> Result<(), StartError> {
+    let options = StartOptions {
+        config_path: Some(config_path),
+        ..StartOptions::default()
+    };
+    let running = start(config, options).await?;
     shutdown_signal().await;
     tracing::info!("shutting down: no new connections, in-flight requests finishing");
     running.shutdown().await;

@@ -150,6 +150,17 @@ impl StoreHealth {
     }
 }
 
+/// `keygate_store_errors_total` and `keygate_store_degraded` come from here.
+impl crate::metrics::StoreHealthView for StoreHealth {
+    fn errors_total(&self) -> u64 {
+        self.error_count()
+    }
+
+    fn degraded(&self) -> bool {
+        self.is_degraded()
+    }
+}
+
 /// A quota store behind `store.timeout` and `store.on_error`.
 pub struct FailoverStore {
     inner: Arc<Inner>,
