@@ -20,8 +20,9 @@ use crate::config::UpstreamConfig;
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the ones a
-/// client could use to talk to a proxy along the way.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// client could use to talk to a proxy along the way. `Expect` is answered by keygate on
+/// the client's hop (hyper sends the 100 Continue).
+const HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -31,6 +32,36 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    header::EXPECT,
+];
+
+/// Headers the client must not choose for the upstream: its credentials and Host,
+/// claims about who the client is or which host and scheme it used (keygate rebuilds
+/// `X-Forwarded-For` itself), and the overrides frameworks honour for the method or the
+/// path, which would let a request be checked as one route and served as another.
+const CLIENT_CONTROLLED: [HeaderName; 22] = [
+    header::AUTHORIZATION,
+    header::HOST,
+    header::FORWARDED,
+    crate::client_addr::X_FORWARDED_FOR,
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("x-cluster-client-ip"),
+    HeaderName::from_static("x-original-host"),
+    HeaderName::from_static("x-host"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-original-uri"),
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
 ];
 
 /// Removes hop-by-hop headers and every header the `Connection` header names.
@@ -47,16 +78,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Removes what the client must not choose for the upstream: its own credentials and Host,
-/// forwarding headers (rebuilt by the gateway), and anything in keygate's own namespace.
+/// Removes what the client must not choose for the upstream (see [`CLIENT_CONTROLLED`])
+/// and anything in keygate's own `X-Keygate-*` namespace.
 pub fn strip_client_controlled(headers: &mut HeaderMap) {
-    headers.remove(header::AUTHORIZATION);
-    headers.remove(header::HOST);
-    headers.remove(header::FORWARDED);
-    headers.remove(crate::client_addr::X_FORWARDED_FOR);
-    headers.remove(HeaderName::from_static("x-forwarded-host"));
-    headers.remove(HeaderName::from_static("x-forwarded-proto"));
-    headers.remove(HeaderName::from_static("x-real-ip"));
+    for name in &CLIENT_CONTROLLED {
+        headers.remove(name);
+    }
     let ours: Vec<HeaderName> = headers
         .keys()
         .filter(|name| name.as_str().starts_with("x-keygate-"))
@@ -234,6 +261,9 @@ mod tests {
             ("proxy-authorization", "Basic x"),
             ("x-keygate-team", "admin"),
             ("x-forwarded-for", "1.2.3.4"),
+            ("x-original-url", "/v1/text-to-image"),
+            ("x-http-method-override", "POST"),
+            ("expect", "100-continue"),
             ("content-type", "application/json"),
         ] {
             headers.append(
@@ -259,6 +289,9 @@ mod tests {
             "x-secret-hop",
             "proxy-authorization",
             "x-keygate-team",
+            "x-original-url",
+            "x-http-method-override",
+            "expect",
         ] {
             assert!(!headers.contains_key(gone), "{gone} was forwarded");
         }

@@ -26,7 +26,10 @@ async fn upstream_receives_the_real_key_and_the_body_unchanged() {
     let request = &received[0];
     assert_eq!(request.method, "POST");
     assert_eq!(request.path_and_query, "/v1/text-to-image");
-    assert_eq!(request.headers["authorization"], format!("Bearer {REAL_KEY}"));
+    assert_eq!(
+        request.headers["authorization"],
+        format!("Bearer {REAL_KEY}")
+    );
     assert_eq!(request.headers["host"], upstream.addr.to_string());
     assert_eq!(request.body, PROMPT_BODY.as_bytes());
     let all_headers = format!("{:?}", request.headers);

@@ -3,7 +3,9 @@
 //! fails a test when a secret shows up in any log line.
 #![allow(dead_code)]
 
+pub mod canary;
 pub mod logs;
+pub mod raw;
 pub mod redis;
 pub mod upstream;
 
@@ -158,14 +160,14 @@ scope = "read"
 /// Parses a config text and gives it the test's real keys in process (no env vars).
 pub fn config_from(text: &str) -> Config {
     let mut config = Config::from_toml(text).unwrap_or_else(|e| panic!("test config invalid: {e}"));
-    config
-        .upstream
-        .keys
-        .insert("prod".into(), KeySource::Inline(vec![Secret::new(REAL_KEY)]));
-    config
-        .upstream
-        .keys
-        .insert("dev".into(), KeySource::Inline(vec![Secret::new(REAL_DEV_KEY)]));
+    config.upstream.keys.insert(
+        "prod".into(),
+        KeySource::Inline(vec![Secret::new(REAL_KEY)]),
+    );
+    config.upstream.keys.insert(
+        "dev".into(),
+        KeySource::Inline(vec![Secret::new(REAL_DEV_KEY)]),
+    );
     config
 }
 
@@ -207,6 +209,11 @@ impl TestGateway {
         }
     }
 
+    /// The proxy listener's address, for raw connections.
+    pub fn proxy_addr(&self) -> std::net::SocketAddr {
+        self.running.as_ref().expect("gateway running").proxy_addr
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.proxy, path)
     }
@@ -230,7 +237,8 @@ impl TestGateway {
     }
 }
 
-pub const PROMPT_BODY: &str = r#"{"prompt":"A beautiful sunset over mountains","model":"imagen-v2"}"#;
+pub const PROMPT_BODY: &str =
+    r#"{"prompt":"A beautiful sunset over mountains","model":"imagen-v2"}"#;
 
 pub fn client() -> reqwest::Client {
     init();
@@ -246,8 +254,11 @@ pub async fn json_body(response: reqwest::Response) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
-pub const UNAUTHORIZED_BODY: &str = r#"{"error":{"code":"unauthorized","message":"Invalid API key"}}"#;
-pub const FORBIDDEN_BODY: &str =
-    r#"{"error":{"code":"forbidden","message":"API key does not have permission for this operation"}}"#;
-pub const RATE_LIMITED_BODY: &str =
-    r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit exceeded. Please try again later."}}"#;
+pub const UNAUTHORIZED_BODY: &str =
+    r#"{"error":{"code":"unauthorized","message":"Invalid API key"}}"#;
+pub const FORBIDDEN_BODY: &str = r#"{"error":{"code":"forbidden","message":"API key does not have permission for this operation"}}"#;
+pub const BAD_REQUEST_BODY: &str =
+    r#"{"error":{"code":"bad_request","message":"Malformed request"}}"#;
+pub const PAYLOAD_TOO_LARGE_BODY: &str =
+    r#"{"error":{"code":"payload_too_large","message":"Request body too large"}}"#;
+pub const RATE_LIMITED_BODY: &str = r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit exceeded. Please try again later."}}"#;
