@@ -43,6 +43,7 @@ struct RawServer {
     max_header_bytes: Option<u64>,
     max_body_bytes: Option<u64>,
     header_read_timeout: Option<String>,
+    body_read_timeout: Option<String>,
     idle_timeout: Option<String>,
     max_connections: Option<u64>,
     http2_max_concurrent_streams: Option<u32>,
@@ -173,6 +174,8 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     pub max_body_bytes: u64,
     pub header_read_timeout: Duration,
+    /// Longest pause between two pieces of a request body (slow-body attacks): 408.
+    pub body_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub http2_max_concurrent_streams: u32,
@@ -890,6 +893,12 @@ fn validate_server(
             raw.header_read_timeout.as_deref(),
             Duration::from_secs(10),
             "server.header_read_timeout",
+            problems,
+        ),
+        body_read_timeout: duration_field(
+            raw.body_read_timeout.as_deref(),
+            Duration::from_secs(30),
+            "server.body_read_timeout",
             problems,
         ),
         // Longer than the 60 s idle timeout of common load balancers, so they close an idle

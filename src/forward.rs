@@ -100,8 +100,8 @@ pub enum ForwardError {
     Connect(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
-    #[error("request body too large")]
-    BodyTooLarge,
+    #[error("client request body: {0}")]
+    ClientBody(crate::body::InboundFailure),
     #[error("{0}")]
     Failed(String),
 }
@@ -194,22 +194,38 @@ impl Upstream {
     }
 
     /// Sends a prepared request; the timeout covers connecting and the response head.
+    /// While the upstream waits on a slow client upload, the clock restarts: the body's own
+    /// stall timer governs then, and its failure is reported as the client's.
     /// Returns the response and how long the upstream took to answer.
     pub async fn send(
         &self,
         mut request: Request<InboundBody>,
-        body_exceeded: &std::sync::atomic::AtomicBool,
+        client_body: &crate::body::InboundProgress,
     ) -> Result<(Response<Incoming>, Duration), ForwardError> {
         // The pool picks HTTP/1.1 or HTTP/2 per connection; an inbound HTTP/2 version
         // would be refused on an HTTP/1.1 connection.
         *request.version_mut() = Version::HTTP_11;
         let started = Instant::now();
-        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
-            Err(_) => Err(ForwardError::Timeout(self.timeout)),
-            Ok(Ok(response)) => Ok((response, started.elapsed())),
-            Ok(Err(e)) => {
-                if body_exceeded.load(std::sync::atomic::Ordering::Relaxed) {
-                    Err(ForwardError::BodyTooLarge)
+        let answer = self.client.request(request);
+        tokio::pin!(answer);
+        let mut deadline = tokio::time::Instant::from_std(started) + self.timeout;
+        let answered = loop {
+            tokio::select! {
+                answered = &mut answer => break answered,
+                _ = tokio::time::sleep_until(deadline) => {
+                    if client_body.waiting_on_client() {
+                        deadline = tokio::time::Instant::now() + self.timeout;
+                        continue;
+                    }
+                    return Err(ForwardError::Timeout(self.timeout));
+                }
+            }
+        };
+        match answered {
+            Ok(response) => Ok((response, started.elapsed())),
+            Err(e) => {
+                if let Some(failure) = client_body.failure() {
+                    Err(ForwardError::ClientBody(failure))
                 } else if e.is_connect() {
                     Err(ForwardError::Connect(error_chain(&e)))
                 } else {

@@ -4,7 +4,6 @@
 //! whatever step ended it, when the response body is done or dropped.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -13,7 +12,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
 use crate::auth::{self, ApiKey};
-use crate::body::{BodyEnd, InboundBody, OnFinish, ResponseBody};
+use crate::body::{BodyEnd, InboundBody, InboundFailure, InboundProgress, OnFinish, ResponseBody};
 use crate::config::OnStoreError;
 use crate::context::{Outcome, RequestContext};
 use crate::error::{Forbidden, GatewayError, RateLimitSubject};
@@ -290,16 +289,17 @@ async fn forward(
         &ctx.request_id,
     );
     parts.uri = uri;
-    let exceeded = Arc::new(AtomicBool::new(false));
+    let client_body = Arc::new(InboundProgress::default());
     let body = InboundBody::new(
         body,
         ctx.bytes_in.clone(),
         gateway.edge.max_body_bytes,
-        exceeded.clone(),
+        gateway.edge.body_read_timeout,
+        client_body.clone(),
     );
     let sent = gateway
         .upstream
-        .send(Request::from_parts(parts, body), &exceeded)
+        .send(Request::from_parts(parts, body), &client_body)
         .await;
     let (response, upstream_latency) = match sent {
         Ok(answer) => answer,
@@ -307,9 +307,17 @@ async fn forward(
             refund(gateway, key, admission);
             return Err(match error {
                 ForwardError::Timeout(after) => GatewayError::UpstreamTimeout(after),
-                ForwardError::BodyTooLarge => GatewayError::PayloadTooLarge {
-                    limit: gateway.edge.max_body_bytes,
-                },
+                ForwardError::ClientBody(InboundFailure::TooLarge) => {
+                    GatewayError::PayloadTooLarge {
+                        limit: gateway.edge.max_body_bytes,
+                    }
+                }
+                ForwardError::ClientBody(InboundFailure::Malformed) => {
+                    GatewayError::BadRequest("request body malformed or cut off")
+                }
+                ForwardError::ClientBody(InboundFailure::Stalled) => {
+                    GatewayError::RequestTimeout(gateway.edge.body_read_timeout)
+                }
                 ForwardError::Connect(cause) | ForwardError::Failed(cause) => {
                     GatewayError::UpstreamUnreachable(cause)
                 }

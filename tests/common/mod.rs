@@ -54,7 +54,20 @@ pub fn init() {
     ONCE.call_once(|| {
         let _ = rustls::crypto::ring::default_provider().install_default();
         logs::install();
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            previous(info);
+        }));
     });
+}
+
+static PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Panics anywhere in this test binary so far (gateway tasks included: hyper and tokio
+/// swallow a task's panic, the hook still sees it).
+pub fn panics_so_far() -> usize {
+    PANICS.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// Plans and limits of the standard config, so tests can name them.

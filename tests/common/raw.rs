@@ -74,6 +74,14 @@ pub async fn exchange(addr: SocketAddr, request: &[u8]) -> RawOutcome {
     read_response(&mut stream).await
 }
 
+/// Like [`exchange`], then closes the sending side: the server sees the end of the stream.
+pub async fn exchange_then_close(addr: SocketAddr, request: &[u8]) -> RawOutcome {
+    let mut stream = connect(addr).await;
+    let _ = stream.write_all(request).await;
+    let _ = stream.shutdown().await;
+    read_response(&mut stream).await
+}
+
 /// Reads one response from a connection: head, then a Content-Length or chunked body, or
 /// everything up to the close.
 pub async fn read_response(stream: &mut TcpStream) -> RawOutcome {
