@@ -17,11 +17,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
+use std::path::PathBuf;
+
 use crate::connection::{self, Timeouts};
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ServerConfig, StoreUrl};
 use crate::gateway::Gateway;
+use crate::key_store::{KeyStore, MemoryKeyStore};
+use crate::observe::Observer;
 use crate::quota::calendar::DayCalendar;
 use crate::quota::memory::MemoryStore;
 use crate::quota::QuotaStore;
@@ -41,12 +45,17 @@ pub enum StartError {
     Store(String),
     #[error("cannot listen for SIGTERM/SIGINT: {0}")]
     Signals(String),
+    #[error("usage log: {0}")]
+    UsageLog(String),
 }
 
-/// How to start a gateway beyond its config: injected clock or store (tests, the demo).
+/// How to start a gateway beyond its config: injected clock or stores (tests, the demo),
+/// and the file the config came from (watched for changes).
 pub struct StartOptions {
     pub clock: Arc<dyn Clock>,
     pub store: Option<Arc<dyn QuotaStore>>,
+    pub key_store: Option<Arc<dyn KeyStore>>,
+    pub config_path: Option<PathBuf>,
 }
 
 impl Default for StartOptions {
@@ -54,6 +63,8 @@ impl Default for StartOptions {
         Self {
             clock: Arc::new(SystemClock),
             store: None,
+            key_store: None,
+            config_path: None,
         }
     }
 }
@@ -108,8 +119,23 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
         Some(store) => store,
         None => build_store(&config, options.clock.clone())?,
     };
-    let gateway =
-        Arc::new(Gateway::new(config.clone(), store, options.clock).map_err(StartError::Upstream)?);
+    let key_store = options
+        .key_store
+        .unwrap_or_else(|| Arc::new(MemoryKeyStore::default()));
+    let observer = Observer::start(&config.usage_log, Vec::new()).map_err(|e| {
+        StartError::UsageLog(format!(
+            "{}: {e}",
+            config
+                .usage_log
+                .path
+                .as_ref()
+                .map_or("stdout".into(), |p| p.display().to_string())
+        ))
+    })?;
+    let gateway = Arc::new(
+        Gateway::new(config.clone(), store, key_store, options.clock, observer)
+            .map_err(StartError::Upstream)?,
+    );
     let tls = match &config.server.tls {
         Some(files) => {
             Some(crate::tls::acceptor(&files.cert, &files.key).map_err(StartError::Tls)?)
@@ -141,6 +167,13 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
             async move { Ok::<_, Infallible>(crate::pipeline::handle(gateway, peer, request).await) }
         },
     ));
+    reopen_usage_log_on_hangup(&gateway, &mut tasks, shutdown_rx.clone());
+    crate::reload::spawn(
+        &mut tasks,
+        gateway.clone(),
+        options.config_path,
+        shutdown_rx.clone(),
+    );
     let admin_gateway = gateway.clone();
     tasks.spawn(serve_listener(
         admin,
@@ -167,6 +200,40 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
         shutdown,
         tasks,
     })
+}
+
+/// SIGHUP asks the usage log writer to reopen its file (after logrotate moved it). The
+/// handler is installed here, before `start` returns, so a SIGHUP from then on never takes
+/// the default action (terminating the process).
+fn reopen_usage_log_on_hangup(
+    gateway: &Gateway,
+    tasks: &mut JoinSet<()>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            tracing::warn!(
+                "cannot listen for SIGHUP: the usage log reopens only when rotated away"
+            );
+            return;
+        };
+        let reopen = gateway.observer.usage_log.reopen_flag();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    received = hangup.recv() => match received {
+                        Some(()) => reopen.store(true, std::sync::atomic::Ordering::Relaxed),
+                        None => break,
+                    },
+                    _ = shutdown.changed() => break,
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (gateway, tasks, shutdown);
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -348,11 +415,15 @@ async fn refuse(mut stream: TcpStream, tls: bool, _slot: OwnedSemaphorePermit) {
 
 /// Runs until SIGTERM or SIGINT, then shuts down gracefully: no new connections, in-flight
 /// requests get `server.shutdown_grace` to finish.
-pub async fn serve_until_signal(config: Config) -> Result<(), StartError> {
+pub async fn serve_until_signal(config: Config, config_path: PathBuf) -> Result<(), StartError> {
     // Listen for signals before serving, so a signal never meets the default handler
     // (which would end the process at once) once requests are being served.
     let signals = ShutdownSignals::new().map_err(|e| StartError::Signals(e.to_string()))?;
-    let running = start(config, StartOptions::default()).await?;
+    let options = StartOptions {
+        config_path: Some(config_path),
+        ..StartOptions::default()
+    };
+    let running = start(config, options).await?;
     let signal = signals.recv().await;
     tracing::info!(
         signal,
