@@ -50,7 +50,8 @@ fn run(tool: &str, args: &[&str], install_hint: &str) -> (bool, String) {
 
 /// Loads every document of a YAML file as JSON, through Python's YAML parser.
 fn yaml_documents(path: &Path) -> Vec<serde_json::Value> {
-    let script = "import json,sys,yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))";
+    let script =
+        "import json,sys,yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))";
     let (ok, text) = run(
         "python3",
         &["-c", script, path.to_str().unwrap()],
@@ -63,7 +64,11 @@ fn yaml_documents(path: &Path) -> Vec<serde_json::Value> {
 #[test]
 fn every_yaml_file_parses() {
     let files = files_with(&["yaml", "yml"]);
-    assert!(files.len() >= 10, "deploy/ holds {} YAML files", files.len());
+    assert!(
+        files.len() >= 10,
+        "deploy/ holds {} YAML files",
+        files.len()
+    );
     for file in files {
         let docs = yaml_documents(&file);
         assert!(!docs.is_empty(), "{} is empty", file.display());
@@ -95,7 +100,12 @@ fn kustomizations_name_existing_files_and_the_sidecar_is_locked_down() {
         let kustomization = &yaml_documents(&dir.join("kustomization.yaml"))[0];
         for resource in kustomization["resources"].as_array().unwrap() {
             let file = dir.join(resource.as_str().unwrap());
-            assert!(file.is_file(), "{} names missing {}", variant, file.display());
+            assert!(
+                file.is_file(),
+                "{} names missing {}",
+                variant,
+                file.display()
+            );
         }
     }
     let deployment = &yaml_documents(&deploy_dir().join("k8s/sidecar/deployment.yaml"))[0];
@@ -105,10 +115,22 @@ fn kustomizations_name_existing_files_and_the_sidecar_is_locked_down() {
     assert_eq!(sidecar["securityContext"]["readOnlyRootFilesystem"], true);
     assert_eq!(sidecar["securityContext"]["capabilities"]["drop"][0], "ALL");
     assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
-    assert!(spec["terminationGracePeriodSeconds"].as_u64().unwrap() > 30, "longer than shutdown_grace");
+    assert!(
+        spec["terminationGracePeriodSeconds"].as_u64().unwrap() > 30,
+        "longer than shutdown_grace"
+    );
     let service = &yaml_documents(&deploy_dir().join("k8s/sidecar/service.yaml"))[0];
-    let ports: Vec<&serde_json::Value> = service["spec"]["ports"].as_array().unwrap().iter().collect();
-    assert!(ports.iter().all(|p| p["targetPort"] != 9090 && p["targetPort"] != "admin"), "the admin port stays in the pod");
+    let ports: Vec<&serde_json::Value> = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect();
+    assert!(
+        ports
+            .iter()
+            .all(|p| p["targetPort"] != 9090 && p["targetPort"] != "admin"),
+        "the admin port stays in the pod"
+    );
 }
 
 #[test]
@@ -126,7 +148,8 @@ fn configs_shipped_in_deploy_files_are_valid() {
         }
     }
     let compose = std::fs::read_to_string(deploy_dir().join("compose/keygate.toml")).unwrap();
-    keygate::config::Config::from_toml(&compose).unwrap_or_else(|e| panic!("compose/keygate.toml: {e}"));
+    keygate::config::Config::from_toml(&compose)
+        .unwrap_or_else(|e| panic!("compose/keygate.toml: {e}"));
     assert_eq!(checked, 2, "sidecar and fleet ConfigMaps");
 }
 
@@ -135,10 +158,16 @@ fn dockerfile_copies_what_exists_and_the_context_keeps_it() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dockerfile = std::fs::read_to_string(deploy_dir().join("docker/Dockerfile")).unwrap();
     let ignore = std::fs::read_to_string(root.join(".dockerignore")).unwrap();
-    for line in dockerfile.lines().filter(|l| l.starts_with("COPY ") && !l.contains("--from")) {
+    for line in dockerfile
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
         let parts: Vec<&str> = line.split_whitespace().collect();
         for source in &parts[1..parts.len() - 1] {
-            assert!(root.join(source).exists(), "Dockerfile copies missing {source}");
+            assert!(
+                root.join(source).exists(),
+                "Dockerfile copies missing {source}"
+            );
             let top = source.split('/').next().unwrap();
             assert!(
                 !ignore.lines().any(|l| l.trim_end_matches('/') == top),
@@ -172,7 +201,8 @@ fn metric_names(text: &str) -> BTreeSet<String> {
             + text[start..]
                 .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                 .unwrap_or(text.len() - start);
-        let before_ok = start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let before_ok =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
         if before_ok {
             let name = &text[start..end];
             let family = ["_bucket", "_sum", "_count"]
@@ -208,10 +238,17 @@ async fn every_metric_the_rules_and_dashboard_name_is_exported() {
         .filter_map(|l| l.split_whitespace().next())
         .map(str::to_string)
         .collect();
-    let mut named = metric_names(&std::fs::read_to_string(deploy_dir().join("prometheus/alerts.yaml")).unwrap());
-    named.extend(metric_names(&std::fs::read_to_string(deploy_dir().join("grafana/keygate.json")).unwrap()));
+    let mut named = metric_names(
+        &std::fs::read_to_string(deploy_dir().join("prometheus/alerts.yaml")).unwrap(),
+    );
+    named.extend(metric_names(
+        &std::fs::read_to_string(deploy_dir().join("grafana/keygate.json")).unwrap(),
+    ));
     assert!(named.len() >= 10, "{named:?}");
     let missing: Vec<&String> = named.difference(&exported).collect();
-    assert!(missing.is_empty(), "named by rules or dashboard but not exported: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "named by rules or dashboard but not exported: {missing:?}"
+    );
     gateway.shutdown().await;
 }
