@@ -5,9 +5,8 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use common::canary::Canary;
+use common::h2c;
 use common::raw::{self, RawOutcome};
 use common::*;
 
@@ -347,9 +346,15 @@ async fn no_probe_ever_reaches_another_host() {
     }
 
     // HTTP/2: `:authority` naming the canary is another Host (ignored); CONNECT is refused.
-    let (status, _) = h2_request(gw, http::Method::GET, &format!("http://{c}/v1/models")).await;
+    let (status, _) = h2c::request(
+        gw,
+        TOKEN_DESIGN_GENERATE,
+        http::Method::GET,
+        &format!("http://{c}/v1/models"),
+    )
+    .await;
     assert_eq!(status, 200);
-    let (status, body) = h2_request(gw, http::Method::CONNECT, &c).await;
+    let (status, body) = h2c::request(gw, TOKEN_DESIGN_GENERATE, http::Method::CONNECT, &c).await;
     assert_eq!(status, 400);
     assert_eq!(body, BAD_REQUEST_BODY);
     assert_eq!(upstream.count(), ignored.len() + 1);
@@ -358,36 +363,6 @@ async fn no_probe_ever_reaches_another_host() {
     canary6.assert_untouched();
     gateway.shutdown().await;
     logs::assert_clean(ALL_SECRETS);
-}
-
-/// One HTTP/2 request with prior knowledge, built from `uri` as given (its authority
-/// becomes `:authority`). Returns the status and the body.
-async fn h2_request(addr: SocketAddr, method: http::Method, uri: &str) -> (u16, String) {
-    let tcp = raw::connect(addr).await;
-    let (mut client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let request = http::Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("authorization", bearer(TOKEN_DESIGN_GENERATE))
-        .body(())
-        .unwrap();
-    let (response, _) = client.send_request(request, true).expect("h2 request sent");
-    let response = tokio::time::timeout(raw::RAW_TIMEOUT, response)
-        .await
-        .expect("h2 answer in time")
-        .expect("h2 answer");
-    let status = response.status().as_u16();
-    let mut body = response.into_body();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.expect("h2 body");
-        let _ = body.flow_control().release_capacity(chunk.len());
-        bytes.extend_from_slice(&chunk);
-    }
-    (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
 #[tokio::test]
