@@ -109,7 +109,10 @@ impl Keygate {
 fn assert_output_clean(output: &[String]) {
     let all = output.join("\n");
     for secret in ALL_SECRETS {
-        assert!(!all.contains(secret), "a secret appeared in keygate's output");
+        assert!(
+            !all.contains(secret),
+            "a secret appeared in keygate's output"
+        );
     }
 }
 
@@ -121,7 +124,10 @@ async fn await_refused(addr: SocketAddr) {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
             Err(e) => panic!("unexpected connect error: {e}"),
             Ok(_) => {
-                assert!(Instant::now() < deadline, "still accepting after the signal");
+                assert!(
+                    Instant::now() < deadline,
+                    "still accepting after the signal"
+                );
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
@@ -156,7 +162,10 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
     await_refused(keygate.proxy).await;
 
     for request in in_flight {
-        let (status, body) = request.await.unwrap().expect("an in-flight request completed");
+        let (status, body) = request
+            .await
+            .unwrap()
+            .expect("an in-flight request completed");
         assert_eq!(status, 200);
         assert_eq!(body, common::upstream::OK_JSON);
     }
@@ -164,7 +173,10 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
     assert_eq!(code, Some(0), "{output:?}");
     assert_eq!(upstream.count(), 5);
     assert!(output.iter().any(|l| l.contains("SIGTERM")), "{output:?}");
-    assert!(output.iter().any(|l| l.contains("all connections closed")), "{output:?}");
+    assert!(
+        output.iter().any(|l| l.contains("all connections closed")),
+        "{output:?}"
+    );
     assert_output_clean(&output);
 }
 
@@ -209,11 +221,17 @@ async fn a_request_outliving_the_grace_is_cut_and_the_process_still_exits_0() {
     keygate.signal("TERM");
     let (code, took, output) = keygate.exit(Duration::from_secs(10)).await;
     assert_eq!(code, Some(0), "{output:?}");
-    assert!(took >= Duration::from_millis(900), "exited after {took:?}, before the grace");
+    assert!(
+        took >= Duration::from_millis(900),
+        "exited after {took:?}, before the grace"
+    );
     assert!(
         output.iter().any(|l| l.contains("shutdown grace ran out")),
         "{output:?}"
     );
-    assert!(request.await.unwrap().is_err(), "the cut request cannot have succeeded");
+    assert!(
+        request.await.unwrap().is_err(),
+        "the cut request cannot have succeeded"
+    );
     assert_output_clean(&output);
 }
