@@ -132,7 +132,7 @@ fn run(target: &str, check: fn(&[u8]), rounds: usize) {
     let seed = std::env::var("KEYGATE_FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0x6b65_7967_6174_65u64);
+        .unwrap_or(0x006b_6579_6761_7465_u64);
     let rounds = std::env::var("KEYGATE_FUZZ_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
