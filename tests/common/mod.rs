@@ -7,6 +7,7 @@ pub mod logs;
 pub mod observe;
 pub mod redis;
 pub mod upstream;
+pub mod webhook;
 
 use std::sync::{Arc, Once};
 
