@@ -116,6 +116,7 @@ fn finish(c: &mut Criterion) {
         &alerts_config,
         metrics.clone(),
         Arc::new(MemoryDedupe::default()),
+        Arc::default(),
     )
     .unwrap();
     let observer = Observer::with_parts(metrics.clone(), log, alerts, &alerts_config.thresholds);

@@ -193,6 +193,33 @@ impl AlertDedupe for MemoryDedupe {
     }
 }
 
+/// The latest alert events (as sent), newest last, bounded: for the dashboard.
+#[derive(Debug, Default)]
+pub struct RecentAlerts {
+    events: Mutex<std::collections::VecDeque<Value>>,
+}
+
+impl RecentAlerts {
+    pub const CAPACITY: usize = 200;
+
+    pub fn push(&self, event: Value) {
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if events.len() == Self::CAPACITY {
+            events.pop_front();
+        }
+        events.push_back(event);
+    }
+
+    pub fn list(&self) -> Vec<Value> {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Raising and delivering.
 
@@ -217,6 +244,7 @@ pub struct AlertDispatcher {
     fallback: MemoryDedupe,
     delivery: Arc<Delivery>,
     deliveries: Arc<Semaphore>,
+    recent: Arc<RecentAlerts>,
 }
 
 impl Alerts {
@@ -224,6 +252,7 @@ impl Alerts {
         config: &AlertsConfig,
         metrics: Arc<Metrics>,
         dedupe: Arc<dyn AlertDedupe>,
+        recent: Arc<RecentAlerts>,
     ) -> Result<(Alerts, AlertDispatcher), String> {
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let delivery = Delivery::new(config, metrics.clone())?;
@@ -239,6 +268,7 @@ impl Alerts {
                 fallback: MemoryDedupe::default(),
                 delivery: Arc::new(delivery),
                 deliveries: Arc::new(Semaphore::new(MAX_DELIVERIES)),
+                recent,
             },
         ))
     }
@@ -309,6 +339,7 @@ impl AlertDispatcher {
             event.text()
         );
         let body = Bytes::from(payload.to_string());
+        self.recent.push(payload);
         for webhook in &self.delivery.webhooks {
             let Ok(permit) = self.deliveries.clone().try_acquire_owned() else {
                 self.metrics.alert_dropped();

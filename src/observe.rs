@@ -7,6 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::alerts::RecentAlerts;
+
 use crate::alerts::{AlertDedupe, AlertDispatcher, AlertEvent, Alerts};
 use crate::anomaly::{Detector, Finding, COOLDOWN_MINUTES};
 use crate::config::Config;
@@ -16,11 +18,16 @@ use crate::quota::{Window, WindowUsage};
 use crate::usage_log::{
     Completed, UsageConsumer, UsageLog, UsageRecord, UsageSink, QUEUE_CAPACITY,
 };
+use crate::usage_series::{SeriesConsumer, UsageSeries};
 
 pub struct Observer {
     pub metrics: Arc<Metrics>,
     pub usage_log: UsageLog,
     pub alerts: Alerts,
+    /// The last hour per team and minute, for the dashboard (fed by the usage writer).
+    pub series: Arc<UsageSeries>,
+    /// The latest alerts raised here, for the dashboard.
+    pub recent_alerts: Arc<RecentAlerts>,
     /// Store errors seen on the request path, for stores that do not report their own.
     pub store_errors: Arc<ObservedStoreHealth>,
     store_health: Arc<dyn StoreHealthView>,
@@ -37,7 +44,15 @@ impl Observer {
         mut consumers: Vec<Box<dyn UsageConsumer>>,
     ) -> Result<(Self, AlertDispatcher), String> {
         let metrics = Arc::new(Metrics::new());
-        let (alerts, dispatcher) = Alerts::new(&config.alerts, metrics.clone(), dedupe)?;
+        let recent_alerts = Arc::new(RecentAlerts::default());
+        let (alerts, dispatcher) = Alerts::new(
+            &config.alerts,
+            metrics.clone(),
+            dedupe,
+            recent_alerts.clone(),
+        )?;
+        let series = Arc::new(UsageSeries::default());
+        consumers.push(Box::new(SeriesConsumer(series.clone())));
         if config.anomalies.enabled {
             consumers.push(Box::new(LiveAnomalies {
                 detector: Detector::new(config.anomalies.clone()),
@@ -58,7 +73,9 @@ impl Observer {
                     .map_or("stdout".into(), |p| p.display().to_string());
                 format!("usage log {place}: {e}")
             })?;
-        let observer = Self::with_parts(metrics, usage_log, alerts, &config.alerts.thresholds);
+        let mut observer = Self::with_parts(metrics, usage_log, alerts, &config.alerts.thresholds);
+        observer.series = series;
+        observer.recent_alerts = recent_alerts;
         Ok((observer, dispatcher))
     }
 
@@ -73,6 +90,8 @@ impl Observer {
             metrics,
             usage_log,
             alerts,
+            series: Arc::default(),
+            recent_alerts: Arc::default(),
             store_health: store_errors.clone(),
             store_errors,
             thresholds_ppm: thresholds
