@@ -28,11 +28,15 @@
 //!   outage modes, quota headers; [`shared_redis`]: the connection to a fleet's Redis.
 //! - [`forward`]: the upstream client and header rewrite; [`upstream_keys`]: real keys.
 //! - [`context`], [`observe`], [`request_id`], [`telemetry`]: what is recorded;
-//!   [`metrics`]: the Prometheus series; [`usage_log`]: one JSON line per request.
+//!   [`metrics`]: the Prometheus series; [`usage_log`]: one JSON line per request;
+//!   [`alerts`]: quota, store and anomaly alerts to webhooks; [`anomaly`]: the detectors,
+//!   live and offline; [`throttle`]: 429 for addresses guessing tokens.
 //! - [`clock`]: wall or manual time for the quota windows.
 
 pub mod admin;
 pub mod admin_api;
+pub mod alerts;
+pub mod anomaly;
 pub mod auth;
 pub mod body;
 pub mod cli;
@@ -59,8 +63,10 @@ pub mod secret;
 pub mod server;
 pub mod shared_redis;
 pub mod telemetry;
+pub mod throttle;
 pub mod tls;
 pub mod token;
 pub mod upstream_keys;
 pub mod usage_log;
+pub mod usage_report;
 pub mod usage_series;
