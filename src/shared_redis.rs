@@ -36,6 +36,7 @@ pub enum SharedRedis {
 impl SharedRedis {
     /// Opens a handle for a `redis://`, `rediss://` or cluster store URL; `None` for
     /// `memory://`. Only a malformed URL fails here: reachability shows on first use.
+    /// Must run inside a Tokio runtime (redis-rs spawns the connection's task).
     pub fn open(url: &StoreUrl) -> Result<Option<Self>, String> {
         match url {
             StoreUrl::Memory => Ok(None),

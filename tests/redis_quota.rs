@@ -8,7 +8,6 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::future::join_all;
 use keygate::clock::OffsetClock;
 use keygate::config::Config;
 
@@ -39,19 +38,6 @@ fn field(redis: &RedisServer, key: &str, field: &str) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-async fn statuses(requests: impl IntoIterator<Item = (&TestGateway, &str)>) -> Vec<u16> {
-    join_all(
-        requests
-            .into_iter()
-            .map(|(gateway, token)| async move { gateway.generate(token).await.status().as_u16() }),
-    )
-    .await
-}
-
-fn count(statuses: &[u16], status: u16) -> usize {
-    statuses.iter().filter(|s| **s == status).count()
-}
-
 #[tokio::test]
 async fn three_instances_on_one_redis_admit_exactly_the_limit() {
     let redis = RedisServer::start();
@@ -60,26 +46,11 @@ async fn three_instances_on_one_redis_admit_exactly_the_limit() {
     for _ in 0..3 {
         gateways.push(TestGateway::start(config(&upstream, &redis.url(), STRICT, "")).await);
     }
-    let requests = (0..300).map(|i| (&gateways[i % 3], TOKEN_DESIGN_GENERATE));
-    let answers = statuses(requests).await;
-    assert_eq!(count(&answers, 200), DESIGN_RPM as usize, "{answers:?}");
-    assert_eq!(
-        count(&answers, 429),
-        300 - DESIGN_RPM as usize,
-        "{answers:?}"
-    );
-    assert_eq!(upstream.count(), DESIGN_RPM as usize);
+    assert_fleet_admits_exactly_design_rpm(&gateways, &upstream).await;
     assert_eq!(
         field(&redis, "kg:q:{t:design}", "dn").as_deref(),
         Some("100")
     );
-
-    let refused = gateways[1].generate(TOKEN_DESIGN_GENERATE).await;
-    assert_eq!(refused.status(), 429);
-    assert_eq!(refused.headers()["x-ratelimit-remaining"], "0");
-    assert_eq!(refused.headers()["x-ratelimit-limit"], "100");
-    assert!(refused.headers().contains_key("retry-after"));
-    assert_eq!(refused.text().await.unwrap(), RATE_LIMITED_BODY);
     for gateway in gateways {
         gateway.shutdown().await;
     }
@@ -206,9 +177,9 @@ async fn upstream_ceiling_holds_over_two_teams_and_two_instances() {
         let gateway = if i % 2 == 0 { &a } else { &b };
         [(gateway, TOKEN_DESIGN_GENERATE), (gateway, TOKEN_MARKETING)]
     });
-    let answers = statuses(requests).await;
-    assert_eq!(count(&answers, 200), 15, "{answers:?}");
-    assert_eq!(count(&answers, 429), 35, "{answers:?}");
+    let answers = generate_all(requests).await;
+    assert_eq!(count_status(&answers, 200), 15, "{answers:?}");
+    assert_eq!(count_status(&answers, 429), 35, "{answers:?}");
     let marketing_admitted = answers
         .iter()
         .skip(1)
@@ -470,5 +441,42 @@ async fn a_stalled_redis_takes_the_timeout_path_and_latency_stays_bounded() {
         .parse()
         .unwrap();
     assert_eq!(after, before + 1, "the admission is counted in Redis again");
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_replica_starts_while_redis_is_down_and_joins_it_later() {
+    let port = common::redis::free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let upstream = MockUpstream::start().await;
+    let store = "on_error = \"local\"\ntimeout = \"200ms\"\nexpected_replicas = 2";
+    let gateway = TestGateway::start(config(&upstream, &url, store, "")).await;
+
+    let response = gateway.generate(TOKEN_MARKETING).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["x-ratelimit-limit"],
+        "5",
+        "10 / 2 from memory"
+    );
+    let (status, body) = gateway.readyz().await;
+    assert_eq!(status, 200);
+    assert_eq!(body["store"]["state"], "degraded");
+
+    let redis = RedisServer::start_on(port, &[]);
+    gateway
+        .wait_store_state("ok", Duration::from_secs(15))
+        .await;
+    let response = gateway.generate(TOKEN_MARKETING).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["x-ratelimit-limit"],
+        "10",
+        "the fleet-wide limit again"
+    );
+    assert_eq!(
+        field(&redis, "kg:q:{t:marketing}", "dn").as_deref(),
+        Some("1")
+    );
     gateway.shutdown().await;
 }

@@ -16,7 +16,7 @@ use keygate::quota::memory::MemoryStore;
 use keygate::quota::redis::RedisStore;
 use keygate::quota::{Limits, QuotaStore, Subject, SubjectKind, Window};
 
-use common::redis::RedisServer;
+use common::redis::{RedisCluster, RedisServer};
 
 fn subject(kind: SubjectKind, id: &str, rpm: u64, rpd: u64) -> Subject {
     Subject {
@@ -46,27 +46,42 @@ impl XorShift {
     }
 }
 
+/// A ceiling the teams together can reach now and then.
+const ROOMY_CEILING: Limits = Limits { rpm: 9, rpd: 60 };
+/// A ceiling below each team's own minute: it refuses what the teams admitted.
+const TIGHT_CEILING: Limits = Limits { rpm: 4, rpd: 45 };
+
 /// Runs the same random sequence of decisions, refunds and usage reads against the memory
 /// store (manual clock) and the Redis store (Redis time moved to the same instants), and
 /// requires identical answers. Instants sit half-way into a second so the milliseconds a
 /// call takes cannot change a rounded value.
-async fn differential(start: &str, tz: TimeZone, steps: usize, seed: u64) {
-    let server = RedisServer::start();
+async fn differential(
+    url: StoreUrl,
+    start: &str,
+    tz: TimeZone,
+    steps: usize,
+    seed: u64,
+    ceiling: Limits,
+) {
     let start: Timestamp = start.parse().unwrap();
     let manual = Arc::new(ManualClock::new(start));
     let offset = Arc::new(OffsetClock::new());
     let memory = MemoryStore::new(manual.clone(), DayCalendar::new(tz.clone()));
-    let redis = redis_store(&server, offset.clone(), DayCalendar::new(tz));
+    let redis = RedisStore::open(&url, offset.clone(), DayCalendar::new(tz)).unwrap();
 
-    let upstream = subject(SubjectKind::Upstream, "upstream", 9, 60);
+    let upstream = subject(SubjectKind::Upstream, "upstream", ceiling.rpm, ceiling.rpd);
     let team_a = subject(SubjectKind::Team, "design", 6, 40);
     let key_a = subject(SubjectKind::Key, "design-tight", 3, 30);
     let team_b = subject(SubjectKind::Team, "marketing", 5, 25);
+    // The same team on a lowered plan (as after a config reload): a window can then hold
+    // more than its limit, and room comes back only after several buckets leave.
+    let team_a_lowered = subject(SubjectKind::Team, "design", 2, 40);
     let requests: Vec<Vec<Subject>> = vec![
         vec![team_a.clone(), upstream.clone()],
         vec![team_a.clone(), key_a.clone(), upstream.clone()],
         vec![team_b.clone(), upstream.clone()],
         vec![team_b.clone()],
+        vec![team_a_lowered, upstream.clone()],
     ];
 
     let mut rng = XorShift(seed);
@@ -103,7 +118,19 @@ async fn differential(start: &str, tz: TimeZone, steps: usize, seed: u64) {
                 let m = memory.decide(subjects).await.unwrap();
                 let r = redis.decide(subjects).await.unwrap();
                 let context = format!("step {step} ({at}), request {which}, seed {seed}");
-                assert_eq!(r.admission, m.admission, "admission, {context}");
+                // On Cluster the ceiling is charged on its own node, with its own clock: in
+                // this one-machine test that is the same second and day.
+                let r_admission = r.admission.map(|a| {
+                    if let Some(ceiling) = a.ceiling {
+                        assert_eq!(
+                            (ceiling.second, ceiling.day),
+                            (a.second, a.day),
+                            "{context}"
+                        );
+                    }
+                    keygate::quota::Admission { ceiling: None, ..a }
+                });
+                assert_eq!(r_admission, m.admission, "admission, {context}");
                 assert_eq!(r.denied_by, m.denied_by, "refusal, {context}");
                 assert_eq!(
                     r.retry_after_secs, m.retry_after_secs,
@@ -129,11 +156,14 @@ async fn differential(start: &str, tz: TimeZone, steps: usize, seed: u64) {
 
 #[tokio::test]
 async fn same_decisions_as_memory_through_minutes() {
+    let server = RedisServer::start();
     differential(
+        StoreUrl::Redis(server.url()),
         "2026-11-27T10:00:00.5Z",
         TimeZone::UTC,
         1500,
         0x9e3779b97f4a7c15,
+        ROOMY_CEILING,
     )
     .await;
 }
@@ -141,11 +171,31 @@ async fn same_decisions_as_memory_through_minutes() {
 #[tokio::test]
 async fn same_decisions_as_memory_across_midnight() {
     // Starts 20 minutes before midnight UTC; the jumps cross it.
+    let server = RedisServer::start();
     differential(
+        StoreUrl::Redis(server.url()),
         "2026-11-27T23:40:00.5Z",
         TimeZone::UTC,
         1500,
         0x2545f4914f6cdd1d,
+        ROOMY_CEILING,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn same_decisions_as_memory_on_a_cluster() {
+    // Teams and the ceiling live in different slots: two scripts, compensation on a
+    // refusal of the ceiling, and still the memory store's answers.
+    let cluster = RedisCluster::start();
+    let url = StoreUrl::Cluster(cluster.nodes.iter().map(|n| n.url()).collect());
+    differential(
+        url,
+        "2026-11-27T23:50:00.5Z",
+        TimeZone::UTC,
+        1200,
+        0x1b873593cc9e2d51,
+        TIGHT_CEILING,
     )
     .await;
 }
@@ -155,7 +205,17 @@ async fn same_decisions_as_memory_on_a_dst_day() {
     // Europe/Berlin springs forward on 2026-03-29: that day is 23 hours long, and its
     // midnight (22:00 UTC the day before) is crossed here.
     let tz = TimeZone::get("Europe/Berlin").unwrap();
-    differential("2026-03-28T22:45:00.5Z", tz, 1200, 0x5851f42d4c957f2d).await;
+    let server = RedisServer::start();
+    let url = StoreUrl::Redis(server.url());
+    differential(
+        url,
+        "2026-03-28T22:45:00.5Z",
+        tz,
+        1200,
+        0x5851f42d4c957f2d,
+        ROOMY_CEILING,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -182,7 +242,8 @@ async fn state_stays_small_whatever_the_traffic() {
             .trim()
             .parse()
             .unwrap();
-        assert!(fields <= 61 + 3, "{fields} fields after second {second}");
+        // 61 buckets at most, plus e, n, o, d, dn.
+        assert!(fields <= 61 + 5, "{fields} fields after second {second}");
     }
     let usage = store.usage(&team).await.unwrap();
     assert_eq!(usage[0].minute.used, 5 * 61);
@@ -191,7 +252,8 @@ async fn state_stays_small_whatever_the_traffic() {
     assert!(store.decide(&team).await.unwrap().admitted());
     assert_eq!(
         server.cli(&["HLEN", "kg:q:{t:design}"]).unwrap().trim(),
-        "4"
+        "6",
+        "one bucket and the marks"
     );
     let ttl: i64 = server
         .cli(&["PTTL", "kg:q:{t:design}"])
@@ -326,5 +388,30 @@ async fn refunds_go_to_the_bucket_and_day_charged() {
     assert_eq!(
         usage[0].minute.used, 1,
         "yesterday's late bucket was refunded"
+    );
+}
+
+#[tokio::test]
+async fn a_redis_clock_stepping_back_does_not_reopen_the_window() {
+    let server = RedisServer::start();
+    let clock = Arc::new(OffsetClock::new());
+    let store = redis_store(&server, clock.clone(), DayCalendar::utc());
+    let team = [subject(SubjectKind::Team, "design", 3, 1000)];
+    let at: Timestamp = "2026-11-27T10:05:00.5Z".parse().unwrap();
+    clock.set(at);
+    for _ in 0..2 {
+        assert!(store.decide(&team).await.unwrap().admitted());
+    }
+    // The server's clock is set back two minutes (an NTP step): the counters keep their
+    // time, so the charge lands in the latest second they have seen, not two minutes ago.
+    clock.set("2026-11-27T10:03:00.5Z".parse().unwrap());
+    let admitted = store.decide(&team).await.unwrap();
+    assert_eq!(admitted.admission.unwrap().second, at.as_second());
+    let refused = store.decide(&team).await.unwrap();
+    assert_eq!(refused.denied_by, Some((SubjectKind::Team, Window::Minute)));
+    assert_eq!(refused.usage[0].minute.used, 3);
+    assert_eq!(
+        refused.retry_after_secs, 61,
+        "room when the 10:05:00 bucket leaves"
     );
 }

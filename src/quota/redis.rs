@@ -11,10 +11,12 @@
 //! 60 before it), refusal order (subject by subject, minute before day), `Retry-After` and
 //! the reset of each window. Refunds and `usage()` are the same script with another verb.
 //!
-//! Each subject is one hash: a field per second that holds admissions (at most 61 live
-//! ones; dead ones are deleted when the next charge passes them), `e` (the eviction mark)
-//! and `d`/`dn` (the day and its count). State is a few dozen small fields whatever the
-//! limit, and expires a minute after the day it counts ends.
+//! Each subject is one hash: a field per second that holds admissions (at most 61; a
+//! bucket is deleted by the first call after it leaves the window), the running sum `n`
+//! and oldest bucket `o` of those fields, the eviction mark `e`, and `d`/`dn` (the day and
+//! its count). A decision reads five fields and touches only the buckets that left the
+//! window since the last call, so its cost does not depend on the limit or the traffic;
+//! the state is at most 66 small fields, and expires a minute after the day it counts ends.
 //!
 //! # One clock
 //!
@@ -293,6 +295,10 @@ impl RedisStore {
                     if let Some(u) = usage[*i].as_mut() {
                         u.minute.used = u.minute.used.saturating_sub(1);
                         u.day.used = u.day.used.saturating_sub(1);
+                        if u.minute.used == 0 {
+                            // The refunded charge was the window's only one: empty again.
+                            u.minute.reset_secs = 60;
+                        }
                     }
                 }
             }

@@ -1,10 +1,16 @@
 -- keygate quota windows, one atomic call per decision (the design is in src/quota/redis.rs).
--- The semantics are src/quota/memory.rs and src/quota/window.rs, line for line.
+-- The semantics are src/quota/memory.rs and src/quota/window.rs; tests/redis_store.rs checks
+-- that both stores give the same answers.
 --
--- KEYS: one hash per subject. Fields: "<unix second>" = requests charged in that second,
--- "e" = every second up to and including this one is evicted (and "e" + 61 is the latest
--- second a charge was made at: the counters never see time go back), "d" = the day id
--- (yyyymmdd) that "dn" counts.
+-- KEYS: one hash per subject. Fields:
+--   "<unix second>"  requests charged in that second (present only while > 0)
+--   e   every bucket at or before this second has been deleted; e + 61 is the latest second
+--       a decision ran at, so the counters never see time go back
+--   n   the sum of all present buckets
+--   o   the oldest present bucket (meaningful while n > 0)
+--   d, dn  the day id (yyyymmdd) and its count
+-- Every present bucket lies in (e, e + 61], so a decision touches a few fields, not 61:
+-- O(1) per decision, plus the buckets that left the window since the last one.
 --
 -- ARGV[1] = "decide" | "usage" | "refund"
 -- ARGV[2] = milliseconds added to the server's TIME: always 0 in production (see
@@ -25,19 +31,59 @@ local op = ARGV[1]
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
 
+local function range(first, last)
+  local fields = {}
+  for s = first, last do
+    fields[#fields + 1] = tostring(s)
+  end
+  return fields
+end
+
+-- The oldest bucket present in [first, last]; nil when none.
+local function oldest_in(key, first, last)
+  if first > last then
+    return nil
+  end
+  -- Busy subjects have a bucket every second: one probe usually finds it.
+  if redis.call('HEXISTS', key, tostring(first)) == 1 then
+    return first
+  end
+  if first == last then
+    return nil
+  end
+  local values = redis.call('HMGET', key, unpack(range(first + 1, last)))
+  for j = 1, #values do
+    if values[j] then
+      return first + j
+    end
+  end
+  return nil
+end
+
 if op == 'refund' then
-  local second = ARGV[3]
+  local field = ARGV[3]
+  local second = tonumber(field)
   local day = ARGV[4]
   for i = 1, #KEYS do
     local key = KEYS[i]
-    local f = redis.call('HMGET', key, second, 'd', 'dn')
-    -- A bucket that has been evicted is gone: the refund only touches the charge it undoes.
-    if f[1] and tonumber(f[1]) > 0 then
-      if redis.call('HINCRBY', key, second, -1) <= 0 then
-        redis.call('HDEL', key, second)
+    local f = redis.call('HMGET', key, field, 'e', 'n', 'o', 'd', 'dn')
+    -- A bucket that has been evicted is gone: the refund only undoes its own charge.
+    local count = tonumber(f[1])
+    if count and count > 0 then
+      local n = math.max((tonumber(f[3]) or count) - 1, 0)
+      local o = tonumber(f[4])
+      if count == 1 then
+        redis.call('HDEL', key, field)
+        if n > 0 and o == second then
+          local e = tonumber(f[2]) or (second - BUCKETS)
+          o = oldest_in(key, second + 1, e + BUCKETS)
+        end
+      else
+        redis.call('HINCRBY', key, field, -1)
       end
+      redis.call('HSET', key, 'n', tostring(n), 'o', tostring(o or second))
     end
-    if f[2] == day and f[3] and tonumber(f[3]) > 0 then
+    if f[5] == day and tonumber(f[6] or 0) > 0 then
       redis.call('HINCRBY', key, 'dn', -1)
     end
   end
@@ -47,16 +93,16 @@ end
 local day_id = ARGV[3]
 local day_start = tonumber(ARGV[4])
 local day_end = tonumber(ARGV[5])
-local n = #KEYS
+local count = #KEYS
 
--- Read every subject's marks first: time never goes back for counters that have seen a
--- later second (a server clock stepped back must not reopen a window).
+-- Read every subject first: time never goes back for counters that have seen a later
+-- second (a server clock stepped back must not reopen a window).
 local now_s = math.floor(now_ms / 1000)
-local marks = {}
-for i = 1, n do
-  local f = redis.call('HMGET', KEYS[i], 'e', 'd', 'dn')
-  marks[i] = f
+local state = {}
+for i = 1, count do
+  local f = redis.call('HMGET', KEYS[i], 'e', 'n', 'o', 'd', 'dn')
   local e = tonumber(f[1])
+  state[i] = { e = e, n = tonumber(f[2]) or 0, o = tonumber(f[3]), d = f[4], dn = tonumber(f[5]) or 0 }
   if e and e + BUCKETS > now_s then
     now_s = e + BUCKETS
     now_ms = now_s * 1000
@@ -64,64 +110,76 @@ for i = 1, n do
 end
 
 if now_ms < day_start or now_ms >= day_end then
-  return {-1, now_ms}
+  return { -1, now_ms }
 end
 
--- The live window: the current second and the 60 before it.
-local fields = {}
-for j = 1, BUCKETS do
-  fields[j] = tostring(now_s - BUCKETS + j)
-end
-
-local minute_used, first_live, day_used, counts = {}, {}, {}, {}
-for i = 1, n do
-  local values = redis.call('HMGET', KEYS[i], unpack(fields))
-  local sum = 0
-  local c = {}
-  for j = 1, BUCKETS do
-    local v = tonumber(values[j]) or 0
-    c[j] = v
-    if v > 0 then
-      sum = sum + v
-      if not first_live[i] then
-        first_live[i] = j
+-- The window is the current second and the 60 before it: buckets up to `target` left it.
+local target = now_s - BUCKETS
+for i = 1, count do
+  local s = state[i]
+  if s.e and s.e < target then
+    if s.n > 0 then
+      local o = s.o or (s.e + 1)
+      if o <= target then
+        local dead = range(o, math.min(target, s.e + BUCKETS))
+        local values = redis.call('HMGET', KEYS[i], unpack(dead))
+        local gone = 0
+        for j = 1, #values do
+          gone = gone + (tonumber(values[j]) or 0)
+        end
+        redis.call('HDEL', KEYS[i], unpack(dead))
+        s.n = math.max(s.n - gone, 0)
+        if s.n > 0 then
+          s.o = oldest_in(KEYS[i], target + 1, s.e + BUCKETS)
+          if not s.o then
+            s.n = 0
+          end
+        end
       end
     end
-  end
-  counts[i] = c
-  minute_used[i] = sum
-  if marks[i][2] == day_id then
-    day_used[i] = tonumber(marks[i][3]) or 0
-  else
-    day_used[i] = 0
+    s.e = target
+    s.moved = true
   end
 end
 
--- Bucket j (1 = oldest) stops counting at the start of second now_s + j.
-local function expiry_ms(j)
-  return (now_s + j) * 1000 - now_ms
+-- Bucket `second` stops counting at the start of second + 61.
+local function expiry_ms(second)
+  return (second + BUCKETS) * 1000 - now_ms
+end
+
+-- How long until fewer than `rpm` requests are in the window.
+local function room_ms(key, s, rpm)
+  local oldest = tonumber(redis.call('HGET', key, tostring(s.o))) or 0
+  if s.n - oldest < rpm then
+    return expiry_ms(s.o)
+  end
+  local used = s.n
+  local values = redis.call('HMGET', key, unpack(range(s.o, now_s)))
+  for j = 1, #values do
+    local c = tonumber(values[j]) or 0
+    used = used - c
+    if c > 0 and used < rpm then
+      return expiry_ms(s.o + j - 1)
+    end
+  end
+  return BUCKETS * 1000
 end
 
 local denied_index, denied_window, retry_ms = 0, 0, 0
-for i = 1, n do
+for i = 1, count do
+  local s = state[i]
   local rpm = tonumber(ARGV[4 + 2 * i])
   local rpd = tonumber(ARGV[5 + 2 * i])
-  if minute_used[i] >= rpm then
+  if s.d ~= day_id then
+    s.dn = 0
+  end
+  if s.n >= rpm then
     if denied_index == 0 then
       denied_index, denied_window = i, 1
     end
-    local used = minute_used[i]
-    local wait = BUCKETS * 1000
-    for j = 1, BUCKETS do
-      used = used - counts[i][j]
-      if counts[i][j] > 0 and used < rpm then
-        wait = expiry_ms(j)
-        break
-      end
-    end
-    retry_ms = math.max(retry_ms, wait)
+    retry_ms = math.max(retry_ms, room_ms(KEYS[i], s, rpm))
   end
-  if day_used[i] >= rpd then
+  if s.dn >= rpd then
     if denied_index == 0 then
       denied_index, denied_window = i, 2
     end
@@ -131,45 +189,44 @@ end
 
 local status = 2
 if op == 'decide' then
+  status = 0
   if denied_index == 0 then
     status = 1
-    local target = now_s - BUCKETS
     local second = tostring(now_s)
     -- The hash must outlive the day counter (until the day ends) and the newest bucket.
     local ttl = math.max(day_end - now_ms, BUCKETS * 1000) + 60000
-    for i = 1, n do
-      local key = KEYS[i]
-      local e = tonumber(marks[i][1])
-      if e and e < target then
-        -- Every bucket lies in (e, e + 61]: drop the ones that left the window.
-        local dead = {}
-        for s = e + 1, math.min(target, e + BUCKETS) do
-          dead[#dead + 1] = tostring(s)
-        end
-        redis.call('HDEL', key, unpack(dead))
+    for i = 1, count do
+      local s = state[i]
+      redis.call('HINCRBY', KEYS[i], second, 1)
+      if s.n == 0 then
+        s.o = now_s
       end
-      redis.call('HINCRBY', key, second, 1)
-      redis.call('HSET', key, 'e', tostring(target), 'd', day_id, 'dn', tostring(day_used[i] + 1))
-      redis.call('PEXPIRE', key, ttl)
-      minute_used[i] = minute_used[i] + 1
-      day_used[i] = day_used[i] + 1
-      if not first_live[i] then
-        first_live[i] = BUCKETS
-      end
+      s.n = s.n + 1
+      s.dn = s.dn + 1
+      redis.call('HSET', KEYS[i], 'e', tostring(target), 'n', tostring(s.n), 'o', tostring(s.o),
+        'd', day_id, 'dn', tostring(s.dn))
+      redis.call('PEXPIRE', KEYS[i], ttl)
+      s.moved = false
     end
-  else
-    status = 0
+  end
+end
+-- Evictions made by a refusal or a usage read are kept, so the next call starts there.
+for i = 1, count do
+  local s = state[i]
+  if s.moved then
+    redis.call('HSET', KEYS[i], 'e', tostring(s.e), 'n', tostring(s.n), 'o', tostring(s.o or s.e))
   end
 end
 
-local answer = {status, now_ms, retry_ms, denied_index, denied_window}
-for i = 1, n do
+local answer = { status, now_ms, retry_ms, denied_index, denied_window }
+for i = 1, count do
+  local s = state[i]
   local reset = 60000
-  if first_live[i] then
-    reset = expiry_ms(first_live[i])
+  if s.n > 0 then
+    reset = expiry_ms(s.o)
   end
-  answer[#answer + 1] = minute_used[i]
+  answer[#answer + 1] = s.n
   answer[#answer + 1] = reset
-  answer[#answer + 1] = day_used[i]
+  answer[#answer + 1] = s.dn
 end
 return answer

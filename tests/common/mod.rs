@@ -315,6 +315,49 @@ impl TestGateway {
     }
 }
 
+/// Sends `POST /v1/text-to-image` for every (gateway, token) pair at once and returns the
+/// statuses in order.
+pub async fn generate_all<'a>(
+    requests: impl IntoIterator<Item = (&'a TestGateway, &'a str)>,
+) -> Vec<u16> {
+    futures_util::future::join_all(
+        requests
+            .into_iter()
+            .map(|(gateway, token)| async move { gateway.generate(token).await.status().as_u16() }),
+    )
+    .await
+}
+
+pub fn count_status(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|s| **s == status).count()
+}
+
+/// 300 concurrent requests of team `design` spread over `gateways` (sharing one store):
+/// exactly `DESIGN_RPM` reach the upstream, the rest get the spec's 429 with quota headers.
+pub async fn assert_fleet_admits_exactly_design_rpm(
+    gateways: &[TestGateway],
+    upstream: &MockUpstream,
+) {
+    let before = upstream.count();
+    let requests = (0..300).map(|i| (&gateways[i % gateways.len()], TOKEN_DESIGN_GENERATE));
+    let answers = generate_all(requests).await;
+    let limit = DESIGN_RPM as usize;
+    assert_eq!(count_status(&answers, 200), limit, "{answers:?}");
+    assert_eq!(count_status(&answers, 429), 300 - limit, "{answers:?}");
+    assert_eq!(upstream.count() - before, limit);
+    let refused = gateways[gateways.len() - 1]
+        .generate(TOKEN_DESIGN_GENERATE)
+        .await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["x-ratelimit-remaining"], "0");
+    assert_eq!(
+        refused.headers()["x-ratelimit-limit"],
+        DESIGN_RPM.to_string()
+    );
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(refused.text().await.unwrap(), RATE_LIMITED_BODY);
+}
+
 pub const PROMPT_BODY: &str =
     r#"{"prompt":"A beautiful sunset over mountains","model":"imagen-v2"}"#;
 

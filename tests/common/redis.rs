@@ -53,9 +53,14 @@ impl RedisServer {
 
     /// Starts `redis-server` with extra arguments (e.g. `["--cluster-enabled", "yes"]`).
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_on(free_port(), extra)
+    }
+
+    /// Starts `redis-server` on a given port (one a test reserved, e.g. to start a gateway
+    /// before its Redis).
+    pub fn start_on(port: u16, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let port = free_port();
         let child = spawn(port, dir.path(), &extra);
         let mut server = Self {
             port,
