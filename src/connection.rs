@@ -1,7 +1,8 @@
 //! Owns one accepted client connection from its first byte to its close: the timers hyper
 //! lacks (a request head must arrive within `header_read_timeout` of its first byte, an
-//! idle keep-alive connection closes after `idle_timeout`) and the graceful close on
-//! shutdown. Requests learn the address they arrived on through [`LocalAddr`].
+//! idle keep-alive connection closes after `idle_timeout`, so does one whose client leaves
+//! its answer unread that long) and the graceful close on shutdown. Requests learn the
+//! address they arrived on through [`LocalAddr`].
 //!
 //! Why not hyper's own `header_read_timeout`: hyper 1.x starts that timer as soon as a
 //! keep-alive connection waits for its next request, so it doubles as an HTTP/1 idle
