@@ -21,7 +21,16 @@ pub fn free_port() -> u16 {
 
 fn spawn(port: u16, dir: &Path, extra: &[String]) -> Child {
     Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .arg("--dir")
         .arg(dir)
         .args(extra)
@@ -66,7 +75,10 @@ impl RedisServer {
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("redis-server on port {} exited at start: {status}", self.port);
+                    panic!(
+                        "redis-server on port {} exited at start: {status}",
+                        self.port
+                    );
                 }
             }
             if self.cli(&["PING"]).is_some_and(|out| out.trim() == "PONG") {
@@ -74,7 +86,10 @@ impl RedisServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("redis-server on port {} did not answer PING within 10 s", self.port);
+        panic!(
+            "redis-server on port {} did not answer PING within 10 s",
+            self.port
+        );
     }
 
     /// Runs one `redis-cli` command against this server and returns its output.

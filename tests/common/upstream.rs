@@ -24,6 +24,8 @@ const KEEP_BODY_BYTES: u64 = 1024 * 1024;
 pub struct Received {
     pub method: String,
     pub path_and_query: String,
+    /// The authority the request named (HTTP/2 `:authority`; empty for HTTP/1.1 origin-form).
+    pub authority: String,
     pub version: Version,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -45,8 +47,7 @@ pub enum Reply {
     Drop,
 }
 
-pub const OK_JSON: &str =
-    r#"{"id":"img_123","created":1764201600,"model":"imagen-v2","data":[{"url":"https://cdn.example/img_123.png"}]}"#;
+pub const OK_JSON: &str = r#"{"id":"img_123","created":1764201600,"model":"imagen-v2","data":[{"url":"https://cdn.example/img_123.png"}]}"#;
 
 struct Shared {
     reply: Mutex<Reply>,
@@ -68,8 +69,9 @@ pub struct TestCert {
 }
 
 pub fn test_cert() -> TestCert {
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-        .expect("rcgen makes a certificate");
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("rcgen makes a certificate");
     TestCert {
         cert_pem: certified.cert.pem(),
         key_pem: certified.signing_key.serialize_pem(),
@@ -84,9 +86,10 @@ impl MockUpstream {
     /// A TLS upstream; the gateway must trust `cert.cert_pem` through `upstream.ca_file`.
     pub async fn start_tls(cert: &TestCert) -> Self {
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert.cert_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let chain: Vec<CertificateDer<'static>> =
+            rustls_pemfile::certs(&mut cert.cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .unwrap();
         let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut cert.key_pem.as_bytes())
             .unwrap()
             .unwrap();
@@ -102,7 +105,9 @@ impl MockUpstream {
     }
 
     async fn start_inner(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("mock upstream binds");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("mock upstream binds");
         let addr = listener.local_addr().unwrap();
         let (count, _) = watch::channel(0usize);
         let shared = Arc::new(Shared {
@@ -121,7 +126,8 @@ impl MockUpstream {
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| handle(shared.clone(), req));
-                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     match tls {
                         None => {
                             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
@@ -185,7 +191,10 @@ type MockBody = BoxBody<Bytes, Infallible>;
 
 type MockError = Box<dyn std::error::Error + Send + Sync>;
 
-async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Response<MockBody>, MockError> {
+async fn handle(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+) -> Result<Response<MockBody>, MockError> {
     let (parts, mut body) = request.into_parts();
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     let mut kept = Vec::new();
@@ -211,7 +220,16 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Respo
         .collect::<String>();
     shared.received.lock().unwrap().push(Received {
         method: parts.method.to_string(),
-        path_and_query: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        authority: parts
+            .uri
+            .authority()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
         version: parts.version,
         headers: parts.headers,
         body: Bytes::from(kept),
@@ -234,9 +252,10 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Respo
     };
     let mut response = Response::new(body);
     *response.status_mut() = StatusCode::from_u16(status).unwrap();
-    response
-        .headers_mut()
-        .insert("content-type", http::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
     Ok(response)
 }
 
