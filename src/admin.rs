@@ -19,6 +19,9 @@ pub async fn handle(gateway: Arc<Gateway>, request: Request<Incoming>) -> Respon
         }
         (&Method::GET | &Method::HEAD, "/readyz") => readiness(&gateway),
         (_, "/healthz" | "/readyz") => error(GatewayError::MethodNotAllowed),
+        (_, path) if path.starts_with("/admin/") => {
+            crate::admin_api::handle(gateway, request).await
+        }
         _ => error(GatewayError::NotFound),
     }
 }

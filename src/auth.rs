@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use http::header::AUTHORIZATION;
@@ -16,6 +17,22 @@ use crate::scope::Scopes;
 /// Longer Authorization values are refused before hashing: real tokens are ~50 bytes.
 pub const MAX_AUTHORIZATION_BYTES: usize = 512;
 
+/// Where a key was defined: the config file (read-only at run time) or the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOrigin {
+    Config,
+    Admin,
+}
+
+impl KeyOrigin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyOrigin::Config => "config",
+            KeyOrigin::Admin => "admin",
+        }
+    }
+}
+
 /// A key record: what a token is allowed to do and what it is counted against.
 #[derive(Debug)]
 pub struct ApiKey {
@@ -23,7 +40,16 @@ pub struct ApiKey {
     pub team: Arc<str>,
     pub scopes: Scopes,
     pub env: Arc<str>,
+    /// When this token stops working: the key's own expiry, or the end of a rotation's
+    /// grace for a replaced token.
     pub expires: Option<Timestamp>,
+    pub rpm: Option<u64>,
+    pub rpd: Option<u64>,
+    pub origin: KeyOrigin,
+    pub created: Option<Timestamp>,
+    /// Last use seen by this replica, in Unix milliseconds (0: never). Shared by every
+    /// token of the key and carried over when the snapshot is rebuilt.
+    pub last_used_ms: Arc<AtomicI64>,
     /// The counters this key's requests are charged to, in order: team, the key's own
     /// override if any, the upstream ceiling if any. Built once, shared by every request.
     pub subjects: Arc<[Subject]>,
@@ -32,6 +58,21 @@ pub struct ApiKey {
 impl ApiKey {
     pub fn is_expired(&self, now: Timestamp) -> bool {
         self.expires.is_some_and(|at| now >= at)
+    }
+
+    /// Records a use. Writes at most once a second so a busy key's cache line stays shared.
+    pub fn touch(&self, now: Timestamp) {
+        let now_ms = now.as_millisecond();
+        if now_ms - self.last_used_ms.load(Ordering::Relaxed) >= 1000 {
+            self.last_used_ms.store(now_ms, Ordering::Relaxed);
+        }
+    }
+
+    pub fn last_used(&self) -> Option<Timestamp> {
+        match self.last_used_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Timestamp::from_millisecond(ms).ok(),
+        }
     }
 }
 
@@ -168,6 +209,7 @@ pub fn authenticate(
     if key.is_expired(now) {
         return Err(AuthFailure::Expired);
     }
+    key.touch(now);
     Ok(key.clone())
 }
 

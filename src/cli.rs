@@ -118,8 +118,9 @@ fn serve(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_INVALID_CONFIG);
         }
     };
+    let path = path.to_path_buf();
     runtime_block_on(async move {
-        crate::server::serve_until_signal(config)
+        crate::server::serve_until_signal(config, path)
             .await
             .map_err(|e| e.to_string())
     })

@@ -198,7 +198,7 @@ pub struct UpstreamConfig {
 }
 
 /// Where a real upstream key comes from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
     Env(String),
     /// A file holding one key per line; several lines are used in turn.

@@ -89,6 +89,12 @@ pub enum GatewayError {
     UpstreamKeyUnavailable(String),
     #[error("too many connections")]
     Overloaded,
+    /// An admin API request that does not validate; the message names what is wrong.
+    #[error("invalid admin request: {0}")]
+    InvalidRequest(String),
+    /// An admin API request that conflicts with existing state (taken id, read-only key).
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 /// Expands to the upstream's error body for a code and message, as a `&'static str`, so
@@ -128,7 +134,10 @@ const GATEWAY_TIMEOUT: &str = error_body!("gateway_timeout", "Upstream service t
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::BadRequest(_) | GatewayError::InvalidRequest(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            GatewayError::Conflict(_) => StatusCode::CONFLICT,
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::NotFound => StatusCode::NOT_FOUND,
@@ -147,6 +156,8 @@ impl GatewayError {
     pub fn code(&self) -> &'static str {
         match self {
             GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::InvalidRequest(_) => "invalid_request",
+            GatewayError::Conflict(_) => "conflict",
             GatewayError::Unauthorized(_) => "unauthorized",
             GatewayError::Forbidden(_) => "forbidden",
             GatewayError::NotFound => "not_found",
@@ -161,9 +172,16 @@ impl GatewayError {
         }
     }
 
-    /// The whole JSON body the client receives. Never contains the cause.
-    pub fn body(&self) -> &'static str {
-        match self {
+    /// The whole JSON body the client receives. Never contains the cause; only the admin
+    /// API's own validation messages are built per request.
+    pub fn body(&self) -> std::borrow::Cow<'static, str> {
+        let fixed = match self {
+            GatewayError::InvalidRequest(message) | GatewayError::Conflict(message) => {
+                let body = serde_json::json!({
+                    "error": { "code": self.code(), "message": message }
+                });
+                return std::borrow::Cow::Owned(body.to_string());
+            }
             GatewayError::BadRequest(_) => BAD_REQUEST,
             GatewayError::Unauthorized(_) => UNAUTHORIZED,
             GatewayError::Forbidden(_) => FORBIDDEN,
@@ -176,11 +194,15 @@ impl GatewayError {
             GatewayError::StoreUnavailable(_)
             | GatewayError::UpstreamKeyUnavailable(_)
             | GatewayError::Overloaded => SERVICE_UNAVAILABLE,
-        }
+        };
+        std::borrow::Cow::Borrowed(fixed)
     }
 
     pub fn body_bytes(&self) -> Bytes {
-        Bytes::from_static(self.body().as_bytes())
+        match self.body() {
+            std::borrow::Cow::Borrowed(fixed) => Bytes::from_static(fixed.as_bytes()),
+            std::borrow::Cow::Owned(built) => Bytes::from(built),
+        }
     }
 
     /// The short outcome label used in metrics and the usage log.
@@ -188,6 +210,8 @@ impl GatewayError {
         use crate::context::Outcome;
         match self {
             GatewayError::BadRequest(_)
+            | GatewayError::InvalidRequest(_)
+            | GatewayError::Conflict(_)
             | GatewayError::NotFound
             | GatewayError::MethodNotAllowed
             | GatewayError::PayloadTooLarge { .. } => Outcome::BadRequest,
@@ -242,11 +266,14 @@ mod tests {
             GatewayError::StoreUnavailable("down".into()),
             GatewayError::UpstreamKeyUnavailable("prod".into()),
             GatewayError::Overloaded,
+            GatewayError::InvalidRequest("scopes: unknown scope \"x\"".into()),
+            GatewayError::Conflict("id taken".into()),
         ];
         for error in all {
-            let body: serde_json::Value = serde_json::from_str(error.body()).unwrap();
+            let body: serde_json::Value = serde_json::from_str(&error.body()).unwrap();
             assert_eq!(body["error"]["code"], error.code());
-            assert!(!error.body().contains("refused") && !error.body().contains("down"));
+            let text = error.body();
+            assert!(!text.contains("refused") && !text.contains("down"));
         }
     }
 }

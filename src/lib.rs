@@ -29,6 +29,7 @@
 //! - [`clock`]: wall or manual time for the quota windows.
 
 pub mod admin;
+pub mod admin_api;
 pub mod auth;
 pub mod body;
 pub mod cli;
@@ -40,9 +41,11 @@ pub mod demo;
 pub mod error;
 pub mod forward;
 pub mod gateway;
+pub mod key_store;
 pub mod observe;
 pub mod pipeline;
 pub mod quota;
+pub mod reload;
 pub mod request_id;
 pub mod routing;
 pub mod scope;

@@ -17,9 +17,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+use std::path::PathBuf;
+
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ServerConfig, StoreUrl};
 use crate::gateway::Gateway;
+use crate::key_store::{KeyStore, MemoryKeyStore};
 use crate::quota::calendar::DayCalendar;
 use crate::quota::memory::MemoryStore;
 use crate::quota::QuotaStore;
@@ -39,10 +42,13 @@ pub enum StartError {
     Store(String),
 }
 
-/// How to start a gateway beyond its config: injected clock or store (tests, the demo).
+/// How to start a gateway beyond its config: injected clock or stores (tests, the demo),
+/// and the file the config came from (watched for changes).
 pub struct StartOptions {
     pub clock: Arc<dyn Clock>,
     pub store: Option<Arc<dyn QuotaStore>>,
+    pub key_store: Option<Arc<dyn KeyStore>>,
+    pub config_path: Option<PathBuf>,
 }
 
 impl Default for StartOptions {
@@ -50,6 +56,8 @@ impl Default for StartOptions {
         Self {
             clock: Arc::new(SystemClock),
             store: None,
+            key_store: None,
+            config_path: None,
         }
     }
 }
@@ -104,8 +112,13 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
         Some(store) => store,
         None => build_store(&config, options.clock.clone())?,
     };
-    let gateway =
-        Arc::new(Gateway::new(config.clone(), store, options.clock).map_err(StartError::Upstream)?);
+    let key_store = options
+        .key_store
+        .unwrap_or_else(|| Arc::new(MemoryKeyStore::default()));
+    let gateway = Arc::new(
+        Gateway::new(config.clone(), store, key_store, options.clock)
+            .map_err(StartError::Upstream)?,
+    );
     let tls = match &config.server.tls {
         Some(files) => {
             Some(crate::tls::acceptor(&files.cert, &files.key).map_err(StartError::Tls)?)
@@ -137,6 +150,12 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
             async move { Ok::<_, Infallible>(crate::pipeline::handle(gateway, peer, request).await) }
         },
     ));
+    crate::reload::spawn(
+        &mut tasks,
+        gateway.clone(),
+        options.config_path,
+        shutdown_rx.clone(),
+    );
     let admin_gateway = gateway.clone();
     tasks.spawn(serve_listener(
         admin,
@@ -294,8 +313,12 @@ async fn refuse(mut stream: TcpStream, tls: bool) {
 }
 
 /// Runs until SIGTERM or SIGINT, then shuts down gracefully.
-pub async fn serve_until_signal(config: Config) -> Result<(), StartError> {
-    let running = start(config, StartOptions::default()).await?;
+pub async fn serve_until_signal(config: Config, config_path: PathBuf) -> Result<(), StartError> {
+    let options = StartOptions {
+        config_path: Some(config_path),
+        ..StartOptions::default()
+    };
+    let running = start(config, options).await?;
     shutdown_signal().await;
     tracing::info!("shutting down: no new connections, in-flight requests finishing");
     running.shutdown().await;

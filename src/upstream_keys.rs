@@ -64,25 +64,41 @@ impl EnvKeys {
     }
 }
 
-/// The upstream keys of every environment.
+/// The upstream keys of every environment. The set of environments and their sources can
+/// change on a config reload; an unchanged source keeps its keys and rotation position.
 pub struct UpstreamKeys {
-    envs: HashMap<String, EnvKeys>,
+    envs: ArcSwap<HashMap<String, Arc<EnvKeys>>>,
 }
 
 impl UpstreamKeys {
     pub fn load(sources: &BTreeMap<String, KeySource>) -> Self {
-        Self {
-            envs: sources
-                .iter()
-                .map(|(env, source)| (env.clone(), EnvKeys::load(source.clone())))
-                .collect(),
-        }
+        let keys = Self {
+            envs: ArcSwap::from_pointee(HashMap::new()),
+        };
+        keys.apply_sources(sources);
+        keys
+    }
+
+    /// Switches to a new set of sources (after a config reload).
+    pub fn apply_sources(&self, sources: &BTreeMap<String, KeySource>) {
+        let current = self.envs.load();
+        let next = sources
+            .iter()
+            .map(|(env, source)| {
+                let keys = match current.get(env) {
+                    Some(existing) if existing.source == *source => existing.clone(),
+                    _ => Arc::new(EnvKeys::load(source.clone())),
+                };
+                (env.clone(), keys)
+            })
+            .collect();
+        self.envs.store(Arc::new(next));
     }
 
     /// The `Authorization` value for the next request in `env`, rotating through the keys.
     pub fn authorization(&self, env: &str) -> Result<HeaderValue, String> {
-        let env_keys = self
-            .envs
+        let envs = self.envs.load();
+        let env_keys = envs
             .get(env)
             .ok_or_else(|| format!("no upstream key configured for env {env:?}"))?;
         let loaded = env_keys.headers.load();
@@ -96,9 +112,21 @@ impl UpstreamKeys {
         }
     }
 
+    /// The files keys are read from, so a watcher can follow them.
+    pub fn files(&self) -> Vec<std::path::PathBuf> {
+        self.envs
+            .load()
+            .values()
+            .filter_map(|keys| match &keys.source {
+                KeySource::File(path) => Some(path.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Re-reads every source, keeping the last good keys of a source that now fails.
     pub fn reload(&self) {
-        for (env, keys) in &self.envs {
+        for (env, keys) in self.envs.load().iter() {
             match EnvKeys::read(&keys.source) {
                 Ok(headers) => keys.headers.store(Arc::new(Ok(headers))),
                 Err(e) => {
@@ -115,6 +143,7 @@ impl UpstreamKeys {
     pub fn problems(&self) -> Vec<(String, String)> {
         let mut problems: Vec<(String, String)> = self
             .envs
+            .load()
             .iter()
             .filter_map(|(env, keys)| match &**keys.headers.load() {
                 Ok(h) if !h.is_empty() => None,
