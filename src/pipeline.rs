@@ -21,6 +21,7 @@ use crate::forward::{self, ForwardError, X_REQUEST_ID};
 use crate::gateway::{Gateway, Snapshot};
 use crate::quota::{report, Admission, Decision, SubjectKind};
 use crate::routing::{self, Route};
+use crate::upstream_keys::UpstreamCredential;
 
 /// Longest raw path kept in the context when the path has no canonical form.
 const MAX_LOGGED_PATH: usize = 256;
@@ -69,20 +70,13 @@ async fn run(
     let key = authenticate(snapshot, ctx, &request)?;
     let route = authorize(&key, target.route)?;
     ctx.route = Some(route.label.clone());
-    let upstream_authorization = gateway
+    let credential = gateway
         .upstream_keys
-        .authorization(&key.env)
+        .credential(&key.env, ctx.received_at.as_millisecond())
         .map_err(|_| GatewayError::UpstreamKeyUnavailable(key.env.to_string()))?;
     let decision = quota(gateway, ctx, &key).await?;
     forward(
-        gateway,
-        ctx,
-        &key,
-        peer,
-        target,
-        request,
-        upstream_authorization,
-        decision,
+        gateway, ctx, &key, peer, target, request, credential, decision,
     )
     .await
 }
@@ -225,7 +219,7 @@ async fn forward(
     peer: SocketAddr,
     target: Target<'_>,
     request: Request<Incoming>,
-    upstream_authorization: HeaderValue,
+    credential: UpstreamCredential,
     decision: Option<Decision>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let admission = decision.as_ref().and_then(|d| d.admission);
@@ -238,7 +232,7 @@ async fn forward(
         crate::client_addr::forwarded_for(peer.ip(), &parts.headers, &gateway.edge.trusted_proxies);
     forward::rewrite_request_headers(
         &mut parts.headers,
-        upstream_authorization,
+        credential.authorization.clone(),
         forwarded_for,
         &ctx.request_id,
     );
@@ -270,8 +264,31 @@ async fn forward(
         }
     };
     ctx.upstream_latency = Some(upstream_latency);
-    ctx.upstream_status = Some(response.status().as_u16());
-    if response.status().is_server_error() {
+    let status = response.status();
+    ctx.upstream_status = Some(status.as_u16());
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::TOO_MANY_REQUESTS {
+        let retry_after = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(std::time::Duration::from_secs);
+        credential.rest_after(
+            status.as_u16(),
+            retry_after,
+            gateway.clock.now().as_millisecond(),
+        );
+        refund(gateway, key, admission);
+    }
+    // The upstream refusing the real key is the gateway's problem, not the client's: its
+    // token was fine, so it must not read "Invalid API key".
+    if status == StatusCode::UNAUTHORIZED {
+        return Err(GatewayError::UpstreamUnreachable(format!(
+            "upstream refused the {} key #{}",
+            credential.env, credential.index
+        )));
+    }
+    if status.is_server_error() {
         ctx.outcome = Outcome::UpstreamError;
         refund(gateway, key, admission);
     }

@@ -3,8 +3,9 @@
 //! sensitive header values.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
@@ -43,9 +44,23 @@ pub fn read_source(source: &KeySource) -> Result<Vec<Secret>, String> {
     Ok(keys)
 }
 
+/// How long a key the upstream answered 401 for sits out: long enough not to burn requests
+/// on a revoked key, short enough to notice an upstream that recovered.
+const REJECTED_REST: Duration = Duration::from_secs(300);
+/// How long a key the upstream answered 429 for sits out when no Retry-After says.
+const THROTTLED_REST: Duration = Duration::from_secs(30);
+const MAX_REST: Duration = Duration::from_secs(600);
+
+/// The keys of one environment, loaded together from one source.
+struct LoadedKeys {
+    headers: Vec<HeaderValue>,
+    /// Per key: Unix ms until which it is left out of turn (0: in turn).
+    rested_until_ms: Vec<AtomicI64>,
+}
+
 struct EnvKeys {
     source: KeySource,
-    headers: ArcSwap<Result<Vec<HeaderValue>, String>>,
+    keys: ArcSwap<Result<LoadedKeys, String>>,
     next: AtomicUsize,
 }
 
@@ -54,13 +69,76 @@ impl EnvKeys {
         let loaded = Self::read(&source);
         Self {
             source,
-            headers: ArcSwap::from_pointee(loaded),
+            keys: ArcSwap::from_pointee(loaded),
             next: AtomicUsize::new(0),
         }
     }
 
-    fn read(source: &KeySource) -> Result<Vec<HeaderValue>, String> {
-        read_source(source).map(|keys| keys.iter().filter_map(Secret::bearer_header).collect())
+    fn read(source: &KeySource) -> Result<LoadedKeys, String> {
+        read_source(source).map(|keys| {
+            let headers: Vec<HeaderValue> = keys.iter().filter_map(Secret::bearer_header).collect();
+            LoadedKeys {
+                rested_until_ms: headers.iter().map(|_| AtomicI64::new(0)).collect(),
+                headers,
+            }
+        })
+    }
+}
+
+/// The real key chosen for one request, and the way to report what the upstream thought
+/// of it. Names the key by its position, never by value.
+pub struct UpstreamCredential {
+    pub authorization: HeaderValue,
+    pub env: Arc<str>,
+    pub index: usize,
+    keys: Arc<EnvKeys>,
+}
+
+impl UpstreamCredential {
+    /// Takes this key out of turn after the upstream refused it: 401 (revoked or rotated at
+    /// the upstream) or 429 (its own rate limit; `retry_after` when the upstream said).
+    pub fn rest_after(&self, status: u16, retry_after: Option<Duration>, now_ms: i64) {
+        let rest = match status {
+            401 => REJECTED_REST,
+            429 => retry_after.unwrap_or(THROTTLED_REST).min(MAX_REST),
+            _ => return,
+        };
+        let loaded = self.keys.keys.load();
+        let Ok(loaded) = &**loaded else { return };
+        // Only the same key list: a reload may have replaced it since.
+        if loaded.headers.get(self.index) != Some(&self.authorization) {
+            return;
+        }
+        loaded.rested_until_ms[self.index]
+            .store(now_ms + rest.as_millis() as i64, Ordering::Relaxed);
+        tracing::warn!(env = %self.env, key_index = self.index, status, rest_secs = rest.as_secs(), "upstream refused a key; it sits out for a while");
+    }
+}
+
+impl EnvKeys {
+    /// The next key in turn, skipping rested ones; when every key rests, the one whose rest
+    /// ends first.
+    fn pick(&self, now_ms: i64) -> Result<(usize, HeaderValue), String> {
+        let loaded = self.keys.load();
+        let loaded = match &**loaded {
+            Ok(loaded) if !loaded.headers.is_empty() => loaded,
+            Ok(_) => return Err("holds no key".to_string()),
+            Err(e) => return Err(e.clone()),
+        };
+        let n = loaded.headers.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut soonest = (i64::MAX, start % n);
+        for step in 0..n {
+            let i = (start + step) % n;
+            let until = loaded.rested_until_ms[i].load(Ordering::Relaxed);
+            if until <= now_ms {
+                return Ok((i, loaded.headers[i].clone()));
+            }
+            if until < soonest.0 {
+                soonest = (until, i);
+            }
+        }
+        Ok((soonest.1, loaded.headers[soonest.1].clone()))
     }
 }
 
@@ -95,21 +173,26 @@ impl UpstreamKeys {
         self.envs.store(Arc::new(next));
     }
 
-    /// The `Authorization` value for the next request in `env`, rotating through the keys.
-    pub fn authorization(&self, env: &str) -> Result<HeaderValue, String> {
+    /// The credential for the next request in `env`, rotating through its keys.
+    pub fn credential(&self, env: &Arc<str>, now_ms: i64) -> Result<UpstreamCredential, String> {
         let envs = self.envs.load();
-        let env_keys = envs
-            .get(env)
-            .ok_or_else(|| format!("no upstream key configured for env {env:?}"))?;
-        let loaded = env_keys.headers.load();
-        match &**loaded {
-            Ok(headers) if !headers.is_empty() => {
-                let i = env_keys.next.fetch_add(1, Ordering::Relaxed) % headers.len();
-                Ok(headers[i].clone())
-            }
-            Ok(_) => Err(format!("env {env:?} holds no key")),
-            Err(e) => Err(format!("env {env:?}: {e}")),
-        }
+        let keys = envs
+            .get(&**env)
+            .ok_or_else(|| format!("no upstream key configured for env {env:?}"))?
+            .clone();
+        let (index, authorization) = keys.pick(now_ms).map_err(|e| format!("env {env:?}: {e}"))?;
+        Ok(UpstreamCredential {
+            authorization,
+            env: env.clone(),
+            index,
+            keys,
+        })
+    }
+
+    /// The `Authorization` value for the next request in `env`.
+    pub fn authorization(&self, env: &str) -> Result<HeaderValue, String> {
+        self.credential(&Arc::from(env), jiff::Timestamp::now().as_millisecond())
+            .map(|c| c.authorization)
     }
 
     /// The files keys are read from, so a watcher can follow them.
@@ -128,11 +211,16 @@ impl UpstreamKeys {
     pub fn reload(&self) {
         for (env, keys) in self.envs.load().iter() {
             match EnvKeys::read(&keys.source) {
-                Ok(headers) => keys.headers.store(Arc::new(Ok(headers))),
+                Ok(fresh) => {
+                    let unchanged = matches!(&**keys.keys.load(), Ok(current) if current.headers == fresh.headers);
+                    if !unchanged {
+                        keys.keys.store(Arc::new(Ok(fresh)));
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(env = %env, error = %e, "upstream key source unreadable; keeping the last good keys");
-                    if keys.headers.load().is_err() {
-                        keys.headers.store(Arc::new(Err(e)));
+                    if keys.keys.load().is_err() {
+                        keys.keys.store(Arc::new(Err(e)));
                     }
                 }
             }
@@ -145,8 +233,8 @@ impl UpstreamKeys {
             .envs
             .load()
             .iter()
-            .filter_map(|(env, keys)| match &**keys.headers.load() {
-                Ok(h) if !h.is_empty() => None,
+            .filter_map(|(env, keys)| match &**keys.keys.load() {
+                Ok(loaded) if !loaded.headers.is_empty() => None,
                 Ok(_) => Some((env.clone(), "holds no key".to_string())),
                 Err(e) => Some((env.clone(), e.clone())),
             })

@@ -205,3 +205,68 @@ async fn an_env_without_a_readable_key_shows_on_readyz_and_answers_503() {
     assert_eq!(upstream.count(), 0);
     gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_key_the_upstream_refuses_sits_out_and_traffic_moves_to_the_next() {
+    let upstream = MockUpstream::start().await;
+    let mut config = config_from(&standard_config_text(&upstream.url(), ""));
+    config.upstream.keys.insert(
+        "prod".into(),
+        keygate::config::KeySource::Inline(vec![
+            keygate::secret::Secret::new(FILE_KEY_ONE),
+            keygate::secret::Secret::new(FILE_KEY_TWO),
+        ]),
+    );
+    let gateway = TestGateway::start(config).await;
+    // Both keys are used in turn while the upstream accepts both.
+    for _ in 0..2 {
+        assert_eq!(gateway.generate(TOKEN_DESIGN_GENERATE).await.status(), 200);
+    }
+    let used: Vec<String> = upstream
+        .received()
+        .iter()
+        .map(|r| r.headers["authorization"].to_str().unwrap().to_string())
+        .collect();
+    assert!(
+        used.contains(&format!("Bearer {FILE_KEY_ONE}"))
+            && used.contains(&format!("Bearer {FILE_KEY_TWO}"))
+    );
+
+    upstream.refuse_key(FILE_KEY_ONE, 401);
+    let mut refused = 0;
+    for _ in 0..6 {
+        let response = gateway.generate(TOKEN_DESIGN_GENERATE).await;
+        if response.status() == 502 {
+            refused += 1;
+            let body = response.text().await.unwrap();
+            assert!(
+                body.contains("bad_gateway"),
+                "the client is not told its own token is invalid: {body}"
+            );
+        } else {
+            assert_eq!(response.status(), 200);
+        }
+    }
+    assert!(
+        refused <= 1,
+        "only the first request meets the refused key ({refused})"
+    );
+    let after: Vec<_> = upstream.received()[2..]
+        .iter()
+        .map(|r| r.headers["authorization"].to_str().unwrap().to_string())
+        .collect();
+    let with_one = after.iter().filter(|a| a.ends_with(FILE_KEY_ONE)).count();
+    assert!(with_one <= 1, "the refused key sits out: {with_one} uses");
+
+    // The refused request was refunded: only the 200s count.
+    let gw = gateway.running.as_ref().unwrap().gateway.clone();
+    let subjects = gw.snapshot().by_id["design-generate"].subjects.clone();
+    let admitted = 8 - refused as u64;
+    eventually("only the answered requests count", || {
+        let (gw, subjects) = (gw.clone(), subjects.clone());
+        async move { gw.store.usage(&subjects).await.unwrap()[0].minute.used == admitted }
+    })
+    .await;
+    gateway.shutdown().await;
+    logs::assert_clean(&[FILE_KEY_ONE, FILE_KEY_TWO]);
+}

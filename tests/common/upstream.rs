@@ -51,6 +51,8 @@ pub const OK_JSON: &str = r#"{"id":"img_123","created":1764201600,"model":"image
 
 struct Shared {
     reply: Mutex<Reply>,
+    /// Real keys the upstream refuses, with the status it answers them.
+    refused_keys: Mutex<Vec<(String, u16)>>,
     received: Mutex<Vec<Received>>,
     count: watch::Sender<usize>,
 }
@@ -112,6 +114,7 @@ impl MockUpstream {
         let (count, _) = watch::channel(0usize);
         let shared = Arc::new(Shared {
             reply: Mutex::new(Reply::Json(200, OK_JSON)),
+            refused_keys: Mutex::new(Vec::new()),
             received: Mutex::new(Vec::new()),
             count,
         });
@@ -159,6 +162,15 @@ impl MockUpstream {
 
     pub fn set_reply(&self, reply: Reply) {
         *self.shared.reply.lock().unwrap() = reply;
+    }
+
+    /// Answers `status` (401 or 429) to requests carrying this real key.
+    pub fn refuse_key(&self, key: &str, status: u16) {
+        self.shared
+            .refused_keys
+            .lock()
+            .unwrap()
+            .push((format!("Bearer {key}"), status));
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -218,6 +230,7 @@ async fn handle(
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<String>();
+    let authorization = parts.headers.get("authorization").cloned();
     shared.received.lock().unwrap().push(Received {
         method: parts.method.to_string(),
         path_and_query: parts
@@ -238,7 +251,28 @@ async fn handle(
     });
     shared.count.send_modify(|c| *c += 1);
 
-    let reply = shared.reply.lock().unwrap().clone();
+    let refused = shared
+        .refused_keys
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(key, _)| {
+            authorization
+                .as_ref()
+                .is_some_and(|a| a.as_bytes() == key.as_bytes())
+        })
+        .map(|(_, status)| *status);
+    let reply = match refused {
+        Some(429) => Reply::Json(
+            429,
+            r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit exceeded. Please try again later."}}"#,
+        ),
+        Some(status) => Reply::Json(
+            status,
+            r#"{"error":{"code":"unauthorized","message":"Invalid API key"}}"#,
+        ),
+        None => shared.reply.lock().unwrap().clone(),
+    };
     let (status, body): (u16, MockBody) = match reply {
         Reply::Json(status, text) => (status, full(text)),
         Reply::Sized(status, size) => (status, sized_body(size)),
