@@ -1,5 +1,6 @@
-//! Owns the admin listener's routes: `/healthz` (alive) and `/readyz` (config loaded,
-//! store reachable or degraded, an upstream key readable for every env).
+//! Owns the admin listener's routes: `/healthz` (alive), `/readyz` (config loaded,
+//! store reachable or degraded, an upstream key readable for every env) and `/metrics`
+//! (Prometheus text).
 
 use std::sync::Arc;
 
@@ -18,7 +19,8 @@ pub async fn handle(gateway: Arc<Gateway>, request: Request<Incoming>) -> Respon
             json_response(StatusCode::OK, r#"{"status":"ok"}"#)
         }
         (&Method::GET | &Method::HEAD, "/readyz") => readiness(&gateway),
-        (_, "/healthz" | "/readyz") => error(GatewayError::MethodNotAllowed),
+        (&Method::GET | &Method::HEAD, "/metrics") => metrics(&gateway).await,
+        (_, "/healthz" | "/readyz" | "/metrics") => error(GatewayError::MethodNotAllowed),
         (_, path) if path.starts_with("/admin/") => {
             crate::admin_api::handle(gateway, request).await
         }
@@ -44,6 +46,37 @@ fn readiness(gateway: &Gateway) -> Response<ResponseBody> {
         StatusCode::SERVICE_UNAVAILABLE
     };
     json_response(status, body.to_string())
+}
+
+/// The Prometheus text content type (exposition format 0.0.4).
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+async fn metrics(gateway: &Gateway) -> Response<ResponseBody> {
+    refresh_quota_gauges(gateway).await;
+    let mut response = Response::new(ResponseBody::full(gateway.observer.render_metrics().into()));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(PROMETHEUS_TEXT),
+    );
+    response
+}
+
+/// Reads each team's usage from the store, so the quota gauges show the window now and not
+/// as the last request left it (a minute window empties without traffic). On a slow or
+/// failing store the gauges keep their last values.
+async fn refresh_quota_gauges(gateway: &Gateway) {
+    let teams = gateway.team_subjects();
+    let read = gateway.store.usage(&teams);
+    let Ok(Ok(usage)) = tokio::time::timeout(gateway.edge.store_timeout * 4, read).await else {
+        return;
+    };
+    for (team, usage) in teams.iter().zip(usage) {
+        gateway.observer.metrics.set_quota(
+            &team.id,
+            (usage.minute.used, usage.minute.limit),
+            (usage.day.used, usage.day.limit),
+        );
+    }
 }
 
 fn error(error: GatewayError) -> Response<ResponseBody> {

@@ -10,6 +10,7 @@ use http::{HeaderValue, Method};
 use jiff::Timestamp;
 
 use crate::auth::ApiKey;
+use crate::error::AuthFailure;
 use crate::quota::{QuotaReport, SubjectUsage};
 
 /// How a request ended, as one bounded label for metrics and the usage log.
@@ -58,6 +59,59 @@ impl Outcome {
     }
 }
 
+/// Why the gateway itself refused a request (upstream failures are outcomes, not
+/// rejections): one bounded label for `keygate_rejections_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rejection {
+    BadRequest,
+    PayloadTooLarge,
+    Unauthorized,
+    ForbiddenScope,
+    ForbiddenNoRoute,
+    RateLimitedTeam,
+    RateLimitedKey,
+    RateLimitedUpstream,
+    /// A client address that sent too many invalid tokens this minute.
+    RateLimitedClientAddress,
+    StoreUnavailable,
+    NoUpstreamKey,
+    Overloaded,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 12] = [
+        Rejection::BadRequest,
+        Rejection::PayloadTooLarge,
+        Rejection::Unauthorized,
+        Rejection::ForbiddenScope,
+        Rejection::ForbiddenNoRoute,
+        Rejection::RateLimitedTeam,
+        Rejection::RateLimitedKey,
+        Rejection::RateLimitedUpstream,
+        Rejection::RateLimitedClientAddress,
+        Rejection::StoreUnavailable,
+        Rejection::NoUpstreamKey,
+        Rejection::Overloaded,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::BadRequest => "bad_request",
+            Rejection::PayloadTooLarge => "payload_too_large",
+            Rejection::Unauthorized => "unauthorized",
+            Rejection::ForbiddenScope => "forbidden_scope",
+            Rejection::ForbiddenNoRoute => "forbidden_no_route",
+            Rejection::RateLimitedTeam => "rate_limited_team",
+            Rejection::RateLimitedKey => "rate_limited_key",
+            Rejection::RateLimitedUpstream => "rate_limited_upstream",
+            Rejection::RateLimitedClientAddress => "rate_limited_client_address",
+            Rejection::StoreUnavailable => "store_unavailable",
+            Rejection::NoUpstreamKey => "no_upstream_key",
+            Rejection::Overloaded => "overloaded",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct RequestContext {
     pub request_id: HeaderValue,
@@ -75,6 +129,12 @@ pub struct RequestContext {
     pub outcome: Outcome,
     /// Why it failed, for the log only.
     pub cause: Option<String>,
+    /// Set when the gateway itself refused the request.
+    pub rejection: Option<Rejection>,
+    /// Set when the token was refused.
+    pub auth_failure: Option<AuthFailure>,
+    /// The quota decision admitted and charged this request.
+    pub admitted: bool,
     pub upstream_latency: Option<Duration>,
     pub bytes_in: Arc<AtomicU64>,
     pub bytes_out: u64,
@@ -99,6 +159,9 @@ impl RequestContext {
             upstream_status: None,
             outcome: Outcome::Forwarded,
             cause: None,
+            rejection: None,
+            auth_failure: None,
+            admitted: false,
             upstream_latency: None,
             bytes_in: Arc::new(AtomicU64::new(0)),
             bytes_out: 0,

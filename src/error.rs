@@ -18,6 +18,14 @@ pub enum AuthFailure {
 }
 
 impl AuthFailure {
+    pub const ALL: [AuthFailure; 5] = [
+        AuthFailure::Missing,
+        AuthFailure::Duplicated,
+        AuthFailure::Malformed,
+        AuthFailure::Unknown,
+        AuthFailure::Expired,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             AuthFailure::Missing => "missing",
@@ -203,6 +211,32 @@ impl GatewayError {
             std::borrow::Cow::Borrowed(fixed) => Bytes::from_static(fixed.as_bytes()),
             std::borrow::Cow::Owned(built) => Bytes::from(built),
         }
+    }
+
+    /// Why the gateway refused the request itself; `None` for upstream failures.
+    pub fn rejection(&self) -> Option<crate::context::Rejection> {
+        use crate::context::Rejection;
+        Some(match self {
+            GatewayError::BadRequest(_)
+            | GatewayError::InvalidRequest(_)
+            | GatewayError::Conflict(_)
+            | GatewayError::NotFound
+            | GatewayError::MethodNotAllowed => Rejection::BadRequest,
+            GatewayError::PayloadTooLarge { .. } => Rejection::PayloadTooLarge,
+            GatewayError::Unauthorized(_) => Rejection::Unauthorized,
+            GatewayError::Forbidden(Forbidden::MissingScope) => Rejection::ForbiddenScope,
+            GatewayError::Forbidden(Forbidden::NoRoute) => Rejection::ForbiddenNoRoute,
+            GatewayError::RateLimited { subject, .. } => match subject {
+                RateLimitSubject::Team => Rejection::RateLimitedTeam,
+                RateLimitSubject::Key => Rejection::RateLimitedKey,
+                RateLimitSubject::Upstream => Rejection::RateLimitedUpstream,
+                RateLimitSubject::ClientAddress => Rejection::RateLimitedClientAddress,
+            },
+            GatewayError::StoreUnavailable(_) => Rejection::StoreUnavailable,
+            GatewayError::UpstreamKeyUnavailable(_) => Rejection::NoUpstreamKey,
+            GatewayError::Overloaded => Rejection::Overloaded,
+            GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamTimeout(_) => return None,
+        })
     }
 
     /// The short outcome label used in metrics and the usage log.

@@ -238,6 +238,7 @@ impl Gateway {
         store: Arc<dyn QuotaStore>,
         key_store: Arc<dyn KeyStore>,
         clock: Arc<dyn Clock>,
+        observer: Observer,
     ) -> Result<Self, String> {
         let upstream = Upstream::new(&config.upstream)?;
         let upstream_keys = UpstreamKeys::load(&config.upstream.keys);
@@ -261,7 +262,7 @@ impl Gateway {
             clock,
             edge,
             request_ids: RequestIds::default(),
-            observer: Observer::default(),
+            observer,
             reload_stats: Default::default(),
         })
     }
@@ -296,6 +297,20 @@ impl Gateway {
         let keys = self.key_store.list().await?;
         self.apply_admin_keys(keys);
         Ok(())
+    }
+
+    /// The team subjects of the current config, for reading usage without charging.
+    pub fn team_subjects(&self) -> Vec<Subject> {
+        self.snapshot()
+            .config
+            .teams
+            .iter()
+            .map(|team| Subject {
+                kind: SubjectKind::Team,
+                id: team.name.as_str().into(),
+                limits: team.limits,
+            })
+            .collect()
     }
 
     pub fn client_ip(&self, peer: IpAddr, headers: &http::HeaderMap) -> IpAddr {

@@ -25,7 +25,8 @@
 //!   [`scope`]: permission levels; [`client_addr`]: who the client is.
 //! - [`quota`]: the store trait, window arithmetic, the memory store, quota headers.
 //! - [`forward`]: the upstream client and header rewrite; [`upstream_keys`]: real keys.
-//! - [`context`], [`observe`], [`request_id`], [`telemetry`]: what is recorded.
+//! - [`context`], [`observe`], [`request_id`], [`telemetry`]: what is recorded;
+//!   [`metrics`]: the Prometheus series; [`usage_log`]: one JSON line per request.
 //! - [`clock`]: wall or manual time for the quota windows.
 
 pub mod admin;
@@ -42,6 +43,7 @@ pub mod error;
 pub mod forward;
 pub mod gateway;
 pub mod key_store;
+pub mod metrics;
 pub mod observe;
 pub mod pipeline;
 pub mod quota;
@@ -55,3 +57,4 @@ pub mod telemetry;
 pub mod tls;
 pub mod token;
 pub mod upstream_keys;
+pub mod usage_log;

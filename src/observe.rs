@@ -1,27 +1,76 @@
-//! Owns what the finish step does with a completed request context: for now one structured
-//! access event per request on the `keygate::access` log target.
+//! Owns what the finish step does with a completed request context: the metrics and the
+//! usage line are recorded from that one context, so the two never disagree; the metrics
+//! with a few atomic adds on the spot, the usage line (and everything fed from it) handed
+//! to the writer thread without waiting.
 
+use std::sync::Arc;
+
+use crate::config::UsageLogConfig;
 use crate::context::RequestContext;
+use crate::metrics::{Metrics, ObservedStoreHealth, StoreHealthView};
+use crate::usage_log::{Completed, UsageConsumer, UsageLog, UsageSink, QUEUE_CAPACITY};
 
-#[derive(Default)]
-pub struct Observer {}
+pub struct Observer {
+    pub metrics: Arc<Metrics>,
+    pub usage_log: UsageLog,
+    /// Store errors seen on the request path, for stores that do not report their own.
+    pub store_errors: Arc<ObservedStoreHealth>,
+    store_health: Arc<dyn StoreHealthView>,
+}
 
 impl Observer {
-    pub fn record(&self, ctx: &RequestContext) {
-        tracing::debug!(
-            target: "keygate::access",
-            request_id = ctx.request_id_str(),
-            team = ctx.team().unwrap_or("-"),
-            key_id = ctx.key_id().unwrap_or("-"),
-            method = %ctx.method,
-            path = %ctx.path,
-            status = ctx.status,
-            upstream_status = ctx.upstream_status,
-            outcome = ctx.outcome.as_str(),
-            latency_ms = ctx.latency().as_secs_f64() * 1000.0,
-            bytes_in = ctx.bytes_in(),
-            bytes_out = ctx.bytes_out,
-            cause = ctx.cause.as_deref(),
-        );
+    /// Starts the usage log writer for this config.
+    pub fn start(
+        config: &UsageLogConfig,
+        consumers: Vec<Box<dyn UsageConsumer>>,
+    ) -> std::io::Result<Self> {
+        let sink = match &config.path {
+            Some(path) => UsageSink::File(path.clone()),
+            None => UsageSink::Stdout,
+        };
+        let metrics = Arc::new(Metrics::new());
+        let usage_log = UsageLog::start(sink, QUEUE_CAPACITY, metrics.clone(), consumers)?;
+        Ok(Self::with_parts(metrics, usage_log))
+    }
+
+    pub fn with_parts(metrics: Arc<Metrics>, usage_log: UsageLog) -> Self {
+        let store_errors = Arc::new(ObservedStoreHealth::default());
+        Self {
+            metrics,
+            usage_log,
+            store_health: store_errors.clone(),
+            store_errors,
+        }
+    }
+
+    /// Uses the store's own health report for `keygate_store_errors_total` and
+    /// `keygate_store_degraded` instead of the errors the request path saw.
+    pub fn set_store_health(&mut self, health: Arc<dyn StoreHealthView>) {
+        self.store_health = health;
+    }
+
+    pub fn store_health(&self) -> &dyn StoreHealthView {
+        &*self.store_health
+    }
+
+    /// The finish step's work: metrics now, the usage line queued.
+    pub fn record(&self, ctx: RequestContext) {
+        let latency = ctx.latency();
+        self.metrics.record_request(&ctx, latency);
+        if let Some(cause) = &ctx.cause {
+            tracing::debug!(
+                target: "keygate::access",
+                request_id = ctx.request_id_str(),
+                outcome = ctx.outcome.as_str(),
+                status = ctx.status,
+                cause = %cause,
+            );
+        }
+        self.usage_log.enqueue(Completed { ctx, latency });
+    }
+
+    /// The `/metrics` body.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(&*self.store_health)
     }
 }

@@ -179,6 +179,9 @@ async fn quota(
     .unwrap_or(Err(crate::quota::StoreError::Timeout(
         gateway.edge.store_timeout,
     )));
+    if decided.is_err() {
+        gateway.observer.store_errors.record_error();
+    }
     let decision = match decided {
         Ok(decision) => decision,
         Err(error) => match gateway.edge.on_store_error {
@@ -192,6 +195,7 @@ async fn quota(
         },
     };
     ctx.team_usage = decision.usage.first().copied();
+    ctx.admitted = decision.admitted();
     let report = decision.report();
     ctx.quota = Some(report);
     if decision.admitted() {
@@ -318,6 +322,10 @@ fn refund(gateway: &Gateway, key: &Arc<ApiKey>, admission: Option<Admission>) {
 /// Turns an error into the client's answer; the cause stays in the context for the log.
 fn error_response(ctx: &mut RequestContext, error: GatewayError) -> Response<ResponseBody> {
     ctx.outcome = error.outcome();
+    ctx.rejection = error.rejection();
+    if let GatewayError::Unauthorized(failure) = &error {
+        ctx.auth_failure = Some(*failure);
+    }
     ctx.cause = Some(error.to_string());
     let mut response = Response::new(ResponseBody::full(error.body_bytes()));
     *response.status_mut() = error.status();
@@ -375,7 +383,7 @@ impl OnFinish for Finish {
                 }
             }
         }
-        gateway.observer.record(&ctx);
+        gateway.observer.record(ctx);
     }
 }
 

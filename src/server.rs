@@ -23,6 +23,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ServerConfig, StoreUrl};
 use crate::gateway::Gateway;
 use crate::key_store::{KeyStore, MemoryKeyStore};
+use crate::observe::Observer;
 use crate::quota::calendar::DayCalendar;
 use crate::quota::memory::MemoryStore;
 use crate::quota::QuotaStore;
@@ -40,6 +41,8 @@ pub enum StartError {
     Upstream(String),
     #[error("store: {0}")]
     Store(String),
+    #[error("usage log: {0}")]
+    UsageLog(String),
 }
 
 /// How to start a gateway beyond its config: injected clock or stores (tests, the demo),
@@ -115,8 +118,18 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
     let key_store = options
         .key_store
         .unwrap_or_else(|| Arc::new(MemoryKeyStore::default()));
+    let observer = Observer::start(&config.usage_log, Vec::new()).map_err(|e| {
+        StartError::UsageLog(format!(
+            "{}: {e}",
+            config
+                .usage_log
+                .path
+                .as_ref()
+                .map_or("stdout".into(), |p| p.display().to_string())
+        ))
+    })?;
     let gateway = Arc::new(
-        Gateway::new(config.clone(), store, key_store, options.clock)
+        Gateway::new(config.clone(), store, key_store, options.clock, observer)
             .map_err(StartError::Upstream)?,
     );
     let tls = match &config.server.tls {
@@ -150,6 +163,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
             async move { Ok::<_, Infallible>(crate::pipeline::handle(gateway, peer, request).await) }
         },
     ));
+    reopen_usage_log_on_hangup(&gateway, &mut tasks, shutdown_rx.clone());
     crate::reload::spawn(
         &mut tasks,
         gateway.clone(),
@@ -182,6 +196,40 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
         shutdown,
         tasks,
     })
+}
+
+/// SIGHUP asks the usage log writer to reopen its file (after logrotate moved it). The
+/// handler is installed here, before `start` returns, so a SIGHUP from then on never takes
+/// the default action (terminating the process).
+fn reopen_usage_log_on_hangup(
+    gateway: &Gateway,
+    tasks: &mut JoinSet<()>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            tracing::warn!(
+                "cannot listen for SIGHUP: the usage log reopens only when rotated away"
+            );
+            return;
+        };
+        let reopen = gateway.observer.usage_log.reopen_flag();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    received = hangup.recv() => match received {
+                        Some(()) => reopen.store(true, std::sync::atomic::Ordering::Relaxed),
+                        None => break,
+                    },
+                    _ = shutdown.changed() => break,
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (gateway, tasks, shutdown);
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {

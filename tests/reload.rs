@@ -61,21 +61,14 @@ async fn start_from_file(upstream: &MockUpstream, extra: &str) -> FileGateway {
     let config_path = dir.path().join("keygate.toml");
     std::fs::write(&config_path, &text).unwrap();
     let config = Config::load(&config_path).unwrap();
-    let running = keygate::server::start(
+    let gateway = TestGateway::start_with_options(
         config,
         StartOptions {
             config_path: Some(config_path.clone()),
             ..StartOptions::default()
         },
     )
-    .await
-    .unwrap();
-    let gateway = TestGateway {
-        proxy: format!("http://{}", running.proxy_addr),
-        admin: format!("http://{}", running.admin_addr),
-        running: Some(running),
-        client: client(),
-    };
+    .await;
     FileGateway {
         gateway,
         config_path,

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod logs;
+pub mod observe;
 pub mod raw;
 pub mod redis;
 pub mod upstream;
@@ -181,6 +182,10 @@ pub struct TestGateway {
     pub proxy: String,
     pub admin: String,
     pub client: reqwest::Client,
+    /// The usage log: the config's file, or one in a temp dir when the config says stdout
+    /// (so test output stays readable).
+    pub usage: observe::UsageFile,
+    _usage_dir: Option<tempfile::TempDir>,
 }
 
 impl TestGateway {
@@ -193,8 +198,7 @@ impl TestGateway {
     }
 
     pub async fn start_with(config: Config, clock: Arc<dyn Clock>) -> Self {
-        init();
-        let running = keygate::server::start(
+        Self::start_with_options(
             config,
             StartOptions {
                 clock,
@@ -202,7 +206,25 @@ impl TestGateway {
             },
         )
         .await
-        .expect("gateway starts");
+    }
+
+    /// Starts with any options; a usage log on stdout is moved to a temp file.
+    pub async fn start_with_options(mut config: Config, options: StartOptions) -> Self {
+        init();
+        let mut usage_dir = None;
+        let usage_path = match &config.usage_log.path {
+            Some(path) => path.clone(),
+            None => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let path = dir.path().join("usage.log");
+                usage_dir = Some(dir);
+                config.usage_log.path = Some(path.clone());
+                path
+            }
+        };
+        let running = keygate::server::start(config, options)
+            .await
+            .expect("gateway starts");
         let proxy = format!("http://{}", running.proxy_addr);
         let admin = format!("http://{}", running.admin_addr);
         Self {
@@ -210,6 +232,8 @@ impl TestGateway {
             proxy,
             admin,
             client: client(),
+            usage: observe::UsageFile::new(&usage_path),
+            _usage_dir: usage_dir,
         }
     }
 

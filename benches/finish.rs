@@ -1,0 +1,136 @@
+//! The finish step's hot-path cost: recording a request's metrics and queueing its usage
+//! line (the line itself is written on the writer thread, off the request path).
+
+use std::hint::black_box;
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{HeaderValue, Method};
+
+use keygate::auth::{ApiKey, KeyOrigin};
+use keygate::context::{Outcome, RequestContext};
+use keygate::metrics::Metrics;
+use keygate::observe::Observer;
+use keygate::quota::{Limits, Subject, SubjectKind, SubjectUsage, WindowUsage};
+use keygate::scope::Scopes;
+use keygate::usage_log::{UsageLog, UsageSink};
+
+/// Discards lines: the bench measures the request path, not the disk.
+struct Discard;
+
+impl Write for Discard {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn keys() -> Vec<Arc<ApiKey>> {
+    (0..50)
+        .map(|i| {
+            let team: Arc<str> = format!("team-{}", i % 10).into();
+            Arc::new(ApiKey {
+                id: format!("key-{i}").into(),
+                team: team.clone(),
+                scopes: Scopes::default(),
+                env: "prod".into(),
+                expires: None,
+                rpm: None,
+                rpd: None,
+                origin: KeyOrigin::Config,
+                created: None,
+                last_used_ms: Default::default(),
+                subjects: vec![Subject {
+                    kind: SubjectKind::Team,
+                    id: team,
+                    limits: Limits {
+                        rpm: 1000,
+                        rpd: 100_000,
+                    },
+                }]
+                .into(),
+            })
+        })
+        .collect()
+}
+
+fn context(key: &Arc<ApiKey>, route: &Arc<str>) -> RequestContext {
+    let mut ctx = RequestContext::new(
+        HeaderValue::from_static("0123456789abcdef-42"),
+        Method::POST,
+        "10.0.0.7".parse().unwrap(),
+        jiff::Timestamp::now(),
+    );
+    ctx.path = "/v1/text-to-image".into();
+    ctx.route = Some(route.clone());
+    ctx.key = Some(key.clone());
+    ctx.user_agent = Some("python-requests/2.32".into());
+    ctx.status = 200;
+    ctx.upstream_status = Some(200);
+    ctx.outcome = Outcome::Forwarded;
+    ctx.upstream_latency = Some(Duration::from_millis(850));
+    ctx.admitted = true;
+    ctx.team_usage = Some(SubjectUsage {
+        kind: SubjectKind::Team,
+        minute: WindowUsage {
+            used: 12,
+            limit: 1000,
+            reset_secs: 40,
+        },
+        day: WindowUsage {
+            used: 500,
+            limit: 100_000,
+            reset_secs: 4000,
+        },
+    });
+    ctx
+}
+
+fn finish(c: &mut Criterion) {
+    let keys = keys();
+    let route: Arc<str> = "POST /v1/text-to-image".into();
+    let metrics = Arc::new(Metrics::new());
+    let log = UsageLog::start_with_output(
+        UsageSink::Stdout,
+        keygate::usage_log::QUEUE_CAPACITY,
+        metrics.clone(),
+        Vec::new(),
+        Some(Box::new(Discard)),
+    )
+    .unwrap();
+    let observer = Observer::with_parts(metrics.clone(), log);
+
+    let mut group = c.benchmark_group("finish");
+    group.bench_function("metrics_record", |b| {
+        let mut i = 0usize;
+        b.iter(|| {
+            let ctx = context(&keys[i % keys.len()], &route);
+            i += 1;
+            metrics.record_request(black_box(&ctx), Duration::from_millis(900));
+        })
+    });
+    group.bench_function("build_context_only", |b| {
+        let mut i = 0usize;
+        b.iter(|| {
+            let ctx = context(&keys[i % keys.len()], &route);
+            i += 1;
+            black_box(ctx);
+        })
+    });
+    group.bench_function("record_and_enqueue", |b| {
+        let mut i = 0usize;
+        b.iter(|| {
+            let ctx = context(&keys[i % keys.len()], &route);
+            i += 1;
+            observer.record(black_box(ctx));
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, finish);
+criterion_main!(benches);

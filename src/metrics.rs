@@ -1,0 +1,800 @@
+//! Owns the Prometheus metrics: label-bounded series updated with plain atomics on the
+//! request path, and their rendering as Prometheus text (exposition format 0.0.4, the one
+//! `promtool check metrics` accepts) for `GET /metrics`.
+//!
+//! Label values come only from configuration (teams, key ids, route labels) and from fixed
+//! enums (outcome, status, reason): never from client input. A request with no key or no
+//! route is counted under `"-"`.
+
+use std::fmt::Write as _;
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hashbrown::{DefaultHashBuilder, Equivalent, HashMap};
+
+use crate::context::{Outcome, Rejection, RequestContext};
+use crate::error::AuthFailure;
+
+/// The label value of a request without a key, a team or a route.
+pub const NONE_LABEL: &str = "-";
+
+/// Latency buckets in seconds: fast refusals at the bottom, slow image generations at the
+/// top (the upstream may take up to two minutes).
+pub const LATENCY_BUCKETS: [f64; 15] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// Every kind of alert, as the `kind` label of `keygate_alerts_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AlertKind {
+    QuotaWarning,
+    StoreDegraded,
+    StoreRecovered,
+    Anomaly,
+}
+
+impl AlertKind {
+    pub const ALL: [AlertKind; 4] = [
+        AlertKind::QuotaWarning,
+        AlertKind::StoreDegraded,
+        AlertKind::StoreRecovered,
+        AlertKind::Anomaly,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::QuotaWarning => "quota_warning",
+            AlertKind::StoreDegraded => "store_degraded",
+            AlertKind::StoreRecovered => "store_recovered",
+            AlertKind::Anomaly => "anomaly",
+        }
+    }
+}
+
+/// Why a usage line was not written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageDrop {
+    /// The writer's queue was full: the request did not wait.
+    QueueFull,
+    /// The line could not be written to its file or stream.
+    WriteError,
+}
+
+impl UsageDrop {
+    const ALL: [UsageDrop; 2] = [UsageDrop::QueueFull, UsageDrop::WriteError];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            UsageDrop::QueueFull => "queue_full",
+            UsageDrop::WriteError => "write_error",
+        }
+    }
+}
+
+/// The HTTP status as a bounded label: the codes keygate and the image API answer with,
+/// and the class for anything else an upstream might send.
+pub fn status_label(status: u16) -> &'static str {
+    const KNOWN: [(u16, &str); 26] = [
+        (200, "200"),
+        (201, "201"),
+        (202, "202"),
+        (204, "204"),
+        (206, "206"),
+        (301, "301"),
+        (302, "302"),
+        (304, "304"),
+        (400, "400"),
+        (401, "401"),
+        (402, "402"),
+        (403, "403"),
+        (404, "404"),
+        (405, "405"),
+        (408, "408"),
+        (409, "409"),
+        (413, "413"),
+        (415, "415"),
+        (422, "422"),
+        (429, "429"),
+        (431, "431"),
+        (500, "500"),
+        (501, "501"),
+        (502, "502"),
+        (503, "503"),
+        (504, "504"),
+    ];
+    if let Ok(i) = KNOWN.binary_search_by_key(&status, |(code, _)| *code) {
+        return KNOWN[i].1;
+    }
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        5 => "5xx",
+        _ => "other",
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Series storage.
+
+const SHARDS: usize = 16;
+
+/// Series created on first use and kept forever (their label values are bounded by
+/// configuration). A lookup takes one shard's read lock; only a new series takes a write
+/// lock. Lookups use a borrowed form of the labels, so the hot path clones nothing.
+struct SeriesMap<K, V> {
+    hasher: DefaultHashBuilder,
+    shards: [RwLock<HashMap<K, V>>; SHARDS],
+}
+
+impl<K: Hash + Eq, V: Default> SeriesMap<K, V> {
+    fn new() -> Self {
+        Self {
+            hasher: DefaultHashBuilder::default(),
+            shards: std::array::from_fn(|_| RwLock::new(HashMap::new())),
+        }
+    }
+
+    fn with<Q, R>(&self, labels: &Q, owned: impl FnOnce(&Q) -> K, f: impl Fn(&V) -> R) -> R
+    where
+        Q: Hash + Equivalent<K> + ?Sized,
+    {
+        let shard = &self.shards[(self.hasher.hash_one(labels) as usize) % SHARDS];
+        {
+            let map = shard.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(value) = map.get(labels) {
+                return f(value);
+            }
+        }
+        let mut map = shard.write().unwrap_or_else(|p| p.into_inner());
+        let value = map.entry(owned(labels)).or_default();
+        f(value)
+    }
+
+    /// Every series, in no particular order.
+    fn for_each(&self, mut f: impl FnMut(&K, &V)) {
+        for shard in &self.shards {
+            let map = shard.read().unwrap_or_else(|p| p.into_inner());
+            for (k, v) in map.iter() {
+                f(k, v);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct RequestLabels {
+    team: Arc<str>,
+    key_id: Arc<str>,
+    route: Arc<str>,
+    status: &'static str,
+    outcome: Outcome,
+}
+
+/// The borrowed twin of [`RequestLabels`]: same fields in the same order, so both hash alike.
+#[derive(Hash)]
+struct RequestLabelsRef<'a> {
+    team: &'a str,
+    key_id: &'a str,
+    route: &'a str,
+    status: &'static str,
+    outcome: Outcome,
+}
+
+impl Equivalent<RequestLabels> for RequestLabelsRef<'_> {
+    fn equivalent(&self, key: &RequestLabels) -> bool {
+        self.status == key.status
+            && self.outcome == key.outcome
+            && self.key_id == &*key.key_id
+            && self.route == &*key.route
+            && self.team == &*key.team
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct RouteOutcome {
+    route: Arc<str>,
+    outcome: Outcome,
+}
+
+#[derive(Hash)]
+struct RouteOutcomeRef<'a> {
+    route: &'a str,
+    outcome: Outcome,
+}
+
+impl Equivalent<RouteOutcome> for RouteOutcomeRef<'_> {
+    fn equivalent(&self, key: &RouteOutcome) -> bool {
+        self.outcome == key.outcome && self.route == &*key.route
+    }
+}
+
+/// A fixed-bucket histogram: one atomic add per bucket hit, the sum in nanoseconds.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, value: Duration) {
+        let secs = value.as_secs_f64();
+        let index = LATENCY_BUCKETS
+            .iter()
+            .position(|&bound| secs <= bound)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(
+            u64::try_from(value.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0u64;
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let le = match LATENCY_BUCKETS.get(i) {
+                Some(bound) => format_float(*bound),
+                None => "+Inf".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {}", format_float(sum));
+        // The count is the +Inf bucket, so the two never disagree within one scrape.
+        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+    }
+}
+
+/// The team's quota as last seen, fleet-wide (the store's view, not this replica's share).
+#[derive(Default)]
+struct QuotaGauges {
+    minute_used: AtomicU64,
+    minute_limit: AtomicU64,
+    day_used: AtomicU64,
+    day_limit: AtomicU64,
+}
+
+/// What the metrics need to know about the quota store's health, supplied by the store.
+pub trait StoreHealthView: Send + Sync {
+    /// Store calls that failed since start.
+    fn errors_total(&self) -> u64;
+    /// The store is unreachable and the `on_error` policy is in force.
+    fn degraded(&self) -> bool;
+}
+
+/// The health view until a store reports its own: the errors the request path saw.
+#[derive(Default)]
+pub struct ObservedStoreHealth {
+    errors: AtomicU64,
+    degraded: AtomicBool,
+}
+
+impl ObservedStoreHealth {
+    pub fn record_error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn set_degraded(&self, degraded: bool) {
+        self.degraded.store(degraded, Ordering::Relaxed);
+    }
+}
+
+impl StoreHealthView for ObservedStoreHealth {
+    fn errors_total(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The registry.
+
+pub struct Metrics {
+    requests: SeriesMap<RequestLabels, AtomicU64>,
+    request_duration: SeriesMap<RouteOutcome, Histogram>,
+    upstream_duration: SeriesMap<Arc<str>, Histogram>,
+    quota: SeriesMap<Arc<str>, QuotaGauges>,
+    rejections: [AtomicU64; Rejection::ALL.len()],
+    auth_failures: [AtomicU64; AuthFailure::ALL.len()],
+    alerts: [AtomicU64; AlertKind::ALL.len()],
+    alert_deliveries_failed: AtomicU64,
+    alerts_dropped: AtomicU64,
+    upstream_retries: AtomicU64,
+    usage_log_dropped: [AtomicU64; UsageDrop::ALL.len()],
+    /// The `"-"` label, allocated once.
+    none: Arc<str>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self {
+            requests: SeriesMap::new(),
+            request_duration: SeriesMap::new(),
+            upstream_duration: SeriesMap::new(),
+            quota: SeriesMap::new(),
+            rejections: Default::default(),
+            auth_failures: Default::default(),
+            alerts: Default::default(),
+            alert_deliveries_failed: AtomicU64::new(0),
+            alerts_dropped: AtomicU64::new(0),
+            upstream_retries: AtomicU64::new(0),
+            usage_log_dropped: Default::default(),
+            none: NONE_LABEL.into(),
+        }
+    }
+
+    /// Records one finished request: every per-request series, from the one context the
+    /// usage line is also written from.
+    pub fn record_request(&self, ctx: &RequestContext, latency: Duration) {
+        let route = ctx.route.as_deref().unwrap_or(NONE_LABEL);
+        let labels = RequestLabelsRef {
+            team: ctx.team().unwrap_or(NONE_LABEL),
+            key_id: ctx.key_id().unwrap_or(NONE_LABEL),
+            route,
+            status: status_label(ctx.status),
+            outcome: ctx.outcome,
+        };
+        self.requests.with(
+            &labels,
+            |l| RequestLabels {
+                team: self.label(ctx.key.as_ref().map(|k| &k.team), l.team),
+                key_id: self.label(ctx.key.as_ref().map(|k| &k.id), l.key_id),
+                route: self.label(ctx.route.as_ref(), l.route),
+                status: l.status,
+                outcome: l.outcome,
+            },
+            |count| count.fetch_add(1, Ordering::Relaxed),
+        );
+        self.request_duration.with(
+            &RouteOutcomeRef {
+                route,
+                outcome: ctx.outcome,
+            },
+            |l| RouteOutcome {
+                route: self.label(ctx.route.as_ref(), l.route),
+                outcome: l.outcome,
+            },
+            |h| h.observe(latency),
+        );
+        if let Some(upstream) = ctx.upstream_latency {
+            self.upstream_duration.with(
+                route,
+                |r| self.label(ctx.route.as_ref(), r),
+                |h| h.observe(upstream),
+            );
+        }
+        if let Some(rejection) = ctx.rejection {
+            self.rejections[rejection as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(failure) = ctx.auth_failure {
+            self.auth_failures[failure as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        if let (Some(usage), Some(key)) = (ctx.team_usage, ctx.key.as_ref()) {
+            self.quota.with(
+                &*key.team,
+                |_| key.team.clone(),
+                |g| {
+                    g.minute_used.store(usage.minute.used, Ordering::Relaxed);
+                    g.minute_limit.store(usage.minute.limit, Ordering::Relaxed);
+                    g.day_used.store(usage.day.used, Ordering::Relaxed);
+                    g.day_limit.store(usage.day.limit, Ordering::Relaxed);
+                },
+            );
+        }
+    }
+
+    fn label(&self, configured: Option<&Arc<str>>, fallback: &str) -> Arc<str> {
+        match configured {
+            Some(value) => value.clone(),
+            None if fallback == NONE_LABEL => self.none.clone(),
+            None => fallback.into(),
+        }
+    }
+
+    /// Sets a team's quota gauges from a fresh read of the store (at scrape time).
+    pub fn set_quota(&self, team: &Arc<str>, minute: (u64, u64), day: (u64, u64)) {
+        self.quota.with(
+            &**team,
+            |_| team.clone(),
+            |g| {
+                g.minute_used.store(minute.0, Ordering::Relaxed);
+                g.minute_limit.store(minute.1, Ordering::Relaxed);
+                g.day_used.store(day.0, Ordering::Relaxed);
+                g.day_limit.store(day.1, Ordering::Relaxed);
+            },
+        );
+    }
+
+    pub fn alert_sent(&self, kind: AlertKind) {
+        self.alerts[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn alert_delivery_failed(&self) {
+        self.alert_deliveries_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn alert_dropped(&self) {
+        self.alerts_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn upstream_retry(&self) {
+        self.upstream_retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn usage_line_dropped(&self, why: UsageDrop) {
+        self.usage_log_dropped[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn usage_lines_dropped(&self, why: UsageDrop) -> u64 {
+        self.usage_log_dropped[why as usize].load(Ordering::Relaxed)
+    }
+
+    /// Renders every family as Prometheus text.
+    pub fn render(&self, store: &dyn StoreHealthView) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        family(
+            &mut out,
+            "keygate_build_info",
+            "gauge",
+            "Always 1; the labels name the running build.",
+        );
+        let _ = writeln!(
+            out,
+            "keygate_build_info{{version=\"{}\"}} 1",
+            escape(env!("CARGO_PKG_VERSION"))
+        );
+
+        family(
+            &mut out,
+            "keygate_requests_total",
+            "counter",
+            "Finished requests by team, key id, route, status and outcome.",
+        );
+        let mut rows = Vec::new();
+        self.requests.for_each(|l, count| {
+            rows.push((
+                format!(
+                    "team=\"{}\",key_id=\"{}\",route=\"{}\",status=\"{}\",outcome=\"{}\"",
+                    escape(&l.team),
+                    escape(&l.key_id),
+                    escape(&l.route),
+                    l.status,
+                    l.outcome.as_str()
+                ),
+                count.load(Ordering::Relaxed),
+            ));
+        });
+        rows.sort();
+        for (labels, value) in rows {
+            let _ = writeln!(out, "keygate_requests_total{{{labels}}} {value}");
+        }
+
+        family(
+            &mut out,
+            "keygate_request_duration_seconds",
+            "histogram",
+            "Time from the request head to the end of the response body, by route and outcome.",
+        );
+        let mut histograms = Vec::new();
+        self.request_duration.for_each(|l, h| {
+            let mut text = String::new();
+            h.render(
+                &mut text,
+                "keygate_request_duration_seconds",
+                &format!(
+                    "route=\"{}\",outcome=\"{}\"",
+                    escape(&l.route),
+                    l.outcome.as_str()
+                ),
+            );
+            histograms.push((l.route.clone(), l.outcome.as_str(), text));
+        });
+        histograms.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        for (_, _, text) in histograms {
+            out.push_str(&text);
+        }
+
+        family(
+            &mut out,
+            "keygate_upstream_duration_seconds",
+            "histogram",
+            "Time the upstream took to answer with its response head, by route.",
+        );
+        let mut histograms = Vec::new();
+        self.upstream_duration.for_each(|route, h| {
+            let mut text = String::new();
+            h.render(
+                &mut text,
+                "keygate_upstream_duration_seconds",
+                &format!("route=\"{}\"", escape(route)),
+            );
+            histograms.push((route.clone(), text));
+        });
+        histograms.sort();
+        for (_, text) in histograms {
+            out.push_str(&text);
+        }
+
+        let mut quota = Vec::new();
+        self.quota.for_each(|team, g| {
+            quota.push((
+                team.clone(),
+                [
+                    g.minute_used.load(Ordering::Relaxed),
+                    g.minute_limit.load(Ordering::Relaxed),
+                    g.day_used.load(Ordering::Relaxed),
+                    g.day_limit.load(Ordering::Relaxed),
+                ],
+            ));
+        });
+        quota.sort();
+        family(
+            &mut out,
+            "keygate_quota_used",
+            "gauge",
+            "Requests counted in the team's window, fleet-wide, as this replica last saw it.",
+        );
+        for (team, v) in &quota {
+            let team = escape(team);
+            let _ = writeln!(
+                out,
+                "keygate_quota_used{{team=\"{team}\",window=\"minute\"}} {}",
+                v[0]
+            );
+            let _ = writeln!(
+                out,
+                "keygate_quota_used{{team=\"{team}\",window=\"day\"}} {}",
+                v[2]
+            );
+        }
+        family(
+            &mut out,
+            "keygate_quota_limit",
+            "gauge",
+            "The team's limit for the window.",
+        );
+        for (team, v) in &quota {
+            let team = escape(team);
+            let _ = writeln!(
+                out,
+                "keygate_quota_limit{{team=\"{team}\",window=\"minute\"}} {}",
+                v[1]
+            );
+            let _ = writeln!(
+                out,
+                "keygate_quota_limit{{team=\"{team}\",window=\"day\"}} {}",
+                v[3]
+            );
+        }
+
+        family(
+            &mut out,
+            "keygate_rejections_total",
+            "counter",
+            "Requests the gateway refused itself, by reason.",
+        );
+        for rejection in Rejection::ALL {
+            let _ = writeln!(
+                out,
+                "keygate_rejections_total{{reason=\"{}\"}} {}",
+                rejection.as_str(),
+                self.rejections[rejection as usize].load(Ordering::Relaxed)
+            );
+        }
+        family(
+            &mut out,
+            "keygate_auth_failures_total",
+            "counter",
+            "Refused tokens, by reason.",
+        );
+        for failure in AuthFailure::ALL {
+            let _ = writeln!(
+                out,
+                "keygate_auth_failures_total{{reason=\"{}\"}} {}",
+                failure.as_str(),
+                self.auth_failures[failure as usize].load(Ordering::Relaxed)
+            );
+        }
+
+        family(
+            &mut out,
+            "keygate_store_errors_total",
+            "counter",
+            "Quota store calls that failed.",
+        );
+        let _ = writeln!(out, "keygate_store_errors_total {}", store.errors_total());
+        family(
+            &mut out,
+            "keygate_store_degraded",
+            "gauge",
+            "1 while the quota store is unreachable and store.on_error is in force.",
+        );
+        let _ = writeln!(out, "keygate_store_degraded {}", u8::from(store.degraded()));
+
+        family(
+            &mut out,
+            "keygate_alerts_total",
+            "counter",
+            "Alerts raised (after fleet-wide deduplication), by kind.",
+        );
+        for kind in AlertKind::ALL {
+            let _ = writeln!(
+                out,
+                "keygate_alerts_total{{kind=\"{}\"}} {}",
+                kind.as_str(),
+                self.alerts[kind as usize].load(Ordering::Relaxed)
+            );
+        }
+        family(
+            &mut out,
+            "keygate_alert_delivery_failures_total",
+            "counter",
+            "Webhook delivery attempts that failed (each retry counts).",
+        );
+        let _ = writeln!(
+            out,
+            "keygate_alert_delivery_failures_total {}",
+            self.alert_deliveries_failed.load(Ordering::Relaxed)
+        );
+        family(
+            &mut out,
+            "keygate_alerts_dropped_total",
+            "counter",
+            "Webhook deliveries given up: retries exhausted or the alert queue full.",
+        );
+        let _ = writeln!(
+            out,
+            "keygate_alerts_dropped_total {}",
+            self.alerts_dropped.load(Ordering::Relaxed)
+        );
+
+        family(
+            &mut out,
+            "keygate_upstream_retries_total",
+            "counter",
+            "Upstream calls sent again by keygate.",
+        );
+        let _ = writeln!(
+            out,
+            "keygate_upstream_retries_total {}",
+            self.upstream_retries.load(Ordering::Relaxed)
+        );
+        family(
+            &mut out,
+            "keygate_usage_log_dropped_total",
+            "counter",
+            "Usage lines not written, by reason.",
+        );
+        for why in UsageDrop::ALL {
+            let _ = writeln!(
+                out,
+                "keygate_usage_log_dropped_total{{reason=\"{}\"}} {}",
+                why.as_str(),
+                self.usage_log_dropped[why as usize].load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Label-value escaping of the text format: backslash, double quote and newline.
+fn escape(value: &str) -> std::borrow::Cow<'_, str> {
+    if !value.contains(['\\', '"', '\n']) {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() + 2);
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+fn format_float(value: f64) -> String {
+    if value.is_finite() && value == value.trunc() && value.abs() < 1e15 {
+        format!("{value:.1}")
+    } else {
+        format!("{value}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_count_matches() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(500));
+        h.observe(Duration::from_millis(30));
+        h.observe(Duration::from_secs(500));
+        let mut out = String::new();
+        h.render(&mut out, "x_seconds", "route=\"r\"");
+        assert!(
+            out.contains("x_seconds_bucket{route=\"r\",le=\"0.001\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_seconds_bucket{route=\"r\",le=\"0.05\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_seconds_bucket{route=\"r\",le=\"120.0\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_seconds_bucket{route=\"r\",le=\"+Inf\"} 3\n"),
+            "{out}"
+        );
+        assert!(out.contains("x_seconds_count{route=\"r\"} 3\n"), "{out}");
+        assert!(
+            out.contains("x_seconds_sum{route=\"r\"} 500.0305\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape("a\nb"), "a\\nb");
+        assert_eq!(escape("POST /v1/x"), "POST /v1/x");
+    }
+
+    #[test]
+    fn fixed_label_arrays_are_indexed_by_discriminant() {
+        for (i, r) in Rejection::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        for (i, f) in AuthFailure::ALL.iter().enumerate() {
+            assert_eq!(*f as usize, i);
+        }
+        for (i, k) in AlertKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i);
+        }
+        for (i, d) in UsageDrop::ALL.iter().enumerate() {
+            assert_eq!(*d as usize, i);
+        }
+    }
+
+    #[test]
+    fn unknown_statuses_fold_into_their_class() {
+        assert_eq!(status_label(504), "504");
+        assert_eq!(status_label(429), "429");
+        assert_eq!(status_label(200), "200");
+        assert_eq!(status_label(418), "4xx");
+        assert_eq!(status_label(599), "5xx");
+        assert_eq!(status_label(999), "other");
+    }
+}

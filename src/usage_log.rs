@@ -1,0 +1,453 @@
+//! Owns the usage log (SPEC §5): one JSON object per request, one line each, written off the
+//! request path. The finish step hands its context to a bounded queue without waiting (a
+//! full queue counts a drop); a writer thread turns each context into a [`UsageRecord`],
+//! writes it to stdout or a file (reopened on SIGHUP and when rotated away), and hands it
+//! to the live consumers (anomaly detection, the Redis stream).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::context::RequestContext;
+use crate::metrics::{Metrics, UsageDrop};
+
+/// Lines waiting for the writer. At ~300 bytes a context this is a few MiB at most; a
+/// writer this far behind is stuck, and requests must not wait for it.
+pub const QUEUE_CAPACITY: usize = 8192;
+
+/// Lines written between flushes when the queue never runs dry.
+const MAX_BATCH: usize = 1024;
+
+/// One request, exactly SPEC §5's fields; `null` where the request never got that far.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    #[serde(with = "rfc3339_millis")]
+    pub ts: Timestamp,
+    pub request_id: String,
+    pub team: Option<String>,
+    pub key_id: Option<String>,
+    pub env: Option<String>,
+    pub method: String,
+    pub path: String,
+    pub route: Option<String>,
+    pub status: u16,
+    pub upstream_status: Option<u16>,
+    pub outcome: String,
+    pub latency_ms: f64,
+    pub upstream_latency_ms: Option<f64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub client_ip: String,
+    pub user_agent: Option<String>,
+    pub minute_used: Option<u64>,
+    pub minute_limit: Option<u64>,
+    pub day_used: Option<u64>,
+    pub day_limit: Option<u64>,
+}
+
+/// Milliseconds with three decimals: enough to order lines, short to read.
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+impl UsageRecord {
+    pub fn from_context(ctx: RequestContext, latency: Duration) -> Self {
+        let bytes_in = ctx.bytes_in();
+        let usage = ctx.team_usage;
+        let key = ctx.key.as_deref();
+        UsageRecord {
+            ts: ctx.received_at,
+            request_id: ctx.request_id_str().to_string(),
+            team: key.map(|k| k.team.to_string()),
+            key_id: key.map(|k| k.id.to_string()),
+            env: key.map(|k| k.env.to_string()),
+            method: ctx.method.as_str().to_string(),
+            path: ctx.path,
+            route: ctx.route.as_deref().map(str::to_string),
+            status: ctx.status,
+            upstream_status: ctx.upstream_status,
+            outcome: ctx.outcome.as_str().to_string(),
+            latency_ms: millis(latency),
+            upstream_latency_ms: ctx.upstream_latency.map(millis),
+            bytes_in,
+            bytes_out: ctx.bytes_out,
+            client_ip: ctx.client_ip.to_string(),
+            user_agent: ctx.user_agent,
+            minute_used: usage.map(|u| u.minute.used),
+            minute_limit: usage.map(|u| u.minute.limit),
+            day_used: usage.map(|u| u.day.used),
+            day_limit: usage.map(|u| u.day.limit),
+        }
+    }
+
+    pub fn to_line(&self) -> String {
+        // Serialising plain strings and numbers cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+mod rfc3339_millis {
+    use jiff::Timestamp;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(ts: &Timestamp, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{ts:.3}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Timestamp, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A finished request on its way to the writer.
+pub struct Completed {
+    pub ctx: RequestContext,
+    pub latency: Duration,
+}
+
+/// Something that wants every usage record after it is written (live anomaly detection,
+/// the Redis stream). Runs on the writer thread: it must not block.
+pub trait UsageConsumer: Send + 'static {
+    fn consume(&mut self, record: &UsageRecord, line: &str);
+}
+
+/// Where the lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UsageSink {
+    Stdout,
+    File(PathBuf),
+}
+
+/// The request path's handle on the usage log.
+pub struct UsageLog {
+    queue: SyncSender<Completed>,
+    reopen: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+}
+
+impl UsageLog {
+    /// Starts the writer thread. It ends, after writing what is queued, when the last
+    /// handle is dropped.
+    pub fn start(
+        sink: UsageSink,
+        capacity: usize,
+        metrics: Arc<Metrics>,
+        consumers: Vec<Box<dyn UsageConsumer>>,
+    ) -> io::Result<Self> {
+        Self::start_with_output(sink, capacity, metrics, consumers, None)
+    }
+
+    /// As [`UsageLog::start`], writing to `output` instead of the sink's own stream (tests,
+    /// benches); a file sink still reopens its path when rotated.
+    pub fn start_with_output(
+        sink: UsageSink,
+        capacity: usize,
+        metrics: Arc<Metrics>,
+        consumers: Vec<Box<dyn UsageConsumer>>,
+        output: Option<Box<dyn Write + Send>>,
+    ) -> io::Result<Self> {
+        let (queue, receiver) = sync_channel(capacity.max(1));
+        let reopen = Arc::new(AtomicBool::new(false));
+        let out = match output {
+            Some(output) => Output::Custom(output),
+            None => Output::open(&sink)?,
+        };
+        let writer = Writer {
+            sink,
+            out,
+            reopen: reopen.clone(),
+            metrics: metrics.clone(),
+            consumers,
+            last_error_logged: None,
+        };
+        std::thread::Builder::new()
+            .name("keygate-usage-log".into())
+            .spawn(move || writer.run(receiver))?;
+        Ok(Self {
+            queue,
+            reopen,
+            metrics,
+        })
+    }
+
+    /// Hands a finished request to the writer, never waiting: a full queue drops the line
+    /// and counts it.
+    pub fn enqueue(&self, completed: Completed) {
+        match self.queue.try_send(completed) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.metrics.usage_line_dropped(UsageDrop::QueueFull);
+            }
+        }
+    }
+
+    /// Asks the writer to reopen its file before the next line (SIGHUP).
+    pub fn request_reopen(&self) {
+        self.reopen.store(true, Ordering::Relaxed);
+    }
+
+    pub fn reopen_flag(&self) -> Arc<AtomicBool> {
+        self.reopen.clone()
+    }
+}
+
+enum Output {
+    Stdout(io::Stdout),
+    File {
+        writer: BufWriter<File>,
+        identity: Option<(u64, u64)>,
+    },
+    Custom(Box<dyn Write + Send>),
+}
+
+impl Output {
+    fn open(sink: &UsageSink) -> io::Result<Self> {
+        match sink {
+            UsageSink::Stdout => Ok(Output::Stdout(io::stdout())),
+            UsageSink::File(path) => {
+                let file = OpenOptions::new().create(true).append(true).open(path)?;
+                let identity = file_identity(&file.metadata()?);
+                Ok(Output::File {
+                    writer: BufWriter::with_capacity(64 * 1024, file),
+                    identity,
+                })
+            }
+        }
+    }
+
+    fn write_line(&mut self, line: &str) -> io::Result<()> {
+        let w: &mut dyn Write = match self {
+            Output::Stdout(stdout) => stdout,
+            Output::File { writer, .. } => writer,
+            Output::Custom(custom) => custom,
+        };
+        w.write_all(line.as_bytes())?;
+        w.write_all(b"\n")
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Output::Stdout(stdout) => stdout.flush(),
+            Output::File { writer, .. } => writer.flush(),
+            Output::Custom(custom) => custom.flush(),
+        }
+    }
+}
+
+#[cfg(unix)]
+fn file_identity(metadata: &std::fs::Metadata) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    Some((metadata.dev(), metadata.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_identity(_: &std::fs::Metadata) -> Option<(u64, u64)> {
+    None
+}
+
+/// True when `path` no longer names the file we hold open: renamed or deleted by a
+/// rotation, or replaced.
+fn rotated_away(path: &Path, identity: Option<(u64, u64)>) -> bool {
+    match std::fs::metadata(path) {
+        Ok(metadata) => file_identity(&metadata) != identity,
+        Err(_) => true,
+    }
+}
+
+struct Writer {
+    sink: UsageSink,
+    out: Output,
+    reopen: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    consumers: Vec<Box<dyn UsageConsumer>>,
+    last_error_logged: Option<Instant>,
+}
+
+impl Writer {
+    fn run(mut self, receiver: Receiver<Completed>) {
+        while let Ok(first) = receiver.recv() {
+            self.reopen_if_needed();
+            self.write(first);
+            for next in receiver.try_iter().take(MAX_BATCH - 1) {
+                self.write(next);
+            }
+            if let Err(e) = self.out.flush() {
+                self.write_failed(&e);
+            }
+        }
+        let _ = self.out.flush();
+    }
+
+    fn reopen_if_needed(&mut self) {
+        let UsageSink::File(path) = &self.sink else {
+            return;
+        };
+        let asked = self.reopen.swap(false, Ordering::Relaxed);
+        let moved = match &self.out {
+            Output::File { identity, .. } => rotated_away(path, *identity),
+            _ => false,
+        };
+        if !(asked || moved) {
+            return;
+        }
+        let _ = self.out.flush();
+        match Output::open(&self.sink) {
+            Ok(out) => {
+                self.out = out;
+                tracing::info!(path = %path.display(), signal = asked, "usage log reopened");
+            }
+            Err(e) => self.write_failed(&e),
+        }
+    }
+
+    fn write(&mut self, completed: Completed) {
+        let record = UsageRecord::from_context(completed.ctx, completed.latency);
+        let line = record.to_line();
+        if let Err(e) = self.out.write_line(&line) {
+            self.metrics.usage_line_dropped(UsageDrop::WriteError);
+            self.write_failed(&e);
+        }
+        for consumer in &mut self.consumers {
+            consumer.consume(&record, &line);
+        }
+    }
+
+    /// Logs a write failure at most every ten seconds: a full disk must not flood the log.
+    fn write_failed(&mut self, error: &io::Error) {
+        let now = Instant::now();
+        if self
+            .last_error_logged
+            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(10))
+        {
+            return;
+        }
+        self.last_error_logged = Some(now);
+        tracing::warn!(error = %error, sink = ?self.sink, "usage log write failed; lines are being dropped");
+    }
+}
+
+/// Reads a usage log, skipping (and counting) lines that are not usage records.
+pub fn read_records(reader: impl io::BufRead) -> io::Result<(Vec<UsageRecord>, usize)> {
+    let mut records = Vec::new();
+    let mut skipped = 0;
+    for line in reader.lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<UsageRecord>(&line) {
+            Ok(record) => records.push(record),
+            Err(_) => skipped += 1,
+        }
+    }
+    Ok((records, skipped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderValue, Method};
+    use std::sync::{Condvar, Mutex};
+
+    fn context(id: &str) -> RequestContext {
+        let mut ctx = RequestContext::new(
+            HeaderValue::from_str(id).unwrap(),
+            Method::POST,
+            "10.1.2.3".parse().unwrap(),
+            "2026-11-27T10:00:00.5Z".parse().unwrap(),
+        );
+        ctx.path = "/v1/text-to-image".into();
+        ctx.status = 401;
+        ctx
+    }
+
+    #[test]
+    fn a_record_has_exactly_the_spec_fields_with_nulls() {
+        let record = UsageRecord::from_context(context("r1"), Duration::from_micros(1500));
+        let value: serde_json::Value = serde_json::from_str(&record.to_line()).unwrap();
+        let object = value.as_object().unwrap();
+        let fields: Vec<&str> = object.keys().map(String::as_str).collect();
+        let mut expected = vec![
+            "ts",
+            "request_id",
+            "team",
+            "key_id",
+            "env",
+            "method",
+            "path",
+            "route",
+            "status",
+            "upstream_status",
+            "outcome",
+            "latency_ms",
+            "upstream_latency_ms",
+            "bytes_in",
+            "bytes_out",
+            "client_ip",
+            "user_agent",
+            "minute_used",
+            "minute_limit",
+            "day_used",
+            "day_limit",
+        ];
+        let mut got = fields.clone();
+        got.sort();
+        expected.sort();
+        assert_eq!(got, expected);
+        assert_eq!(object["ts"], "2026-11-27T10:00:00.500Z");
+        assert_eq!(object["team"], serde_json::Value::Null);
+        assert_eq!(object["latency_ms"], 1.5);
+        let back: UsageRecord = serde_json::from_str(&record.to_line()).unwrap();
+        assert_eq!(back, record);
+    }
+
+    /// A sink that blocks until released: the writer is stuck, the queue fills.
+    struct Stuck(Arc<(Mutex<bool>, Condvar)>);
+
+    impl Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let (lock, cvar) = &*self.0;
+            let mut released = lock.lock().unwrap();
+            while !*released {
+                released = cvar.wait(released).unwrap();
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let metrics = Arc::new(Metrics::new());
+        let log = UsageLog::start_with_output(
+            UsageSink::Stdout,
+            4,
+            metrics.clone(),
+            Vec::new(),
+            Some(Box::new(Stuck(gate.clone()))),
+        )
+        .unwrap();
+        // One line is taken by the stuck writer, four wait in the queue, the rest drop.
+        for i in 0..20 {
+            log.enqueue(Completed {
+                ctx: context(&format!("r{i}")),
+                latency: Duration::from_millis(1),
+            });
+        }
+        let dropped = metrics.usage_lines_dropped(UsageDrop::QueueFull);
+        assert!((15..=16).contains(&dropped), "dropped {dropped}");
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+    }
+}
