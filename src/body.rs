@@ -2,28 +2,78 @@
 //! while it streams upstream) and the response body (a fixed error body or the upstream's
 //! stream), whose end or drop runs the finish step exactly once.
 
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-#[derive(Debug, thiserror::Error)]
-#[error("request body exceeds {0} bytes")]
-pub struct BodyTooLarge(pub u64);
+/// Why the client's body stopped before its end. The forward step reads it so that a
+/// client's fault is answered 4xx, never blamed on the upstream with a 5xx.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InboundFailure {
+    #[error("request body larger than the limit")]
+    TooLarge,
+    #[error("request body malformed or cut off")]
+    Malformed,
+    #[error("request body stalled")]
+    Stalled,
+}
 
-/// The client's request body on its way upstream: streamed frame by frame, counted, and cut
-/// off with an error once it passes the configured maximum.
+/// How one request body is doing, shared with the forward step: its first failure, and
+/// whether the upstream request is currently waiting on the client for more of it.
+#[derive(Debug, Default)]
+pub struct InboundProgress {
+    failure: AtomicU8,
+    waiting_on_client: AtomicBool,
+}
+
+impl InboundProgress {
+    fn fail(&self, failure: InboundFailure) {
+        let code = match failure {
+            InboundFailure::TooLarge => 1,
+            InboundFailure::Malformed => 2,
+            InboundFailure::Stalled => 3,
+        };
+        let _ = self
+            .failure
+            .compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    pub fn failure(&self) -> Option<InboundFailure> {
+        match self.failure.load(Ordering::Relaxed) {
+            1 => Some(InboundFailure::TooLarge),
+            2 => Some(InboundFailure::Malformed),
+            3 => Some(InboundFailure::Stalled),
+            _ => None,
+        }
+    }
+
+    /// True while the body is being sent and the next piece has not come from the client
+    /// yet: a slow upload, not a slow upstream.
+    pub fn waiting_on_client(&self) -> bool {
+        self.waiting_on_client.load(Ordering::Relaxed)
+    }
+}
+
+/// The client's request body on its way upstream: streamed frame by frame, counted, cut
+/// off with an error once it passes the configured maximum or pauses longer than the
+/// stall timeout (a slow-body attack would otherwise hold an upstream connection).
 pub struct InboundBody {
     inner: Incoming,
     seen: Arc<AtomicU64>,
     limit: u64,
-    exceeded: Arc<AtomicBool>,
+    stall_timeout: Duration,
+    stall: Option<Pin<Box<Sleep>>>,
+    progress: Arc<InboundProgress>,
 }
 
 impl InboundBody {
@@ -31,14 +81,25 @@ impl InboundBody {
         inner: Incoming,
         seen: Arc<AtomicU64>,
         limit: u64,
-        exceeded: Arc<AtomicBool>,
+        stall_timeout: Duration,
+        progress: Arc<InboundProgress>,
     ) -> Self {
         Self {
             inner,
             seen,
             limit,
-            exceeded,
+            stall_timeout,
+            stall: None,
+            progress,
         }
+    }
+
+    fn fail(&mut self, failure: InboundFailure) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.progress.fail(failure);
+        self.progress
+            .waiting_on_client
+            .store(false, Ordering::Relaxed);
+        Poll::Ready(Some(Err(Box::new(failure))))
     }
 }
 
@@ -50,20 +111,41 @@ impl Body for InboundBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let this = &mut *self;
+        let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                this.progress
+                    .waiting_on_client
+                    .store(true, Ordering::Relaxed);
+                let deadline = Instant::now() + this.stall_timeout;
+                let stall = this
+                    .stall
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if stall.as_mut().poll(cx).is_ready() {
+                    return this.fail(InboundFailure::Stalled);
+                }
+                return Poll::Pending;
+            }
+        };
+        this.progress
+            .waiting_on_client
+            .store(false, Ordering::Relaxed);
+        if let Some(stall) = this.stall.as_mut() {
+            stall.as_mut().reset(Instant::now() + this.stall_timeout);
+        }
         match frame {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
-                    let total = self.seen.fetch_add(data.len() as u64, Ordering::Relaxed)
+                    let total = this.seen.fetch_add(data.len() as u64, Ordering::Relaxed)
                         + data.len() as u64;
-                    if total > self.limit {
-                        self.exceeded.store(true, Ordering::Relaxed);
-                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge(self.limit)))));
+                    if total > this.limit {
+                        return this.fail(InboundFailure::TooLarge);
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+            Some(Err(_)) => this.fail(InboundFailure::Malformed),
             None => Poll::Ready(None),
         }
     }

@@ -1,10 +1,11 @@
 //! Owns who the client is: the peer address, or the address a trusted proxy vouches for in
-//! `X-Forwarded-For`. Headers from anyone else are ignored, so the address in the usage
-//! log and in anomaly detection cannot be spoofed.
+//! `X-Forwarded-For` (or, when a proxy sends only that, RFC 7239 `Forwarded: for=`).
+//! Headers from anyone else are ignored, so the address in the usage log and in anomaly
+//! detection cannot be spoofed.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
-use http::header::{HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use ipnet::IpNet;
 
 pub const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
@@ -22,13 +23,52 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn forwarded_chain(headers: &HeaderMap) -> impl DoubleEndedIterator<Item = &str> {
-    headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+/// One hop as a proxy wrote it: `1.2.3.4`, `1.2.3.4:5678`, `2001:db8::1`,
+/// `[2001:db8::1]:443`, quoted or not. `None` for anything else (`unknown`, an obfuscated
+/// `_node`, garbage): no address left of such a hop is believed.
+fn parse_hop(text: &str) -> Option<IpAddr> {
+    let text = text.trim();
+    let text = text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(text);
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(canonical_ip(ip));
+    }
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Some(canonical_ip(addr.ip()));
+    }
+    text.strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .and_then(|t| t.parse::<IpAddr>().ok())
+        .map(canonical_ip)
+}
+
+/// The addresses a request claims passed through, origin first: `X-Forwarded-For` when
+/// present, otherwise the `for=` of each `Forwarded` element.
+fn claimed_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
+    let values = |name| {
+        headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap_or("\0"))
+    };
+    if headers.contains_key(&X_FORWARDED_FOR) {
+        return values(X_FORWARDED_FOR)
+            .flat_map(|v| v.split(','))
+            .map(parse_hop)
+            .collect();
+    }
+    values(header::FORWARDED)
         .flat_map(|v| v.split(','))
-        .map(str::trim)
+        .map(|element| {
+            element.split(';').find_map(|pair| {
+                let (key, value) = pair.split_once('=')?;
+                key.trim().eq_ignore_ascii_case("for").then_some(value)
+            })
+        })
+        .map(|value| value.and_then(parse_hop))
+        .collect()
 }
 
 /// The client's address: the right-most address of the chain that is not a trusted proxy.
@@ -38,34 +78,37 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
         return peer;
     }
     let mut client = peer;
-    for entry in forwarded_chain(headers).rev() {
-        match entry.parse::<IpAddr>() {
-            Ok(ip) => {
-                client = canonical_ip(ip);
+    for hop in claimed_chain(headers).into_iter().rev() {
+        match hop {
+            Some(ip) => {
+                client = ip;
                 if !is_trusted(client, trusted) {
                     break;
                 }
             }
             // A garbled hop: trust nothing further left of it.
-            Err(_) => break,
+            None => break,
         }
     }
     client
 }
 
-/// The `X-Forwarded-For` to send upstream: the trusted chain plus the peer, or just the peer.
+/// The `X-Forwarded-For` to send upstream: the trusted proxy's chain (each hop an address
+/// or `unknown`) plus the peer, or just the peer.
 pub fn forwarded_for(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> HeaderValue {
     let peer = canonical_ip(peer);
+    let mut value = String::new();
     if is_trusted(peer, trusted) {
-        let chain: Vec<&str> = forwarded_chain(headers).filter(|s| !s.is_empty()).collect();
-        if !chain.is_empty() {
-            let value = format!("{}, {peer}", chain.join(", "));
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                return v;
+        for hop in claimed_chain(headers) {
+            match hop {
+                Some(ip) => value.push_str(&ip.to_string()),
+                None => value.push_str("unknown"),
             }
+            value.push_str(", ");
         }
     }
-    HeaderValue::from_str(&peer.to_string()).expect("an IP address is a valid header value")
+    value.push_str(&peer.to_string());
+    HeaderValue::from_str(&value).expect("addresses and commas are a valid header value")
 }
 
 #[cfg(test)]
@@ -100,5 +143,54 @@ mod tests {
             forwarded_for(peer, &h, &trusted),
             "6.6.6.6, 198.51.100.7, 10.0.0.1, 10.0.0.2"
         );
+    }
+
+    #[test]
+    fn hops_with_ports_brackets_and_garbage() {
+        let peer: IpAddr = "10.0.0.2".parse().unwrap();
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let cases = [
+            ("198.51.100.7:4711, 10.0.0.1", "198.51.100.7"),
+            ("[2001:db8::1]:443", "2001:db8::1"),
+            ("::ffff:198.51.100.7", "198.51.100.7"),
+            ("6.6.6.6, garbage, 10.0.0.1", "10.0.0.1"),
+            ("6.6.6.6, , 10.0.0.1", "10.0.0.1"),
+            ("", "10.0.0.2"),
+        ];
+        for (xff, want) in cases {
+            assert_eq!(
+                client_ip(peer, &headers(xff), &trusted),
+                want.parse::<IpAddr>().unwrap(),
+                "{xff}"
+            );
+        }
+        assert_eq!(
+            forwarded_for(peer, &headers("6.6.6.6, garbage"), &trusted),
+            "6.6.6.6, unknown, 10.0.0.2"
+        );
+    }
+
+    #[test]
+    fn rfc7239_forwarded_is_read_only_from_trusted_proxies() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::FORWARDED,
+            HeaderValue::from_static(
+                "for=192.0.2.60;proto=http;by=203.0.113.43, For=\"[2001:db8:cafe::17]:4711\"",
+            ),
+        );
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let proxy: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(
+            client_ip(proxy, &h, &trusted),
+            "2001:db8:cafe::17".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            forwarded_for(proxy, &h, &trusted),
+            "192.0.2.60, 2001:db8:cafe::17, 10.0.0.2"
+        );
+        let stranger: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(client_ip(stranger, &h, &trusted), stranger);
+        assert_eq!(forwarded_for(stranger, &h, &trusted), "203.0.113.9");
     }
 }

@@ -43,6 +43,7 @@ struct RawServer {
     max_header_bytes: Option<u64>,
     max_body_bytes: Option<u64>,
     header_read_timeout: Option<String>,
+    body_read_timeout: Option<String>,
     idle_timeout: Option<String>,
     max_connections: Option<u64>,
     http2_max_concurrent_streams: Option<u32>,
@@ -173,6 +174,8 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     pub max_body_bytes: u64,
     pub header_read_timeout: Duration,
+    /// Longest pause between two pieces of a request body (slow-body attacks): 408.
+    pub body_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub http2_max_concurrent_streams: u32,
@@ -752,9 +755,10 @@ fn validate(raw: RawConfig, base_dir: Option<&Path>, problems: &mut Problems) ->
         });
         match parse_route_match(&route.matches) {
             Ok((method, prefix)) => {
+                // Prefixes match regardless of ASCII case, so `/V1/x` duplicates `/v1/x`.
                 if routes
                     .iter()
-                    .any(|r| r.method == method && r.prefix == prefix)
+                    .any(|r| r.method == method && r.prefix.eq_ignore_ascii_case(&prefix))
                 {
                     problems.add(
                         format!("{field}.match"),
@@ -856,10 +860,11 @@ fn validate_server(
         })
         .collect();
     let max_header_bytes = raw.max_header_bytes.unwrap_or(16 * 1024);
-    if !(1024..=1024 * 1024).contains(&max_header_bytes) {
+    // hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
+    if !(8192..=1024 * 1024).contains(&max_header_bytes) {
         problems.add(
             "server.max_header_bytes",
-            format!("{max_header_bytes} is out of range (1024 to 1048576)"),
+            format!("{max_header_bytes} is out of range (8192 to 1048576)"),
         );
     }
     let max_connections = raw.max_connections.unwrap_or(8192);
@@ -890,9 +895,17 @@ fn validate_server(
             "server.header_read_timeout",
             problems,
         ),
+        body_read_timeout: duration_field(
+            raw.body_read_timeout.as_deref(),
+            Duration::from_secs(30),
+            "server.body_read_timeout",
+            problems,
+        ),
+        // Longer than the 60 s idle timeout of common load balancers, so they close an idle
+        // connection first and never reuse one keygate has just closed.
         idle_timeout: duration_field(
             raw.idle_timeout.as_deref(),
-            Duration::from_secs(60),
+            Duration::from_secs(75),
             "server.idle_timeout",
             problems,
         ),

@@ -65,6 +65,8 @@ impl Outcome {
 pub enum Rejection {
     BadRequest,
     PayloadTooLarge,
+    /// The request body stalled (`server.body_read_timeout`).
+    RequestTimeout,
     Unauthorized,
     ForbiddenScope,
     ForbiddenNoRoute,
@@ -79,9 +81,10 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 12] = [
+    pub const ALL: [Rejection; 13] = [
         Rejection::BadRequest,
         Rejection::PayloadTooLarge,
+        Rejection::RequestTimeout,
         Rejection::Unauthorized,
         Rejection::ForbiddenScope,
         Rejection::ForbiddenNoRoute,
@@ -98,6 +101,7 @@ impl Rejection {
         match self {
             Rejection::BadRequest => "bad_request",
             Rejection::PayloadTooLarge => "payload_too_large",
+            Rejection::RequestTimeout => "request_timeout",
             Rejection::Unauthorized => "unauthorized",
             Rejection::ForbiddenScope => "forbidden_scope",
             Rejection::ForbiddenNoRoute => "forbidden_no_route",

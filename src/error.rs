@@ -81,6 +81,8 @@ pub enum GatewayError {
     MethodNotAllowed,
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: u64 },
+    #[error("request body stalled for {0:?}")]
+    RequestTimeout(std::time::Duration),
     #[error("rate limited by {}", .subject.as_str())]
     RateLimited {
         subject: RateLimitSubject,
@@ -128,6 +130,7 @@ const FORBIDDEN: &str = error_body!(
 const NOT_FOUND: &str = error_body!("not_found", "Not found");
 const METHOD_NOT_ALLOWED: &str = error_body!("method_not_allowed", "Method not allowed");
 const PAYLOAD_TOO_LARGE: &str = error_body!("payload_too_large", "Request body too large");
+const REQUEST_TIMEOUT: &str = error_body!("request_timeout", "Request body not received in time");
 const RATE_LIMITED: &str = error_body!(
     "rate_limit_exceeded",
     "Rate limit exceeded. Please try again later."
@@ -151,6 +154,7 @@ impl GatewayError {
             GatewayError::NotFound => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -171,6 +175,7 @@ impl GatewayError {
             GatewayError::NotFound => "not_found",
             GatewayError::MethodNotAllowed => "method_not_allowed",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
+            GatewayError::RequestTimeout(_) => "request_timeout",
             GatewayError::RateLimited { .. } => "rate_limit_exceeded",
             GatewayError::UpstreamUnreachable(_) => "bad_gateway",
             GatewayError::UpstreamTimeout(_) => "gateway_timeout",
@@ -196,6 +201,7 @@ impl GatewayError {
             GatewayError::NotFound => NOT_FOUND,
             GatewayError::MethodNotAllowed => METHOD_NOT_ALLOWED,
             GatewayError::PayloadTooLarge { .. } => PAYLOAD_TOO_LARGE,
+            GatewayError::RequestTimeout(_) => REQUEST_TIMEOUT,
             GatewayError::RateLimited { .. } => RATE_LIMITED,
             GatewayError::UpstreamUnreachable(_) => BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) => GATEWAY_TIMEOUT,
@@ -223,6 +229,7 @@ impl GatewayError {
             | GatewayError::NotFound
             | GatewayError::MethodNotAllowed => Rejection::BadRequest,
             GatewayError::PayloadTooLarge { .. } => Rejection::PayloadTooLarge,
+            GatewayError::RequestTimeout(_) => Rejection::RequestTimeout,
             GatewayError::Unauthorized(_) => Rejection::Unauthorized,
             GatewayError::Forbidden(Forbidden::MissingScope) => Rejection::ForbiddenScope,
             GatewayError::Forbidden(Forbidden::NoRoute) => Rejection::ForbiddenNoRoute,
@@ -248,7 +255,8 @@ impl GatewayError {
             | GatewayError::Conflict(_)
             | GatewayError::NotFound
             | GatewayError::MethodNotAllowed
-            | GatewayError::PayloadTooLarge { .. } => Outcome::BadRequest,
+            | GatewayError::PayloadTooLarge { .. }
+            | GatewayError::RequestTimeout(_) => Outcome::BadRequest,
             GatewayError::Unauthorized(_) => Outcome::Unauthorized,
             GatewayError::Forbidden(_) => Outcome::Forbidden,
             GatewayError::RateLimited { .. } => Outcome::RateLimited,
@@ -295,6 +303,7 @@ mod tests {
             GatewayError::NotFound,
             GatewayError::MethodNotAllowed,
             GatewayError::PayloadTooLarge { limit: 1 },
+            GatewayError::RequestTimeout(std::time::Duration::from_secs(1)),
             GatewayError::UpstreamUnreachable("refused".into()),
             GatewayError::UpstreamTimeout(std::time::Duration::from_secs(1)),
             GatewayError::StoreUnavailable("down".into()),

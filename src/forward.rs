@@ -20,8 +20,9 @@ use crate::config::UpstreamConfig;
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the ones a
-/// client could use to talk to a proxy along the way.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// client could use to talk to a proxy along the way. `Expect` is answered by keygate on
+/// the client's hop (hyper sends the 100 Continue).
+const HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -31,6 +32,36 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    header::EXPECT,
+];
+
+/// Headers the client must not choose for the upstream: its credentials and Host,
+/// claims about who the client is or which host and scheme it used (keygate rebuilds
+/// `X-Forwarded-For` itself), and the overrides frameworks honour for the method or the
+/// path, which would let a request be checked as one route and served as another.
+const CLIENT_CONTROLLED: [HeaderName; 22] = [
+    header::AUTHORIZATION,
+    header::HOST,
+    header::FORWARDED,
+    crate::client_addr::X_FORWARDED_FOR,
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("x-cluster-client-ip"),
+    HeaderName::from_static("x-original-host"),
+    HeaderName::from_static("x-host"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-original-uri"),
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
 ];
 
 /// Removes hop-by-hop headers and every header the `Connection` header names.
@@ -47,16 +78,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Removes what the client must not choose for the upstream: its own credentials and Host,
-/// forwarding headers (rebuilt by the gateway), and anything in keygate's own namespace.
+/// Removes what the client must not choose for the upstream (see [`CLIENT_CONTROLLED`])
+/// and anything in keygate's own `X-Keygate-*` namespace.
 pub fn strip_client_controlled(headers: &mut HeaderMap) {
-    headers.remove(header::AUTHORIZATION);
-    headers.remove(header::HOST);
-    headers.remove(header::FORWARDED);
-    headers.remove(crate::client_addr::X_FORWARDED_FOR);
-    headers.remove(HeaderName::from_static("x-forwarded-host"));
-    headers.remove(HeaderName::from_static("x-forwarded-proto"));
-    headers.remove(HeaderName::from_static("x-real-ip"));
+    for name in &CLIENT_CONTROLLED {
+        headers.remove(name);
+    }
     let ours: Vec<HeaderName> = headers
         .keys()
         .filter(|name| name.as_str().starts_with("x-keygate-"))
@@ -73,8 +100,8 @@ pub enum ForwardError {
     Connect(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
-    #[error("request body too large")]
-    BodyTooLarge,
+    #[error("client request body: {0}")]
+    ClientBody(crate::body::InboundFailure),
     #[error("{0}")]
     Failed(String),
 }
@@ -167,22 +194,38 @@ impl Upstream {
     }
 
     /// Sends a prepared request; the timeout covers connecting and the response head.
+    /// While the upstream waits on a slow client upload, the clock restarts: the body's own
+    /// stall timer governs then, and its failure is reported as the client's.
     /// Returns the response and how long the upstream took to answer.
     pub async fn send(
         &self,
         mut request: Request<InboundBody>,
-        body_exceeded: &std::sync::atomic::AtomicBool,
+        client_body: &crate::body::InboundProgress,
     ) -> Result<(Response<Incoming>, Duration), ForwardError> {
         // The pool picks HTTP/1.1 or HTTP/2 per connection; an inbound HTTP/2 version
         // would be refused on an HTTP/1.1 connection.
         *request.version_mut() = Version::HTTP_11;
         let started = Instant::now();
-        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
-            Err(_) => Err(ForwardError::Timeout(self.timeout)),
-            Ok(Ok(response)) => Ok((response, started.elapsed())),
-            Ok(Err(e)) => {
-                if body_exceeded.load(std::sync::atomic::Ordering::Relaxed) {
-                    Err(ForwardError::BodyTooLarge)
+        let answer = self.client.request(request);
+        tokio::pin!(answer);
+        let mut deadline = tokio::time::Instant::from_std(started) + self.timeout;
+        let answered = loop {
+            tokio::select! {
+                answered = &mut answer => break answered,
+                _ = tokio::time::sleep_until(deadline) => {
+                    if client_body.waiting_on_client() {
+                        deadline = tokio::time::Instant::now() + self.timeout;
+                        continue;
+                    }
+                    return Err(ForwardError::Timeout(self.timeout));
+                }
+            }
+        };
+        match answered {
+            Ok(response) => Ok((response, started.elapsed())),
+            Err(e) => {
+                if let Some(failure) = client_body.failure() {
+                    Err(ForwardError::ClientBody(failure))
                 } else if e.is_connect() {
                     Err(ForwardError::Connect(error_chain(&e)))
                 } else {
@@ -234,6 +277,9 @@ mod tests {
             ("proxy-authorization", "Basic x"),
             ("x-keygate-team", "admin"),
             ("x-forwarded-for", "1.2.3.4"),
+            ("x-original-url", "/v1/text-to-image"),
+            ("x-http-method-override", "POST"),
+            ("expect", "100-continue"),
             ("content-type", "application/json"),
         ] {
             headers.append(
@@ -259,6 +305,9 @@ mod tests {
             "x-secret-hop",
             "proxy-authorization",
             "x-keygate-team",
+            "x-original-url",
+            "x-http-method-override",
+            "expect",
         ] {
             assert!(!headers.contains_key(gone), "{gone} was forwarded");
         }

@@ -213,6 +213,8 @@ fn admin_definition(stored: &StoredKey) -> Result<KeyDefinition<'_>, String> {
 pub struct EdgeSettings {
     pub trusted_proxies: Vec<IpNet>,
     pub max_body_bytes: u64,
+    /// Longest pause between two pieces of a request body.
+    pub body_read_timeout: std::time::Duration,
     pub on_store_error: OnStoreError,
     pub store_timeout: std::time::Duration,
 }
@@ -248,6 +250,7 @@ impl Gateway {
         let edge = EdgeSettings {
             trusted_proxies: config.server.trusted_proxies.clone(),
             max_body_bytes: config.server.max_body_bytes,
+            body_read_timeout: config.server.body_read_timeout,
             on_store_error: config.store.on_error,
             store_timeout: config.store.timeout,
         };

@@ -18,7 +18,8 @@
 //!
 //! - [`cli`], [`demo`], [`token`]: the command line and what it runs.
 //! - [`config`]: raw TOML → validated [`config::Config`]; [`secret`]: redacted secrets.
-//! - [`server`], [`tls`], [`admin`]: listeners, TLS, `/healthz` `/readyz`.
+//! - [`server`], [`connection`], [`tls`], [`admin`]: listeners, one connection's timers
+//!   and close, TLS, `/healthz` `/readyz`.
 //! - [`gateway`]: shared state and the hot-swappable [`gateway::Snapshot`].
 //! - [`pipeline`]: the steps above; [`body`]: streamed, counted bodies.
 //! - [`routing`]: canonical paths and the route table; [`auth`]: tokens → key records;
@@ -37,6 +38,7 @@ pub mod cli;
 pub mod client_addr;
 pub mod clock;
 pub mod config;
+pub mod connection;
 pub mod context;
 pub mod demo;
 pub mod error;

@@ -4,7 +4,6 @@
 //! whatever step ended it, when the response body is done or dropped.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -13,7 +12,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
 use crate::auth::{self, ApiKey};
-use crate::body::{BodyEnd, InboundBody, OnFinish, ResponseBody};
+use crate::body::{BodyEnd, InboundBody, InboundFailure, InboundProgress, OnFinish, ResponseBody};
 use crate::config::OnStoreError;
 use crate::context::{Outcome, RequestContext};
 use crate::error::{Forbidden, GatewayError, RateLimitSubject};
@@ -88,7 +87,8 @@ struct Target<'a> {
 }
 
 /// Step 1 — route: reject what is not a plain origin-form request to some path, then find
-/// the route by method and canonical path.
+/// the route by method and canonical path. Whatever passes, the upstream origin is fixed;
+/// these refusals make sure keygate never even looks like a forward proxy.
 fn route<'a>(
     snapshot: &'a Snapshot,
     ctx: &mut RequestContext,
@@ -96,10 +96,14 @@ fn route<'a>(
     max_body_bytes: u64,
 ) -> Result<Target<'a>, GatewayError> {
     let uri = request.uri();
+    ctx.path = truncate(uri.path(), MAX_LOGGED_PATH).to_string();
+    if request.method() == Method::CONNECT {
+        return Err(GatewayError::BadRequest("CONNECT is not supported"));
+    }
+    check_target_host(request)?;
     let path = match routing::canonical_path(uri.path()) {
         Ok(path) => path.into_owned(),
         Err(e) => {
-            ctx.path = truncate(uri.path(), MAX_LOGGED_PATH).to_string();
             return Err(GatewayError::BadRequest(match e {
                 routing::PathError::NotAbsolute => "request target is not a path",
                 _ => "path cannot be canonicalised",
@@ -107,24 +111,6 @@ fn route<'a>(
         }
     };
     ctx.path = path.clone();
-    if request.method() == Method::CONNECT {
-        return Err(GatewayError::BadRequest("CONNECT is not supported"));
-    }
-    // An absolute-form target (`POST http://host/path HTTP/1.1`) must name the Host it is
-    // sent to; the upstream origin is fixed either way.
-    if request.version() < Version::HTTP_2 {
-        if let Some(authority) = uri.authority() {
-            let host = request
-                .headers()
-                .get(header::HOST)
-                .map(HeaderValue::as_bytes);
-            if host != Some(authority.as_str().as_bytes()) {
-                return Err(GatewayError::BadRequest(
-                    "absolute-form target names another host",
-                ));
-            }
-        }
-    }
     if let Some(length) = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -139,6 +125,66 @@ fn route<'a>(
     }
     let route = snapshot.routes.find(request.method(), &path);
     Ok(Target { path, route })
+}
+
+/// HTTP/1 framing rules about the target host (RFC 9112 §3.2): exactly one Host header on
+/// HTTP/1.1, and an absolute-form target (`GET http://host/path`) only when it names this
+/// gateway's own listening address. HTTP/2 always carries `:authority`, which is just
+/// another Host: ignored, because the upstream origin is pinned.
+fn check_target_host(request: &Request<Incoming>) -> Result<(), GatewayError> {
+    if request.version() >= Version::HTTP_2 {
+        return Ok(());
+    }
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => return Err(GatewayError::BadRequest("more than one Host header")),
+        (None, None) if request.version() == Version::HTTP_11 => {
+            return Err(GatewayError::BadRequest("HTTP/1.1 request without Host"));
+        }
+        _ => {}
+    }
+    let uri = request.uri();
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return Ok(());
+    }
+    let local = request
+        .extensions()
+        .get::<crate::connection::LocalAddr>()
+        .map(|local| local.0);
+    if names_local_address(uri, local) {
+        Ok(())
+    } else {
+        Err(GatewayError::BadRequest(
+            "absolute-form target names another host",
+        ))
+    }
+}
+
+/// Whether an absolute-form URI's authority is exactly `ip:port` of the socket the request
+/// arrived on (no user info, no name to resolve).
+fn names_local_address(uri: &http::Uri, local: Option<SocketAddr>) -> bool {
+    let (Some(local), Some(authority)) = (local, uri.authority()) else {
+        return false;
+    };
+    if authority.as_str().contains('@') {
+        return false;
+    }
+    let default_port = match uri.scheme_str() {
+        Some("http") => 80,
+        Some("https") => 443,
+        _ => return false,
+    };
+    let host = authority.host();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let Ok(ip) = host.parse::<std::net::IpAddr>() else {
+        return false;
+    };
+    use crate::client_addr::canonical_ip;
+    canonical_ip(ip) == canonical_ip(local.ip())
+        && authority.port_u16().unwrap_or(default_port) == local.port()
 }
 
 /// Step 2 — authenticate: the Bearer token must hash to a known, unexpired key.
@@ -241,16 +287,17 @@ async fn forward(
         &ctx.request_id,
     );
     parts.uri = uri;
-    let exceeded = Arc::new(AtomicBool::new(false));
+    let client_body = Arc::new(InboundProgress::default());
     let body = InboundBody::new(
         body,
         ctx.bytes_in.clone(),
         gateway.edge.max_body_bytes,
-        exceeded.clone(),
+        gateway.edge.body_read_timeout,
+        client_body.clone(),
     );
     let sent = gateway
         .upstream
-        .send(Request::from_parts(parts, body), &exceeded)
+        .send(Request::from_parts(parts, body), &client_body)
         .await;
     let (response, upstream_latency) = match sent {
         Ok(answer) => answer,
@@ -258,9 +305,17 @@ async fn forward(
             refund(gateway, key, admission);
             return Err(match error {
                 ForwardError::Timeout(after) => GatewayError::UpstreamTimeout(after),
-                ForwardError::BodyTooLarge => GatewayError::PayloadTooLarge {
-                    limit: gateway.edge.max_body_bytes,
-                },
+                ForwardError::ClientBody(InboundFailure::TooLarge) => {
+                    GatewayError::PayloadTooLarge {
+                        limit: gateway.edge.max_body_bytes,
+                    }
+                }
+                ForwardError::ClientBody(InboundFailure::Malformed) => {
+                    GatewayError::BadRequest("request body malformed or cut off")
+                }
+                ForwardError::ClientBody(InboundFailure::Stalled) => {
+                    GatewayError::RequestTimeout(gateway.edge.body_read_timeout)
+                }
                 ForwardError::Connect(cause) | ForwardError::Failed(cause) => {
                     GatewayError::UpstreamUnreachable(cause)
                 }

@@ -20,16 +20,26 @@ pub enum PathError {
     BadEscape,
     #[error("encoded '/', '\\' or control character")]
     ForbiddenEscape,
+    #[error("encoded '%' followed by hex digits (double encoding)")]
+    DoubleEncoded,
     #[error("backslash in path")]
     Backslash,
+    #[error("dot segment with parameters ('..;')")]
+    AmbiguousDotSegment,
     #[error("'..' above the root")]
     AboveRoot,
 }
 
 /// Returns the canonical form of a request path: dot segments resolved, empty segments
-/// collapsed, escapes of unreserved characters decoded and other escapes upper-cased.
-/// Encoded slashes, backslashes and control characters are refused outright, because
-/// upstream servers disagree on what they mean.
+/// collapsed, escapes of unreserved characters decoded, other escapes upper-cased, and
+/// every byte outside RFC 3986 `pchar` (non-ASCII, `"`, `{`, `|`, …) percent-encoded.
+///
+/// Refused outright, because servers behind a proxy disagree on what they mean: encoded
+/// slashes and backslashes, literal backslashes, encoded control characters, an encoded
+/// `%` that forms another escape (`%252e`: a server that decodes twice sees `.`), and dot
+/// segments carrying parameters (`..;x`, which Java servers treat as `..`).
+///
+/// The result only holds `/`, `pchar` and upper-case `%XX`, and is its own canonical form.
 pub fn canonical_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute);
@@ -38,8 +48,11 @@ pub fn canonical_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
         return Ok(Cow::Borrowed(raw));
     }
     let mut segments: Vec<String> = Vec::new();
-    for segment in raw.split('/') {
+    let mut trailing_slash = false;
+    for segment in raw[1..].split('/') {
         let decoded = decode_segment(segment)?;
+        // RFC 3986 §5.2.4: a path ending in an empty or dot segment keeps its final '/'.
+        trailing_slash = true;
         match decoded.as_str() {
             "" | "." => {}
             ".." => {
@@ -47,7 +60,13 @@ pub fn canonical_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
                     return Err(PathError::AboveRoot);
                 }
             }
-            _ => segments.push(decoded),
+            _ => {
+                if is_dot_with_parameters(&decoded) {
+                    return Err(PathError::AmbiguousDotSegment);
+                }
+                segments.push(decoded);
+                trailing_slash = false;
+            }
         }
     }
     let mut path = String::with_capacity(raw.len());
@@ -55,26 +74,58 @@ pub fn canonical_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
         path.push('/');
         path.push_str(segment);
     }
-    let last = raw.rsplit('/').next().unwrap_or("");
-    let trailing_slash = matches!(last, "" | "." | ".." | "%2E" | "%2e");
-    if path.is_empty() || (trailing_slash && !segments.is_empty()) {
+    if path.is_empty() || trailing_slash {
         path.push('/');
     }
     Ok(Cow::Owned(path))
 }
 
+/// RFC 3986 `pchar` less `%`: characters a canonical path keeps as they are.
+fn is_plain_pchar(b: u8) -> bool {
+    is_unreserved(b)
+        || matches!(
+            b,
+            b'!' | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+                | b':'
+                | b'@'
+        )
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// `.;x`, `..;x` or `..%3Bx`: a dot segment to servers that strip path parameters.
+fn is_dot_with_parameters(segment: &str) -> bool {
+    let stem_end = [segment.find(';'), segment.find("%3B")]
+        .into_iter()
+        .flatten()
+        .min();
+    matches!(stem_end.map(|end| &segment[..end]), Some("." | ".."))
+}
+
 fn is_already_canonical(raw: &str) -> bool {
-    let bytes = raw.as_bytes();
-    if bytes.iter().any(|b| matches!(b, b'%' | b'\\')) {
+    if !raw.bytes().all(|b| b == b'/' || is_plain_pchar(b)) {
         return false;
     }
     // Every segment after the leading '/' must be non-empty (except a final trailing one)
-    // and not a dot segment.
-    let body = &raw[1..];
-    let mut parts = body.split('/').peekable();
+    // and neither a dot segment nor one that looks like it to a parameter-stripping server.
+    let mut parts = raw[1..].split('/').peekable();
     while let Some(part) = parts.next() {
         let is_last = parts.peek().is_none();
         if part == "." || part == ".." || (part.is_empty() && !is_last) {
+            return false;
+        }
+        if is_dot_with_parameters(part) {
             return false;
         }
     }
@@ -97,22 +148,42 @@ fn decode_segment(segment: &str) -> Result<String, PathError> {
                 if value == b'/' || value == b'\\' || value < 0x20 || value == 0x7f {
                     return Err(PathError::ForbiddenEscape);
                 }
-                if value.is_ascii_alphanumeric() || matches!(value, b'-' | b'.' | b'_' | b'~') {
+                if is_unreserved(value) {
                     out.push(value as char);
                 } else {
-                    out.push('%');
-                    out.push(hex[0].to_ascii_uppercase() as char);
-                    out.push(hex[1].to_ascii_uppercase() as char);
+                    push_escape(&mut out, value);
                 }
                 i += 3;
             }
+            b if is_plain_pchar(b) => {
+                out.push(b as char);
+                i += 1;
+            }
             other => {
-                out.push(other as char);
+                push_escape(&mut out, other);
                 i += 1;
             }
         }
     }
+    if has_double_encoding(&out) {
+        return Err(PathError::DoubleEncoded);
+    }
     Ok(out)
+}
+
+fn push_escape(out: &mut String, byte: u8) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.push('%');
+    out.push(HEX[usize::from(byte >> 4)] as char);
+    out.push(HEX[usize::from(byte & 0xf)] as char);
+}
+
+/// `%25` followed by two hex digits in a decoded segment: `%2541` from the client.
+fn has_double_encoding(decoded: &str) -> bool {
+    decoded
+        .as_bytes()
+        .windows(5)
+        .any(|w| w[..3] == *b"%25" && hex_value(w[3]).is_some() && hex_value(w[4]).is_some())
 }
 
 fn hex_value(b: u8) -> Option<u8> {
@@ -146,12 +217,21 @@ impl Route {
     }
 }
 
-/// A prefix matches at segment boundaries only: `/v1/images` covers `/v1/images` and
-/// `/v1/images/x`, never `/v1/images-admin`.
+/// A prefix matches at segment boundaries only, ignoring ASCII case: `/v1/images` covers
+/// `/v1/images`, `/V1/Images/x`, `/v1/images.json`, `/v1/images;v=2` and
+/// `/v1/images:upscale`, never `/v1/images-admin` or `/v1/images2`.
+///
+/// Upstream frameworks often treat case variants, format suffixes and path parameters as
+/// the same resource, so the route (and its scope) of the resource must cover them too.
 fn path_has_prefix(path: &str, prefix: &str) -> bool {
-    match path.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/'),
-        None => false,
+    let (path, prefix) = (path.as_bytes(), prefix.as_bytes());
+    if path.len() < prefix.len() || !path[..prefix.len()].eq_ignore_ascii_case(prefix) {
+        return false;
+    }
+    match path.get(prefix.len()) {
+        None => true,
+        Some(_) if prefix.ends_with(b"/") => true,
+        Some(next) => !(next.is_ascii_alphanumeric() || matches!(next, b'-' | b'_' | b'~')),
     }
 }
 
@@ -232,6 +312,19 @@ mod tests {
             ("/", Ok("/")),
             ("/v1/", Ok("/v1/")),
             ("/v1/x/..", Ok("/v1/")),
+            ("/v1/x/%2e%2E", Ok("/v1/")),
+            ("/v1/.", Ok("/v1/")),
+            ("/v1//", Ok("/v1/")),
+            ("/v1/\u{e9}", Ok("/v1/%C3%A9")),
+            ("/v1/a\"b{c}|", Ok("/v1/a%22b%7Bc%7D%7C")),
+            ("/v1/a;b=1/c:d@e", Ok("/v1/a;b=1/c:d@e")),
+            ("/v1/..;/x", Err(PathError::AmbiguousDotSegment)),
+            ("/v1/.;x", Err(PathError::AmbiguousDotSegment)),
+            ("/v1/%2e%2e%3bx/y", Err(PathError::AmbiguousDotSegment)),
+            ("/v1/%252e%252e", Err(PathError::DoubleEncoded)),
+            ("/v1/%25%32%65", Err(PathError::DoubleEncoded)),
+            ("/v1/100%25off", Ok("/v1/100%25off")),
+            ("/v1/%00", Err(PathError::ForbiddenEscape)),
             ("*", Err(PathError::NotAbsolute)),
         ];
         for (raw, want) in cases {
@@ -242,7 +335,13 @@ mod tests {
 
     #[test]
     fn canonical_is_idempotent() {
-        for raw in ["/a/./b/../c//d/", "/%41%2e%2E/x", "/v1/a%3fb"] {
+        for raw in [
+            "/a/./b/../c//d/",
+            "/%41%2e%2E/x",
+            "/v1/a%3fb",
+            "/v1/\u{e9}\"/%25",
+            "/x/..",
+        ] {
             let once = canonical_path(raw).unwrap().into_owned();
             assert_eq!(canonical_path(&once).unwrap(), once);
         }
@@ -281,6 +380,22 @@ mod tests {
             Some(Scope::Read)
         );
         assert_eq!(find(Method::GET, "/v1/models"), Some(Scope::Read));
+        for variant in [
+            "/V1/TEXT-TO-IMAGE",
+            "/v1/Text-To-Image/",
+            "/v1/text-to-image.json",
+            "/v1/text-to-image.",
+            "/v1/text-to-image;jsessionid=1",
+            "/v1/text-to-image:batch",
+            "/v1/text-to-image%20",
+        ] {
+            assert_eq!(
+                find(Method::POST, variant),
+                Some(Scope::Generate),
+                "{variant}"
+            );
+        }
+        assert_eq!(find(Method::POST, "/v1/text-to-image2"), Some(Scope::Read));
         assert_eq!(find(Method::GET, "/v2/models"), None);
         assert_eq!(find(Method::GET, "/v1"), None);
     }

@@ -1,23 +1,25 @@
 //! Owns the listeners: accepting connections on the proxy listener (HTTP/1.1 and HTTP/2,
-//! optional TLS) and the admin listener, the connection cap, and graceful shutdown.
+//! optional TLS) and the admin listener, the connection cap, the HTTP/1 and HTTP/2 limits,
+//! and graceful shutdown on SIGTERM/SIGINT. One connection's life is [`crate::connection`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper::Request;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use std::path::PathBuf;
+
+use crate::connection::{self, Timeouts};
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ServerConfig, StoreUrl};
@@ -41,6 +43,8 @@ pub enum StartError {
     Upstream(String),
     #[error("store: {0}")]
     Store(String),
+    #[error("cannot listen for SIGTERM/SIGINT: {0}")]
+    Signals(String),
     #[error("usage log: {0}")]
     UsageLog(String),
 }
@@ -238,19 +242,39 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
+/// hyper's default; more header lines than this answer 431.
+const MAX_HEADER_LINES: usize = 100;
+/// HTTP/2 streams a client may reset before the server has even accepted them, the
+/// "rapid reset" attack (CVE-2023-44487); over this the connection gets GOAWAY.
+const HTTP2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// HTTP/2 streams the server may reset because of a client's protocol errors before it
+/// closes the connection.
+const HTTP2_MAX_LOCAL_ERROR_RESETS: usize = 256;
+/// Connections over `max_connections` being answered 503 at once; past this they are
+/// closed without an answer, so a flood cannot pile up refusal tasks.
+const MAX_PENDING_REFUSALS: usize = 256;
+/// How long a refused connection gets to read its 503.
+const REFUSAL_TIME: Duration = Duration::from_secs(1);
+
 fn connection_builder(settings: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
+        // The header and idle timers run in connection.rs: hyper's header timer would also
+        // close idle keep-alive connections after header_read_timeout.
+        .header_read_timeout(None)
+        // hyper refuses buffers under 8 KiB; the config enforces that minimum too.
         .max_buf_size(settings.max_header_bytes.max(8192))
+        .max_headers(MAX_HEADER_LINES)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(settings.http2_max_concurrent_streams)
-        .max_header_list_size(settings.max_header_bytes as u32)
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(HTTP2_MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESETS)
         .keep_alive_interval(Some(settings.idle_timeout / 2))
         .keep_alive_timeout(Duration::from_secs(20));
     builder
@@ -266,6 +290,11 @@ fn over_capacity_response() -> Vec<u8> {
     .into_bytes()
 }
 
+/// Resolves once shutdown is asked for (or its sender is gone).
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
 async fn serve_listener<F, Fut>(
     listener: TcpListener,
     settings: Arc<ServerConfig>,
@@ -279,9 +308,16 @@ async fn serve_listener<F, Fut>(
         + 'static,
 {
     let builder = Arc::new(connection_builder(&settings));
-    let graceful = GracefulShutdown::new();
+    let timeouts = Timeouts {
+        header_read: settings.header_read_timeout,
+        idle: settings.idle_timeout,
+    };
     let permits = Arc::new(Semaphore::new(settings.max_connections));
+    let refusals = Arc::new(Semaphore::new(MAX_PENDING_REFUSALS));
+    let listen_addr = listener.local_addr().ok();
+    let mut connections = JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -292,104 +328,159 @@ async fn serve_listener<F, Fut>(
                     continue;
                 }
             },
-            _ = shutdown.changed() => break,
+            _ = stopped(&mut shutdown) => break,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tokio::spawn(refuse(stream, tls.is_some()));
+            warn_over_capacity();
+            if let Ok(slot) = refusals.clone().try_acquire_owned() {
+                tokio::spawn(refuse(stream, tls.is_some(), slot));
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let Some(local) = stream.local_addr().ok().or(listen_addr) else {
+            continue;
+        };
         let builder = builder.clone();
         let service = service.clone();
         let tls = tls.clone();
-        let watcher = graceful.watcher();
+        let shutdown = shutdown.clone();
         let handshake_timeout = settings.header_read_timeout;
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _permit = permit;
-            let svc = service_fn(move |request| service(peer, request));
-            match tls {
-                None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    if let Err(e) = watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+            let Some(acceptor) = tls else {
+                connection::serve(stream, peer, local, builder, timeouts, service, shutdown).await;
+                return;
+            };
+            let stream =
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
                     }
-                }
-                Some(acceptor) => {
-                    let stream = match tokio::time::timeout(
-                        handshake_timeout,
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    if let Err(e) = watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
                     }
-                }
-            }
+                };
+            connection::serve(stream, peer, local, builder, timeouts, service, shutdown).await;
         });
     }
+    // Closing the listener refuses new connections at the TCP level from here on.
     drop(listener);
-    match tokio::time::timeout(settings.shutdown_grace, graceful.shutdown()).await {
+    let drained = tokio::time::timeout(settings.shutdown_grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    match drained {
         Ok(()) => tracing::info!("all connections closed"),
         Err(_) => {
-            tracing::warn!(grace = ?settings.shutdown_grace, "shutdown grace ran out with connections still open")
+            tracing::warn!(
+                grace = ?settings.shutdown_grace,
+                open = connections.len(),
+                "shutdown grace ran out; closing the remaining connections"
+            );
+            connections.shutdown().await;
         }
     }
 }
 
-async fn refuse(mut stream: TcpStream, tls: bool) {
-    tracing::warn!("connection refused: server.max_connections reached");
-    if !tls {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            stream.write_all(&over_capacity_response()),
-        )
-        .await;
-        let _ = stream.shutdown().await;
+/// One warning per second at most: a flood over the cap must not flood the log too.
+fn warn_over_capacity() {
+    static LAST_WARNED: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if LAST_WARNED.swap(now, Ordering::Relaxed) != now {
+        tracing::warn!("connections refused: server.max_connections reached");
     }
 }
 
-/// Runs until SIGTERM or SIGINT, then shuts down gracefully.
+/// Answers 503 and closes. The client's request is drained after the answer so that the
+/// close does not reset the connection before the client has read it.
+async fn refuse(mut stream: TcpStream, tls: bool, _slot: OwnedSemaphorePermit) {
+    if tls {
+        return;
+    }
+    let _ = tokio::time::timeout(REFUSAL_TIME, async {
+        stream.write_all(&over_capacity_response()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
+
+/// Runs until SIGTERM or SIGINT, then shuts down gracefully: no new connections, in-flight
+/// requests get `server.shutdown_grace` to finish.
 pub async fn serve_until_signal(config: Config, config_path: PathBuf) -> Result<(), StartError> {
+    // Listen for signals before serving, so a signal never meets the default handler
+    // (which would end the process at once) once requests are being served.
+    let signals = ShutdownSignals::new().map_err(|e| StartError::Signals(e.to_string()))?;
     let options = StartOptions {
         config_path: Some(config_path),
         ..StartOptions::default()
     };
     let running = start(config, options).await?;
-    shutdown_signal().await;
-    tracing::info!("shutting down: no new connections, in-flight requests finishing");
+    let signal = signals.recv().await;
+    tracing::info!(
+        signal,
+        "shutting down: no new connections, in-flight requests finishing"
+    );
     running.shutdown().await;
+    tracing::info!("stopped");
     Ok(())
 }
 
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGTERM and SIGINT (Ctrl-C elsewhere), registered up front.
+pub struct ShutdownSignals {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    pub fn new() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                terminate: signal(SignalKind::terminate())?,
+                interrupt: signal(SignalKind::interrupt())?,
+            })
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Waits for the first signal and names it.
+    pub async fn recv(mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.terminate.recv() => "SIGTERM",
+                _ = self.interrupt.recv() => "SIGINT",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        }
+    }
+}
+
+pub async fn shutdown_signal() {
+    match ShutdownSignals::new() {
+        Ok(signals) => {
+            signals.recv().await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for signals");
+            std::future::pending::<()>().await;
+        }
     }
 }

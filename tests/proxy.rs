@@ -119,12 +119,14 @@ async fn proxy_headers_are_rewritten_for_the_upstream() {
         ],
         Some(PROMPT_BODY.len()),
     );
-    let response = raw::exchange(
+    let response = raw::exchange_while_sending(
         gateway.proxy_addr(),
         head,
         vec![PROMPT_BODY.as_bytes().to_vec()],
     )
-    .await;
+    .await
+    .response()
+    .clone();
     assert_eq!(response.status, 200, "{}", response.body_text());
     assert_eq!(response.header("x-request-id"), Some("client-chosen-id.42"));
     assert_raw_clean(&response);
@@ -273,12 +275,14 @@ async fn every_kind_of_bad_credential_answers_401_with_the_spec_body() {
     ];
     for (case, lines) in raw_cases {
         let head = raw::post_head(&lines, Some(PROMPT_BODY.len()));
-        let response = raw::exchange(
+        let response = raw::exchange_while_sending(
             gateway.proxy_addr(),
             head,
             vec![PROMPT_BODY.as_bytes().to_vec()],
         )
-        .await;
+        .await
+        .response()
+        .clone();
         assert_eq!(response.status, 401, "{case}: {}", response.body_text());
         assert_eq!(response.body_text(), UNAUTHORIZED_BODY, "{case}");
         assert_raw_clean(&response);

@@ -167,7 +167,10 @@ async fn an_announced_body_over_the_limit_is_413_before_it_is_sent() {
     let authorization = format!("Authorization: Bearer {TOKEN_DESIGN_GENERATE}");
     // Only the head: the gateway must answer without waiting for the body.
     let head = raw::post_head(&[authorization.as_bytes()], Some(SMALL_LIMIT as usize + 1));
-    let response = raw::exchange(gateway.proxy_addr(), head, vec![]).await;
+    let response = raw::exchange_while_sending(gateway.proxy_addr(), head, vec![])
+        .await
+        .response()
+        .clone();
     assert_eq!(response.status, 413, "{}", response.body_text());
     assert_eq!(response.body_text(), PAYLOAD_TOO_LARGE_BODY);
     assert!(response.header("x-request-id").is_some());
@@ -176,7 +179,10 @@ async fn an_announced_body_over_the_limit_is_413_before_it_is_sent() {
     // Exactly the limit is fine.
     let body = vec![b'a'; SMALL_LIMIT as usize];
     let head = raw::post_head(&[authorization.as_bytes()], Some(body.len()));
-    let response = raw::exchange(gateway.proxy_addr(), head, vec![body]).await;
+    let response = raw::exchange_while_sending(gateway.proxy_addr(), head, vec![body])
+        .await
+        .response()
+        .clone();
     assert_eq!(response.status, 200, "{}", response.body_text());
     assert_eq!(upstream.received()[0].body_len, SMALL_LIMIT);
     gateway.shutdown().await;
@@ -194,7 +200,10 @@ async fn a_chunked_body_over_the_limit_is_413_and_not_counted() {
     let body = vec![b'b'; SMALL_LIMIT as usize + 1];
     let mut parts = raw::chunks(&body, 16 * 1024);
     parts.push(b"0\r\n\r\n".to_vec());
-    let response = raw::exchange(gateway.proxy_addr(), head, parts).await;
+    let response = raw::exchange_while_sending(gateway.proxy_addr(), head, parts)
+        .await
+        .response()
+        .clone();
     assert_eq!(response.status, 413, "{}", response.body_text());
     assert_eq!(response.body_text(), PAYLOAD_TOO_LARGE_BODY);
     assert!(response.header("x-request-id").is_some());
@@ -208,7 +217,10 @@ async fn a_chunked_body_over_the_limit_is_413_and_not_counted() {
         &[authorization.as_bytes(), b"Transfer-Encoding: chunked"],
         None,
     );
-    let response = raw::exchange(gateway.proxy_addr(), head, parts).await;
+    let response = raw::exchange_while_sending(gateway.proxy_addr(), head, parts)
+        .await
+        .response()
+        .clone();
     assert_eq!(response.status, 200, "{}", response.body_text());
     gateway.shutdown().await;
     logs::assert_clean(ALL_SECRETS);

@@ -3,6 +3,7 @@
 //! fails a test when a secret shows up in any log line.
 #![allow(dead_code)]
 
+pub mod canary;
 pub mod logs;
 pub mod observe;
 pub mod raw;
@@ -11,7 +12,6 @@ pub mod upstream;
 
 use std::sync::{Arc, Once};
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use keygate::clock::{Clock, ManualClock, SystemClock};
@@ -59,7 +59,20 @@ pub fn init() {
     ONCE.call_once(|| {
         let _ = rustls::crypto::ring::default_provider().install_default();
         logs::install();
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            previous(info);
+        }));
     });
+}
+
+static PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Panics anywhere in this test binary so far (gateway tasks included: hyper and tokio
+/// swallow a task's panic, the hook still sees it).
+pub fn panics_so_far() -> usize {
+    PANICS.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// Plans and limits of the standard config, so tests can name them.
@@ -237,12 +250,13 @@ impl TestGateway {
         }
     }
 
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{}", self.proxy, path)
+    /// The proxy listener's address, for raw connections.
+    pub fn proxy_addr(&self) -> std::net::SocketAddr {
+        self.running.as_ref().expect("gateway running").proxy_addr
     }
 
-    pub fn proxy_addr(&self) -> SocketAddr {
-        self.running_gateway().proxy_addr
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.proxy, path)
     }
 
     fn running_gateway(&self) -> &RunningGateway {
@@ -367,13 +381,15 @@ impl Answer {
 pub const UNAUTHORIZED_BODY: &str =
     r#"{"error":{"code":"unauthorized","message":"Invalid API key"}}"#;
 pub const FORBIDDEN_BODY: &str = r#"{"error":{"code":"forbidden","message":"API key does not have permission for this operation"}}"#;
+pub const BAD_REQUEST_BODY: &str =
+    r#"{"error":{"code":"bad_request","message":"Malformed request"}}"#;
+pub const PAYLOAD_TOO_LARGE_BODY: &str =
+    r#"{"error":{"code":"payload_too_large","message":"Request body too large"}}"#;
 pub const RATE_LIMITED_BODY: &str = r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit exceeded. Please try again later."}}"#;
 pub const BAD_GATEWAY_BODY: &str =
     r#"{"error":{"code":"bad_gateway","message":"Upstream service unreachable"}}"#;
 pub const GATEWAY_TIMEOUT_BODY: &str =
     r#"{"error":{"code":"gateway_timeout","message":"Upstream service timed out"}}"#;
-pub const PAYLOAD_TOO_LARGE_BODY: &str =
-    r#"{"error":{"code":"payload_too_large","message":"Request body too large"}}"#;
 
 /// An address on 127.0.0.1 where nothing listens (bound, then released).
 pub fn closed_port_url() -> String {

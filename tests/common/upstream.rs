@@ -31,6 +31,8 @@ pub struct Received {
     pub body: Bytes,
     pub body_len: u64,
     pub body_sha256: String,
+    /// False when the body broke off (the sender aborted it).
+    pub body_complete: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -211,8 +213,12 @@ async fn handle(
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     let mut kept = Vec::new();
     let mut len = 0u64;
+    let mut body_complete = true;
     while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { break };
+        let Ok(frame) = frame else {
+            body_complete = false;
+            break;
+        };
         if let Some(data) = frame.data_ref() {
             digest.update(data);
             len += data.len() as u64;
@@ -248,6 +254,7 @@ async fn handle(
         body: Bytes::from(kept),
         body_len: len,
         body_sha256,
+        body_complete,
     });
     shared.count.send_modify(|c| *c += 1);
 

@@ -1,0 +1,421 @@
+//! Owns one accepted client connection from its first byte to its close: the timers hyper
+//! lacks (a request head must arrive within `header_read_timeout` of its first byte, an
+//! idle keep-alive connection closes after `idle_timeout`) and the graceful close on
+//! shutdown. Requests learn the address they arrived on through [`LocalAddr`].
+//!
+//! Why not hyper's own `header_read_timeout`: hyper 1.x starts that timer as soon as a
+//! keep-alive connection waits for its next request, so it doubles as an HTTP/1 idle
+//! timeout equal to the header timeout (10 s by default). A load balancer that keeps idle
+//! connections for 60 s would then keep reusing connections keygate has just closed. Here
+//! the two are separate: the idle clock runs while no request is in flight, the header
+//! clock from the first byte of a request head (or from accept, for the first request).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+/// The local address a request arrived on, as a request extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalAddr(pub SocketAddr);
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// From the first byte of a request head (or from accept) to its end.
+    pub header_read: Duration,
+    /// With no request in flight, how long a connection may stay open.
+    pub idle: Duration,
+}
+
+/// Serves one connection until it closes, times out, or finishes closing after shutdown.
+pub async fn serve<IO, F, Fut, B>(
+    io: IO,
+    peer: SocketAddr,
+    local: SocketAddr,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    timeouts: Timeouts,
+    service: F,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(Watched {
+        inner: io,
+        activity: activity.clone(),
+    });
+    let request_activity = activity.clone();
+    let svc = service_fn(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(LocalAddr(local));
+        // Taken before the handler runs, released when hyper drops the response body:
+        // the connection is busy for exactly that long.
+        let guard = request_activity.request_started();
+        let answer = service(peer, request);
+        async move {
+            let response = answer.await?;
+            Ok::<_, Infallible>(response.map(|body| Guarded {
+                body,
+                _guard: guard,
+            }))
+        }
+    });
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = crate::server::stopped(&mut shutdown), if !draining => {
+                // HTTP/1: closes now if idle, after the current response otherwise.
+                // HTTP/2: GOAWAY, open streams finish.
+                conn.as_mut().graceful_shutdown();
+                activity.start_draining();
+                draining = true;
+            }
+            expiry = activity.next_expiry(timeouts, draining) => match expiry {
+                Expiry::HeaderTimeout => {
+                    tracing::debug!(%peer, timeout = ?timeouts.header_read, "closed: request head not complete in time");
+                    return;
+                }
+                Expiry::Idle if !draining => {
+                    tracing::debug!(%peer, timeout = ?timeouts.idle, "closing an idle connection");
+                    conn.as_mut().graceful_shutdown();
+                    activity.start_draining();
+                    draining = true;
+                }
+                Expiry::Idle => {
+                    tracing::debug!(%peer, "closed: did not finish closing in time");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    HeaderTimeout,
+    Idle,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// This many bytes of the HTTP/2 preface seen so far; HTTP/1 rules apply meanwhile.
+    Undecided(usize),
+    Http1,
+    /// Requests are HEADERS frames between pings and window updates: no head timer.
+    Http2,
+}
+
+struct State {
+    protocol: Protocol,
+    /// Requests whose response body hyper has not dropped yet.
+    in_flight: usize,
+    /// When the connection last became idle (accept, last response, start of draining).
+    idle_since: Instant,
+    /// When the pending request head began: accept for the first request, its first byte
+    /// for the next ones on a keep-alive connection.
+    head_started: Option<Instant>,
+}
+
+/// What a connection is doing, shared by its I/O, its requests and its watchdog.
+struct Activity {
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+impl Activity {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            state: Mutex::new(State {
+                protocol: Protocol::Undecided(0),
+                in_flight: 0,
+                idle_since: now,
+                head_started: Some(now),
+            }),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state stays consistent under a panic elsewhere: every update is one step.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn on_read(&self, bytes: &[u8]) {
+        let mut state = self.lock();
+        if let Protocol::Undecided(mut matched) = state.protocol {
+            state.protocol = Protocol::Http1;
+            for &byte in bytes {
+                if H2_PREFACE.get(matched) != Some(&byte) {
+                    state.protocol = Protocol::Http1;
+                    break;
+                }
+                matched += 1;
+                state.protocol = if matched == H2_PREFACE.len() {
+                    Protocol::Http2
+                } else {
+                    Protocol::Undecided(matched)
+                };
+                if state.protocol == Protocol::Http2 {
+                    break;
+                }
+            }
+            if state.protocol == Protocol::Http2 {
+                state.head_started = None;
+                drop(state);
+                self.changed.notify_one();
+                return;
+            }
+        }
+        if state.protocol != Protocol::Http2 && state.in_flight == 0 && state.head_started.is_none()
+        {
+            state.head_started = Some(Instant::now());
+            drop(state);
+            self.changed.notify_one();
+        }
+    }
+
+    fn request_started(self: &Arc<Self>) -> RequestGuard {
+        let mut state = self.lock();
+        state.in_flight += 1;
+        state.head_started = None;
+        drop(state);
+        self.changed.notify_one();
+        RequestGuard {
+            activity: self.clone(),
+        }
+    }
+
+    fn request_finished(&self) {
+        let mut state = self.lock();
+        state.in_flight -= 1;
+        if state.in_flight == 0 {
+            state.idle_since = Instant::now();
+            state.head_started = None;
+        }
+        drop(state);
+        self.changed.notify_one();
+    }
+
+    fn start_draining(&self) {
+        let mut state = self.lock();
+        state.idle_since = Instant::now();
+        state.head_started = None;
+        drop(state);
+        self.changed.notify_one();
+    }
+
+    /// Resolves when the connection has been idle or waiting for a head for too long.
+    /// While draining, an idle connection gets `header_read` to finish closing.
+    async fn next_expiry(&self, timeouts: Timeouts, draining: bool) -> Expiry {
+        loop {
+            let changed = self.changed.notified();
+            let deadline = {
+                let state = self.lock();
+                if state.in_flight > 0 {
+                    None
+                } else if let Some(started) = state.head_started {
+                    Some((started + timeouts.header_read, Expiry::HeaderTimeout))
+                } else if draining {
+                    Some((state.idle_since + timeouts.header_read, Expiry::Idle))
+                } else {
+                    Some((state.idle_since + timeouts.idle, Expiry::Idle))
+                }
+            };
+            match deadline {
+                None => changed.await,
+                Some((at, expiry)) => {
+                    if Instant::now() >= at {
+                        return expiry;
+                    }
+                    tokio::select! {
+                        _ = changed => {}
+                        _ = tokio::time::sleep_until(at) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct RequestGuard {
+    activity: Arc<Activity>,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.activity.request_finished();
+    }
+}
+
+/// A response body that keeps its request counted as in flight until hyper drops it.
+struct Guarded<B> {
+    body: B,
+    _guard: RequestGuard,
+}
+
+impl<B: Body + Unpin> Body for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The connection's byte stream, reporting what it reads to the connection's activity.
+struct Watched<IO> {
+    inner: IO,
+    activity: Arc<Activity>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let read = &buf.filled()[before..];
+            if !read.is_empty() {
+                self.activity.on_read(read);
+            }
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_http2_preface_turns_off_the_head_timer() {
+        let activity = Activity::new();
+        activity.on_read(&H2_PREFACE[..10]);
+        assert_eq!(activity.lock().protocol, Protocol::Undecided(10));
+        assert!(activity.lock().head_started.is_some());
+        activity.on_read(&H2_PREFACE[10..]);
+        assert_eq!(activity.lock().protocol, Protocol::Http2);
+        assert!(activity.lock().head_started.is_none());
+        activity.on_read(b"\0\0\0\x06ping");
+        assert!(activity.lock().head_started.is_none());
+
+        let http1 = Activity::new();
+        http1.on_read(b"PRI * HTTP/1.1\r\n");
+        assert_eq!(http1.lock().protocol, Protocol::Http1);
+    }
+
+    #[test]
+    fn http1_heads_start_the_timer_only_between_requests() {
+        let activity = Arc::new(Activity::new());
+        activity.on_read(b"GET / HTTP/1.1\r\n");
+        assert_eq!(activity.lock().protocol, Protocol::Http1);
+        let guard = activity.request_started();
+        assert!(activity.lock().head_started.is_none());
+        activity.on_read(b"body bytes");
+        assert!(activity.lock().head_started.is_none());
+        drop(guard);
+        assert_eq!(activity.lock().in_flight, 0);
+        assert!(activity.lock().head_started.is_none());
+        activity.on_read(b"GET /next");
+        assert!(activity.lock().head_started.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_follows_the_state() {
+        let timeouts = Timeouts {
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(75),
+        };
+        let activity = Arc::new(Activity::new());
+        let started = Instant::now();
+        assert_eq!(
+            activity.next_expiry(timeouts, false).await,
+            Expiry::HeaderTimeout
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+
+        let guard = activity.request_started();
+        let released = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(300)).await;
+            drop(guard);
+        });
+        let started = Instant::now();
+        assert_eq!(activity.next_expiry(timeouts, false).await, Expiry::Idle);
+        assert_eq!(started.elapsed(), Duration::from_secs(375));
+        released.await.unwrap();
+    }
+}
