@@ -198,8 +198,7 @@ async fn a_chunked_body_over_the_limit_is_413_and_not_counted() {
         None,
     );
     let body = vec![b'b'; SMALL_LIMIT as usize + 1];
-    let mut parts = raw::chunks(&body, 16 * 1024);
-    parts.push(b"0\r\n\r\n".to_vec());
+    let parts = raw::chunked(&body, 16 * 1024);
     let response = raw::exchange_while_sending(gateway.proxy_addr(), head, parts)
         .await
         .response()
@@ -211,8 +210,7 @@ async fn a_chunked_body_over_the_limit_is_413_and_not_counted() {
 
     // A chunked body within the limit passes whole.
     let body = vec![b'c'; SMALL_LIMIT as usize];
-    let mut parts = raw::chunks(&body, 16 * 1024);
-    parts.push(b"0\r\n\r\n".to_vec());
+    let parts = raw::chunked(&body, 16 * 1024);
     let head = raw::post_head(
         &[authorization.as_bytes(), b"Transfer-Encoding: chunked"],
         None,
