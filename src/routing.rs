@@ -24,6 +24,8 @@ pub enum PathError {
     DoubleEncoded,
     #[error("backslash in path")]
     Backslash,
+    #[error("control character in path")]
+    ControlCharacter,
     #[error("dot segment with parameters ('..;')")]
     AmbiguousDotSegment,
     #[error("'..' above the root")]
@@ -159,6 +161,7 @@ fn decode_segment(segment: &str) -> Result<String, PathError> {
                 out.push(b as char);
                 i += 1;
             }
+            b if b < 0x20 || b == 0x7f => return Err(PathError::ControlCharacter),
             other => {
                 push_escape(&mut out, other);
                 i += 1;
@@ -325,6 +328,8 @@ mod tests {
             ("/v1/%25%32%65", Err(PathError::DoubleEncoded)),
             ("/v1/100%25off", Ok("/v1/100%25off")),
             ("/v1/%00", Err(PathError::ForbiddenEscape)),
+            ("/v1/\u{11}x", Err(PathError::ControlCharacter)),
+            ("/v1/\u{7f}", Err(PathError::ControlCharacter)),
             ("*", Err(PathError::NotAbsolute)),
         ];
         for (raw, want) in cases {

@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use common::canary::Canary;
+use common::h2c;
+use common::observe::UsageFile;
 use common::raw::{self, RawOutcome};
 use common::*;
 
@@ -347,9 +347,15 @@ async fn no_probe_ever_reaches_another_host() {
     }
 
     // HTTP/2: `:authority` naming the canary is another Host (ignored); CONNECT is refused.
-    let (status, _) = h2_request(gw, http::Method::GET, &format!("http://{c}/v1/models")).await;
+    let (status, _) = h2c::request(
+        gw,
+        TOKEN_DESIGN_GENERATE,
+        http::Method::GET,
+        &format!("http://{c}/v1/models"),
+    )
+    .await;
     assert_eq!(status, 200);
-    let (status, body) = h2_request(gw, http::Method::CONNECT, &c).await;
+    let (status, body) = h2c::request(gw, TOKEN_DESIGN_GENERATE, http::Method::CONNECT, &c).await;
     assert_eq!(status, 400);
     assert_eq!(body, BAD_REQUEST_BODY);
     assert_eq!(upstream.count(), ignored.len() + 1);
@@ -358,36 +364,6 @@ async fn no_probe_ever_reaches_another_host() {
     canary6.assert_untouched();
     gateway.shutdown().await;
     logs::assert_clean(ALL_SECRETS);
-}
-
-/// One HTTP/2 request with prior knowledge, built from `uri` as given (its authority
-/// becomes `:authority`). Returns the status and the body.
-async fn h2_request(addr: SocketAddr, method: http::Method, uri: &str) -> (u16, String) {
-    let tcp = raw::connect(addr).await;
-    let (mut client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let request = http::Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("authorization", bearer(TOKEN_DESIGN_GENERATE))
-        .body(())
-        .unwrap();
-    let (response, _) = client.send_request(request, true).expect("h2 request sent");
-    let response = tokio::time::timeout(raw::RAW_TIMEOUT, response)
-        .await
-        .expect("h2 answer in time")
-        .expect("h2 answer");
-    let status = response.status().as_u16();
-    let mut body = response.into_body();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.expect("h2 body");
-        let _ = body.flow_control().release_capacity(chunk.len());
-        bytes.extend_from_slice(&chunk);
-    }
-    (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
 #[tokio::test]
@@ -642,25 +618,68 @@ async fn the_client_cannot_choose_hop_by_hop_forwarding_or_keygate_headers() {
 #[tokio::test]
 async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
     let upstream = MockUpstream::start().await;
-    let mut config = config_from(&standard_config_text(&upstream.url(), ""));
+    let dir = tempfile::tempdir().unwrap();
+    let with_log = |name: &str| {
+        let path = dir.path().join(name);
+        let extra = format!("[usage_log]\npath = {:?}\n", path.display().to_string());
+        (
+            config_from(&standard_config_text(&upstream.url(), &extra)),
+            UsageFile::new(&path),
+        )
+    };
+    let (mut config, trusting_log) = with_log("trusting.log");
     // The test client connects from 127.0.0.1: that is the trusted proxy here.
     config.server.trusted_proxies = vec![
         "127.0.0.1/32".parse().unwrap(),
         "10.0.0.0/8".parse().unwrap(),
     ];
     let trusting = TestGateway::start(config).await;
-    let untrusting =
-        TestGateway::start(config_from(&standard_config_text(&upstream.url(), ""))).await;
+    let (config, untrusting_log) = with_log("untrusting.log");
+    let untrusting = TestGateway::start(config).await;
     let generate = bearer(TOKEN_DESIGN_GENERATE);
 
-    for (gateway, chain, want) in [
+    // (gateway, its usage log, claimed headers, X-Forwarded-For sent on, client address)
+    let cases = [
         (
             &trusting,
-            "203.0.113.5, 198.51.100.7, 10.1.2.3",
+            &trusting_log,
+            ("X-Forwarded-For", "203.0.113.5, 198.51.100.7, 10.1.2.3"),
             "203.0.113.5, 198.51.100.7, 10.1.2.3, 127.0.0.1",
+            "198.51.100.7",
         ),
-        (&untrusting, "203.0.113.5, 198.51.100.7", "127.0.0.1"),
-    ] {
+        (
+            &trusting,
+            &trusting_log,
+            (
+                "Forwarded",
+                "for=198.51.100.7;proto=https, for=\"[2001:db8::1]:4711\"",
+            ),
+            "198.51.100.7, 2001:db8::1, 127.0.0.1",
+            "2001:db8::1",
+        ),
+        (
+            &trusting,
+            &trusting_log,
+            ("X-Forwarded-For", "203.0.113.5, not-an-address, 10.1.2.3"),
+            "203.0.113.5, unknown, 10.1.2.3, 127.0.0.1",
+            "10.1.2.3",
+        ),
+        (
+            &untrusting,
+            &untrusting_log,
+            ("X-Forwarded-For", "203.0.113.5, 198.51.100.7"),
+            "127.0.0.1",
+            "127.0.0.1",
+        ),
+        (
+            &untrusting,
+            &untrusting_log,
+            ("Forwarded", "for=198.51.100.7"),
+            "127.0.0.1",
+            "127.0.0.1",
+        ),
+    ];
+    for (gateway, log, claim, forwarded_for, client_ip) in cases {
         let gw = gateway.proxy_addr();
         let outcome = raw::exchange(
             gw,
@@ -668,42 +687,19 @@ async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
                 "POST",
                 "/v1/text-to-image",
                 Some(&gw.to_string()),
-                &[("Authorization", &generate), ("X-Forwarded-For", chain)],
+                &[("Authorization", &generate), claim],
                 PROMPT_BODY,
             ),
         )
         .await;
-        assert_eq!(outcome.response().status, 200);
+        let response = outcome.response();
+        assert_eq!(response.status, 200);
         let last = upstream.received().pop().unwrap();
-        assert_eq!(last.headers["x-forwarded-for"], want);
+        assert_eq!(last.headers["x-forwarded-for"], forwarded_for, "{claim:?}");
+        assert!(!last.headers.contains_key("forwarded"));
+        let line = log.wait_for(response.header("x-request-id").unwrap()).await;
+        assert_eq!(line["client_ip"], client_ip, "{claim:?}");
     }
-
-    // RFC 7239 Forwarded from a trusted proxy becomes the X-Forwarded-For chain.
-    let gw = trusting.proxy_addr();
-    let outcome = raw::exchange(
-        gw,
-        &request(
-            "POST",
-            "/v1/text-to-image",
-            Some(&gw.to_string()),
-            &[
-                ("Authorization", &generate),
-                (
-                    "Forwarded",
-                    "for=198.51.100.7;proto=https, for=\"[2001:db8::1]:4711\"",
-                ),
-            ],
-            PROMPT_BODY,
-        ),
-    )
-    .await;
-    assert_eq!(outcome.response().status, 200);
-    let last = upstream.received().pop().unwrap();
-    assert_eq!(
-        last.headers["x-forwarded-for"],
-        "198.51.100.7, 2001:db8::1, 127.0.0.1"
-    );
-    assert!(!last.headers.contains_key("forwarded"));
 
     trusting.shutdown().await;
     untrusting.shutdown().await;

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod canary;
+pub mod h2c;
 pub mod logs;
 pub mod observe;
 pub mod raw;
