@@ -21,6 +21,9 @@ pub async fn handle(gateway: Arc<Gateway>, request: Request<Incoming>) -> Respon
         (&Method::GET | &Method::HEAD, "/readyz") => readiness(&gateway),
         (&Method::GET | &Method::HEAD, "/metrics") => metrics(&gateway).await,
         (_, "/healthz" | "/readyz" | "/metrics") => error(GatewayError::MethodNotAllowed),
+        (&Method::GET | &Method::HEAD, path) if path.starts_with("/dashboard") => {
+            crate::dashboard::asset(path).unwrap_or_else(|| error(GatewayError::NotFound))
+        }
         (_, path) if path.starts_with("/admin/") => {
             crate::admin_api::handle(gateway, request).await
         }

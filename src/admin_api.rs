@@ -59,7 +59,7 @@ async fn route(
     let method = request.method().clone();
     let known = matches!(
         segments.as_slice(),
-        ["usage"] | ["keys"] | ["keys", _] | ["keys", _, "rotate"]
+        ["usage"] | ["series"] | ["alerts"] | ["keys"] | ["keys", _] | ["keys", _, "rotate"]
     );
     if !known {
         return Err(GatewayError::NotFound);
@@ -67,6 +67,8 @@ async fn route(
     let caller = caller(gateway, &request)?;
     match (&method, segments.as_slice()) {
         (&Method::GET, ["usage"]) => usage(gateway, &caller, request.uri().query()).await,
+        (&Method::GET, ["series"]) => series(gateway, &caller, request.uri().query()),
+        (&Method::GET, ["alerts"]) => alerts(gateway, &caller, request.uri().query()),
         (&Method::GET, ["keys"]) => {
             require(&caller, Scope::Admin)?;
             Ok(list_keys(gateway))
@@ -184,7 +186,12 @@ async fn usage(
             "day": window_json(&usage.day),
         }));
     }
-    let mut body = json!({ "teams": out, "at": gateway.clock.now().to_string() });
+    let mut body = json!({
+        "teams": out,
+        "at": gateway.clock.now().to_string(),
+        // Who is asking, so a client (the dashboard) knows what else it may read.
+        "caller": { "key_id": &*caller.id, "team": &*caller.team, "scopes": caller.scopes.names() },
+    });
     if let (true, Some(limits)) = (is_admin, config.upstream.limits) {
         let subject = [Subject {
             kind: SubjectKind::Upstream,
@@ -201,6 +208,101 @@ async fn usage(
         }
     }
     Ok(ok(body))
+}
+
+fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+}
+
+/// The teams a caller may see: all configured ones for `admin` (plus requests without a
+/// valid token), its own for `read`.
+fn visible_teams(gateway: &Gateway, caller: &ApiKey) -> Result<Vec<String>, GatewayError> {
+    if caller.scopes.contains(Scope::Admin) {
+        let snapshot = gateway.snapshot();
+        let mut teams: Vec<String> = snapshot
+            .config
+            .teams
+            .iter()
+            .map(|t| t.name.clone())
+            .collect();
+        if gateway.observer.series.has_unauthenticated() {
+            teams.push(crate::usage_series::UNAUTHENTICATED.to_string());
+        }
+        Ok(teams)
+    } else if caller.scopes.contains(Scope::Read) {
+        Ok(vec![caller.team.to_string()])
+    } else {
+        Err(GatewayError::Forbidden(Forbidden::MissingScope))
+    }
+}
+
+/// `GET /admin/series?minutes=60`: requests per minute per team by outcome class, oldest
+/// first, as seen by this replica.
+fn series(
+    gateway: &Gateway,
+    caller: &ApiKey,
+    query: Option<&str>,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let teams = visible_teams(gateway, caller)?;
+    let minutes = match query_param(query, "minutes") {
+        None => crate::usage_series::MINUTES,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|m| (1..=crate::usage_series::MINUTES).contains(m))
+            .ok_or_else(|| GatewayError::InvalidRequest("minutes must be 1 to 60".into()))?,
+    };
+    let now = gateway.clock.now().as_second();
+    let names: Vec<&str> = teams.iter().map(String::as_str).collect();
+    let series = gateway.observer.series.snapshot(&names, minutes, now);
+    let first_minute = (now.div_euclid(60) - minutes as i64 + 1) * 60;
+    Ok(ok(json!({
+        "minutes": minutes,
+        "start": Timestamp::from_second(first_minute).map(|t| t.to_string()).unwrap_or_default(),
+        "scope": "replica",
+        "teams": series,
+    })))
+}
+
+/// `GET /admin/alerts[?since=RFC3339]`: the latest alerts this replica raised; a `read`
+/// caller sees only its team's.
+fn alerts(
+    gateway: &Gateway,
+    caller: &ApiKey,
+    query: Option<&str>,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let teams = visible_teams(gateway, caller)?;
+    let is_admin = caller.scopes.contains(Scope::Admin);
+    let since =
+        match query_param(query, "since") {
+            None => None,
+            Some(text) => Some(text.replace("%3A", ":").parse::<Timestamp>().map_err(|_| {
+                GatewayError::InvalidRequest("since must be an RFC 3339 time".into())
+            })?),
+        };
+    let alerts: Vec<Value> = gateway
+        .observer
+        .recent_alerts
+        .list()
+        .into_iter()
+        .filter(|a| {
+            since.is_none_or(|s| {
+                a["at"]
+                    .as_str()
+                    .and_then(|t| t.parse::<Timestamp>().ok())
+                    .is_some_and(|at| at > s)
+            })
+        })
+        .filter(|a| {
+            is_admin
+                || a["team"]
+                    .as_str()
+                    .is_some_and(|t| teams.iter().any(|v| v == t))
+        })
+        .collect();
+    Ok(ok(json!({ "alerts": alerts })))
 }
 
 fn key_json(key: &ApiKey) -> Value {

@@ -9,10 +9,15 @@ use crate::config::UsageLogConfig;
 use crate::context::RequestContext;
 use crate::metrics::{Metrics, ObservedStoreHealth, StoreHealthView};
 use crate::usage_log::{Completed, UsageConsumer, UsageLog, UsageSink, QUEUE_CAPACITY};
+use crate::usage_series::{SeriesConsumer, UsageSeries};
 
 pub struct Observer {
     pub metrics: Arc<Metrics>,
     pub usage_log: UsageLog,
+    /// The last hour per team and minute, for the dashboard (fed by the usage writer).
+    pub series: Arc<UsageSeries>,
+    /// The latest alerts raised here, for the dashboard.
+    pub recent_alerts: Arc<RecentAlerts>,
     /// Store errors seen on the request path, for stores that do not report their own.
     pub store_errors: Arc<ObservedStoreHealth>,
     store_health: Arc<dyn StoreHealthView>,
@@ -22,15 +27,19 @@ impl Observer {
     /// Starts the usage log writer for this config.
     pub fn start(
         config: &UsageLogConfig,
-        consumers: Vec<Box<dyn UsageConsumer>>,
+        mut consumers: Vec<Box<dyn UsageConsumer>>,
     ) -> std::io::Result<Self> {
+        let series = Arc::new(UsageSeries::default());
+        consumers.push(Box::new(SeriesConsumer(series.clone())));
         let sink = match &config.path {
             Some(path) => UsageSink::File(path.clone()),
             None => UsageSink::Stdout,
         };
         let metrics = Arc::new(Metrics::new());
         let usage_log = UsageLog::start(sink, QUEUE_CAPACITY, metrics.clone(), consumers)?;
-        Ok(Self::with_parts(metrics, usage_log))
+        let mut observer = Self::with_parts(metrics, usage_log);
+        observer.series = series;
+        Ok(observer)
     }
 
     pub fn with_parts(metrics: Arc<Metrics>, usage_log: UsageLog) -> Self {
@@ -38,6 +47,8 @@ impl Observer {
         Self {
             metrics,
             usage_log,
+            series: Arc::default(),
+            recent_alerts: Arc::default(),
             store_health: store_errors.clone(),
             store_errors,
         }
@@ -72,5 +83,32 @@ impl Observer {
     /// The `/metrics` body.
     pub fn render_metrics(&self) -> String {
         self.metrics.render(&*self.store_health)
+    }
+}
+
+/// The latest alert events (as sent), newest last, bounded.
+#[derive(Debug, Default)]
+pub struct RecentAlerts {
+    events: std::sync::Mutex<std::collections::VecDeque<serde_json::Value>>,
+}
+
+impl RecentAlerts {
+    pub const CAPACITY: usize = 200;
+
+    pub fn push(&self, event: serde_json::Value) {
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if events.len() == Self::CAPACITY {
+            events.pop_front();
+        }
+        events.push_back(event);
+    }
+
+    pub fn list(&self) -> Vec<serde_json::Value> {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 }
