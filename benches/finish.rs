@@ -9,7 +9,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderValue, Method};
 
+use keygate::alerts::{Alerts, MemoryDedupe};
 use keygate::auth::{ApiKey, KeyOrigin};
+use keygate::config::AlertsConfig;
 use keygate::context::{Outcome, RequestContext};
 use keygate::metrics::Metrics;
 use keygate::observe::Observer;
@@ -102,7 +104,22 @@ fn finish(c: &mut Criterion) {
         Some(Box::new(Discard)),
     )
     .unwrap();
-    let observer = Observer::with_parts(metrics.clone(), log);
+    let alerts_config = AlertsConfig {
+        thresholds: vec![0.8, 0.95, 1.0],
+        webhooks: Vec::new(),
+        max_attempts: 5,
+        retry_backoff: Duration::from_millis(500),
+        timeout: Duration::from_secs(5),
+    };
+    // The dispatcher is kept but not run: no alert is raised below the thresholds.
+    let (alerts, _dispatcher) = Alerts::new(
+        &alerts_config,
+        metrics.clone(),
+        Arc::new(MemoryDedupe::default()),
+        Arc::default(),
+    )
+    .unwrap();
+    let observer = Observer::with_parts(metrics.clone(), log, alerts, &alerts_config.thresholds);
 
     let mut group = c.benchmark_group("finish");
     group.bench_function("metrics_record", |b| {

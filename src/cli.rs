@@ -1,6 +1,6 @@
 //! Owns the command line (SPEC §1): parsing with clap and running each command.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +49,28 @@ pub enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Read a usage log (JSON lines, as `usage_log.path` writes them).
+    Usage {
+        #[command(subcommand)]
+        command: UsageCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsageCommand {
+    /// Per-team and per-key totals: requests, 429s, errors, p50/p95 latency.
+    Report {
+        #[arg(long)]
+        log: PathBuf,
+    },
+    /// Offline anomaly detection (the live detectors); one finding a line.
+    Anomalies {
+        #[arg(long)]
+        log: PathBuf,
+        /// Take the `[anomalies]` settings from this config (defaults otherwise).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,6 +105,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Check { config } => check(&config),
         Command::Token { command } => token(command),
+        Command::Usage { command } => usage(command),
     }
 }
 
@@ -225,6 +248,62 @@ fn token(command: TokenCommand) -> ExitCode {
             };
             println!("{}", crate::auth::sha256_hex(token.as_bytes()));
             ExitCode::SUCCESS
+        }
+    }
+}
+
+fn usage(command: UsageCommand) -> ExitCode {
+    let (log, settings) = match command {
+        UsageCommand::Report { log } => (log, None),
+        UsageCommand::Anomalies { log, config } => {
+            let settings = match config {
+                None => crate::config::AnomalyConfig::default(),
+                Some(path) => match Config::load(&path) {
+                    Ok(config) => config.anomalies,
+                    Err(e) => {
+                        eprint!("keygate: invalid config {e}");
+                        return ExitCode::from(EXIT_INVALID_CONFIG);
+                    }
+                },
+            };
+            (log, Some(settings))
+        }
+    };
+    let file = match std::fs::File::open(&log) {
+        Ok(file) => std::io::BufReader::new(file),
+        Err(e) => {
+            eprintln!("keygate: cannot read {}: {e}", log.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let read = match settings {
+        None => {
+            let mut report = crate::usage_report::Report::default();
+            let read = crate::usage_log::for_each_record(file, |r| report.add(r));
+            let _ = write!(stdout, "{}", report.render());
+            read
+        }
+        Some(settings) => {
+            let mut detector = crate::anomaly::Detector::new(settings);
+            let mut findings = Vec::new();
+            crate::usage_log::for_each_record(file, |record| {
+                detector.observe(record, &mut findings);
+                for finding in findings.drain(..) {
+                    let _ = writeln!(stdout, "{finding}");
+                }
+            })
+        }
+    };
+    match read {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(skipped) => {
+            eprintln!("keygate: skipped {skipped} lines that are not usage records");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keygate: cannot read {}: {e}", log.display());
+            ExitCode::FAILURE
         }
     }
 }

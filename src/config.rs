@@ -124,6 +124,21 @@ struct RawAlerts {
     thresholds: Option<Vec<f64>>,
     #[serde(default)]
     webhooks: Vec<String>,
+    max_attempts: Option<u32>,
+    retry_backoff: Option<String>,
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAnomalies {
+    enabled: Option<bool>,
+    warmup: Option<String>,
+    rate_factor: Option<f64>,
+    rate_min: Option<u64>,
+    invalid_tokens_per_minute: Option<u64>,
+    upstream_errors_per_minute: Option<u64>,
+    dev_key_rpm: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -131,6 +146,7 @@ struct RawAlerts {
 struct RawUsageLog {
     path: Option<String>,
     redis_stream: Option<String>,
+    stream_maxlen: Option<u64>,
 }
 
 const SECTIONS: &[&str] = &[
@@ -143,6 +159,7 @@ const SECTIONS: &[&str] = &[
     "keys",
     "routes",
     "alerts",
+    "anomalies",
     "usage_log",
 ];
 
@@ -161,6 +178,7 @@ pub struct Config {
     pub keys: Vec<KeyConfig>,
     pub routes: Vec<RouteConfig>,
     pub alerts: AlertsConfig,
+    pub anomalies: AnomalyConfig,
     pub usage_log: UsageLogConfig,
 }
 
@@ -272,7 +290,49 @@ pub struct RouteConfig {
 #[derive(Debug, Clone)]
 pub struct AlertsConfig {
     pub thresholds: Vec<f64>,
+    /// Receivers of every alert. A URL may hold a secret (Slack's do): only its host is
+    /// ever logged.
     pub webhooks: Vec<http::Uri>,
+    /// Tries per alert and webhook, the first included.
+    pub max_attempts: u32,
+    /// Wait before the first retry; doubled each time (with jitter) up to 30 s.
+    pub retry_backoff: Duration,
+    /// Bound on one delivery attempt.
+    pub timeout: Duration,
+}
+
+/// Anomaly detection, live and offline (`keygate usage anomalies`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnomalyConfig {
+    /// Live detection and the invalid-token throttle; the offline command always runs.
+    pub enabled: bool,
+    /// A key's history must be this long before its rate or a new address is judged.
+    pub warmup: Duration,
+    /// A key's minute is a spike at `rate_factor` × its baseline…
+    pub rate_factor: f64,
+    /// …and at least this many requests.
+    pub rate_min: u64,
+    /// Invalid tokens from one address in a minute that raise an alert; from then on the
+    /// address answers 429 until the minute ends.
+    pub invalid_tokens_per_minute: u64,
+    /// Upstream failures in a minute that raise an alert.
+    pub upstream_errors_per_minute: u64,
+    /// A `dev` key at this many requests a minute is used like a production key.
+    pub dev_key_rpm: u64,
+}
+
+impl Default for AnomalyConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            warmup: Duration::from_secs(30 * 60),
+            rate_factor: 5.0,
+            rate_min: 30,
+            invalid_tokens_per_minute: 20,
+            upstream_errors_per_minute: 20,
+            dev_key_rpm: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -280,6 +340,8 @@ pub struct UsageLogConfig {
     /// `None` is stdout (`path = "-"`).
     pub path: Option<PathBuf>,
     pub redis_stream: Option<String>,
+    /// Approximate length the stream is trimmed to (`XADD … MAXLEN ~`).
+    pub stream_maxlen: u64,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -394,6 +456,7 @@ impl Config {
             keys: array(&top, "keys", &mut problems),
             routes: array(&top, "routes", &mut problems),
             alerts: section(&top, "alerts", &mut problems),
+            anomalies: section(&top, "anomalies", &mut problems),
             usage_log: section(&top, "usage_log", &mut problems),
         };
         let config = validate(raw, base_dir, &mut problems);
@@ -419,6 +482,7 @@ struct RawConfig {
     keys: Vec<Option<RawKey>>,
     routes: Vec<Option<RawRoute>>,
     alerts: RawAlerts,
+    anomalies: RawAnomalies,
     usage_log: RawUsageLog,
 }
 
@@ -777,6 +841,19 @@ fn validate(raw: RawConfig, base_dir: Option<&Path>, problems: &mut Problems) ->
     }
 
     let alerts = validate_alerts(raw.alerts, problems);
+    let anomalies = validate_anomalies(raw.anomalies, problems);
+    if raw
+        .usage_log
+        .redis_stream
+        .as_deref()
+        .is_some_and(|s| s.trim().is_empty())
+    {
+        problems.add("usage_log.redis_stream", "must name a stream key");
+    }
+    let stream_maxlen = raw.usage_log.stream_maxlen.unwrap_or(1_000_000);
+    if stream_maxlen == 0 {
+        problems.add("usage_log.stream_maxlen", "must be at least 1");
+    }
     let usage_log = UsageLogConfig {
         path: match raw.usage_log.path.as_deref() {
             None | Some("-") => None,
@@ -787,6 +864,7 @@ fn validate(raw: RawConfig, base_dir: Option<&Path>, problems: &mut Problems) ->
             Some(p) => Some(resolve(base_dir, Path::new(p))),
         },
         redis_stream: raw.usage_log.redis_stream,
+        stream_maxlen,
     };
 
     Config {
@@ -800,6 +878,7 @@ fn validate(raw: RawConfig, base_dir: Option<&Path>, problems: &mut Problems) ->
         keys,
         routes,
         alerts,
+        anomalies,
         usage_log,
     }
 }
@@ -1080,9 +1159,83 @@ fn validate_alerts(raw: RawAlerts, problems: &mut Problems) -> AlertsConfig {
             }
         })
         .collect();
+    let max_attempts = raw.max_attempts.unwrap_or(5);
+    if !(1..=20).contains(&max_attempts) {
+        problems.add(
+            "alerts.max_attempts",
+            format!("{max_attempts} is out of range (1 to 20)"),
+        );
+    }
     AlertsConfig {
         thresholds: sorted,
         webhooks,
+        max_attempts: max_attempts.clamp(1, 20),
+        retry_backoff: duration_field(
+            raw.retry_backoff.as_deref(),
+            Duration::from_millis(500),
+            "alerts.retry_backoff",
+            problems,
+        ),
+        timeout: duration_field(
+            raw.timeout.as_deref(),
+            Duration::from_secs(5),
+            "alerts.timeout",
+            problems,
+        ),
+    }
+}
+
+fn validate_anomalies(raw: RawAnomalies, problems: &mut Problems) -> AnomalyConfig {
+    let defaults = AnomalyConfig::default();
+    let rate_factor = raw.rate_factor.unwrap_or(defaults.rate_factor);
+    if !(rate_factor.is_finite() && rate_factor > 1.0) {
+        problems.add(
+            "anomalies.rate_factor",
+            format!("{rate_factor} must be greater than 1"),
+        );
+    }
+    let mut at_least_one = |value: Option<u64>, default: u64, field: &str| {
+        let value = value.unwrap_or(default);
+        if value == 0 {
+            problems.add(field, "must be at least 1");
+        }
+        value.max(1)
+    };
+    let rate_min = at_least_one(raw.rate_min, defaults.rate_min, "anomalies.rate_min");
+    let invalid_tokens_per_minute = at_least_one(
+        raw.invalid_tokens_per_minute,
+        defaults.invalid_tokens_per_minute,
+        "anomalies.invalid_tokens_per_minute",
+    );
+    let upstream_errors_per_minute = at_least_one(
+        raw.upstream_errors_per_minute,
+        defaults.upstream_errors_per_minute,
+        "anomalies.upstream_errors_per_minute",
+    );
+    let dev_key_rpm = at_least_one(
+        raw.dev_key_rpm,
+        defaults.dev_key_rpm,
+        "anomalies.dev_key_rpm",
+    );
+    let warmup = match raw.warmup.as_deref() {
+        None => defaults.warmup,
+        Some(text) => parse_duration(text).unwrap_or_else(|e| {
+            problems.add("anomalies.warmup", e);
+            defaults.warmup
+        }),
+    };
+    AnomalyConfig {
+        enabled: raw.enabled.unwrap_or(true),
+        warmup,
+        rate_factor: if rate_factor.is_finite() && rate_factor > 1.0 {
+            rate_factor
+        } else {
+            defaults.rate_factor
+        },
+        rate_min,
+        invalid_tokens_per_minute,
+        upstream_errors_per_minute,
+        dev_key_rpm,
     }
 }
 
@@ -1206,6 +1359,31 @@ scope = "generate"
         );
         assert_eq!(config.server.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(config.store.expected_replicas, 3);
+    }
+
+    #[test]
+    fn alert_and_anomaly_settings_are_validated_together() {
+        let text = minimal()
+            + "\n[alerts]\nthresholds = [0.8, 1.5]\nmax_attempts = 0\nretry_backoff = \"soon\"\n\
+               [anomalies]\nrate_factor = 0.5\ninvalid_tokens_per_minute = 0\nwarmup = \"x\"\n\
+               [usage_log]\nredis_stream = \" \"\nstream_maxlen = 0\n";
+        let err = Config::from_toml(&text).unwrap_err();
+        let all = err.problems.join("\n");
+        for needle in [
+            "alerts.thresholds: 1.5 is not in (0, 1]",
+            "alerts.max_attempts: 0 is out of range",
+            "alerts.retry_backoff: \"soon\"",
+            "anomalies.rate_factor: 0.5 must be greater than 1",
+            "anomalies.invalid_tokens_per_minute: must be at least 1",
+            "anomalies.warmup: \"x\"",
+            "usage_log.redis_stream: must name a stream key",
+            "usage_log.stream_maxlen: must be at least 1",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        let config = Config::from_toml(&minimal()).unwrap();
+        assert_eq!(config.anomalies, AnomalyConfig::default());
+        assert_eq!(config.alerts.max_attempts, 5);
     }
 
     #[test]

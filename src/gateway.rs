@@ -21,6 +21,7 @@ use crate::quota::{Limits, QuotaStore, Subject, SubjectKind};
 use crate::request_id::RequestIds;
 use crate::routing::{Route, RouteTable};
 use crate::scope::{Scope, Scopes};
+use crate::throttle::AddressThrottle;
 use crate::upstream_keys::UpstreamKeys;
 
 /// Everything requests read, derived from one config plus the admin-made keys. Swapped
@@ -231,6 +232,7 @@ pub struct Gateway {
     pub edge: EdgeSettings,
     pub request_ids: RequestIds,
     pub observer: Observer,
+    pub throttle: AddressThrottle,
     pub reload_stats: crate::reload::ReloadStats,
 }
 
@@ -255,6 +257,11 @@ impl Gateway {
             store_timeout: config.store.timeout,
         };
         let admin_keys = Arc::new(Vec::new());
+        let throttle = AddressThrottle::new(if config.anomalies.enabled {
+            config.anomalies.invalid_tokens_per_minute
+        } else {
+            0
+        });
         Ok(Self {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config.clone(), &admin_keys, None)),
             sources: Mutex::new((config, admin_keys)),
@@ -265,6 +272,7 @@ impl Gateway {
             clock,
             edge,
             request_ids: RequestIds::default(),
+            throttle,
             observer,
             reload_stats: Default::default(),
         })

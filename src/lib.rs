@@ -27,11 +27,15 @@
 //! - [`quota`]: the store trait, window arithmetic, the memory store, quota headers.
 //! - [`forward`]: the upstream client and header rewrite; [`upstream_keys`]: real keys.
 //! - [`context`], [`observe`], [`request_id`], [`telemetry`]: what is recorded;
-//!   [`metrics`]: the Prometheus series; [`usage_log`]: one JSON line per request.
+//!   [`metrics`]: the Prometheus series; [`usage_log`]: one JSON line per request;
+//!   [`alerts`]: quota, store and anomaly alerts to webhooks; [`anomaly`]: the detectors,
+//!   live and offline; [`throttle`]: 429 for addresses guessing tokens.
 //! - [`clock`]: wall or manual time for the quota windows.
 
 pub mod admin;
 pub mod admin_api;
+pub mod alerts;
+pub mod anomaly;
 pub mod auth;
 pub mod body;
 pub mod cli;
@@ -57,8 +61,10 @@ pub mod scope;
 pub mod secret;
 pub mod server;
 pub mod telemetry;
+pub mod throttle;
 pub mod tls;
 pub mod token;
 pub mod upstream_keys;
 pub mod usage_log;
+pub mod usage_report;
 pub mod usage_series;

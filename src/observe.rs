@@ -1,19 +1,29 @@
 //! Owns what the finish step does with a completed request context: the metrics and the
 //! usage line are recorded from that one context, so the two never disagree; the metrics
-//! with a few atomic adds on the spot, the usage line (and everything fed from it) handed
-//! to the writer thread without waiting.
+//! with a few atomic adds on the spot, quota warnings checked against the team's usage the
+//! decision reported, and the usage line (and the live anomaly detection fed from it)
+//! handed to the writer thread without waiting.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::config::UsageLogConfig;
+pub use crate::alerts::RecentAlerts;
+
+use crate::alerts::{AlertDedupe, AlertDispatcher, AlertEvent, Alerts};
+use crate::anomaly::{Detector, Finding, COOLDOWN_MINUTES};
+use crate::config::Config;
 use crate::context::RequestContext;
 use crate::metrics::{Metrics, ObservedStoreHealth, StoreHealthView};
-use crate::usage_log::{Completed, UsageConsumer, UsageLog, UsageSink, QUEUE_CAPACITY};
+use crate::quota::{Window, WindowUsage};
+use crate::usage_log::{
+    Completed, UsageConsumer, UsageLog, UsageRecord, UsageSink, QUEUE_CAPACITY,
+};
 use crate::usage_series::{SeriesConsumer, UsageSeries};
 
 pub struct Observer {
     pub metrics: Arc<Metrics>,
     pub usage_log: UsageLog,
+    pub alerts: Alerts,
     /// The last hour per team and minute, for the dashboard (fed by the usage writer).
     pub series: Arc<UsageSeries>,
     /// The latest alerts raised here, for the dashboard.
@@ -21,36 +31,73 @@ pub struct Observer {
     /// Store errors seen on the request path, for stores that do not report their own.
     pub store_errors: Arc<ObservedStoreHealth>,
     store_health: Arc<dyn StoreHealthView>,
+    /// `alerts.thresholds` in millionths, for exact integer crossing checks.
+    thresholds_ppm: Vec<(f64, u64)>,
 }
 
 impl Observer {
-    /// Starts the usage log writer for this config.
+    /// Starts the usage log writer (with live anomaly detection when enabled) and returns
+    /// the alert dispatcher, to be spawned on the runtime.
     pub fn start(
-        config: &UsageLogConfig,
+        config: &Config,
+        dedupe: Arc<dyn AlertDedupe>,
         mut consumers: Vec<Box<dyn UsageConsumer>>,
-    ) -> std::io::Result<Self> {
+    ) -> Result<(Self, AlertDispatcher), String> {
+        let metrics = Arc::new(Metrics::new());
+        let recent_alerts = Arc::new(RecentAlerts::default());
+        let (alerts, dispatcher) = Alerts::new(
+            &config.alerts,
+            metrics.clone(),
+            dedupe,
+            recent_alerts.clone(),
+        )?;
         let series = Arc::new(UsageSeries::default());
         consumers.push(Box::new(SeriesConsumer(series.clone())));
-        let sink = match &config.path {
+        if config.anomalies.enabled {
+            consumers.push(Box::new(LiveAnomalies {
+                detector: Detector::new(config.anomalies.clone()),
+                alerts: alerts.clone(),
+                findings: Vec::new(),
+            }));
+        }
+        let sink = match &config.usage_log.path {
             Some(path) => UsageSink::File(path.clone()),
             None => UsageSink::Stdout,
         };
-        let metrics = Arc::new(Metrics::new());
-        let usage_log = UsageLog::start(sink, QUEUE_CAPACITY, metrics.clone(), consumers)?;
-        let mut observer = Self::with_parts(metrics, usage_log);
+        let usage_log =
+            UsageLog::start(sink, QUEUE_CAPACITY, metrics.clone(), consumers).map_err(|e| {
+                let place = config
+                    .usage_log
+                    .path
+                    .as_ref()
+                    .map_or("stdout".into(), |p| p.display().to_string());
+                format!("usage log {place}: {e}")
+            })?;
+        let mut observer = Self::with_parts(metrics, usage_log, alerts, &config.alerts.thresholds);
         observer.series = series;
-        Ok(observer)
+        observer.recent_alerts = recent_alerts;
+        Ok((observer, dispatcher))
     }
 
-    pub fn with_parts(metrics: Arc<Metrics>, usage_log: UsageLog) -> Self {
+    pub fn with_parts(
+        metrics: Arc<Metrics>,
+        usage_log: UsageLog,
+        alerts: Alerts,
+        thresholds: &[f64],
+    ) -> Self {
         let store_errors = Arc::new(ObservedStoreHealth::default());
         Self {
             metrics,
             usage_log,
+            alerts,
             series: Arc::default(),
             recent_alerts: Arc::default(),
             store_health: store_errors.clone(),
             store_errors,
+            thresholds_ppm: thresholds
+                .iter()
+                .map(|t| (*t, (t * 1_000_000.0).round() as u64))
+                .collect(),
         }
     }
 
@@ -64,10 +111,11 @@ impl Observer {
         &*self.store_health
     }
 
-    /// The finish step's work: metrics now, the usage line queued.
+    /// The finish step's work: metrics and quota warnings now, the usage line queued.
     pub fn record(&self, ctx: RequestContext) {
         let latency = ctx.latency();
         self.metrics.record_request(&ctx, latency);
+        self.quota_warnings(&ctx);
         if let Some(cause) = &ctx.cause {
             tracing::debug!(
                 target: "keygate::access",
@@ -80,35 +128,128 @@ impl Observer {
         self.usage_log.enqueue(Completed { ctx, latency });
     }
 
+    /// Raises `quota_warning` for each threshold this request's admission reached. The
+    /// store counts admissions one by one, so exactly one admission per window reaches each
+    /// count; the store-side claim (`SET NX`) covers refunds and rolling windows that reach
+    /// a count again, across every replica.
+    fn quota_warnings(&self, ctx: &RequestContext) {
+        if !ctx.admitted || self.thresholds_ppm.is_empty() {
+            return;
+        }
+        let (Some(usage), Some(key)) = (ctx.team_usage, ctx.key.as_deref()) else {
+            return;
+        };
+        let now_secs = ctx.received_at.as_second();
+        for (window, w) in [(Window::Minute, usage.minute), (Window::Day, usage.day)] {
+            for &(threshold, ppm) in &self.thresholds_ppm {
+                if w.used != crossing(ppm, w.limit) {
+                    continue;
+                }
+                let (instance, resets_at, ttl) = window_instance(window, w, now_secs);
+                self.alerts.raise_once(
+                    AlertEvent::QuotaWarning {
+                        team: key.team.to_string(),
+                        window,
+                        threshold,
+                        used: w.used,
+                        limit: w.limit,
+                        resets_at: jiff::Timestamp::from_second(resets_at)
+                            .unwrap_or(ctx.received_at),
+                    },
+                    format!(
+                        "keygate:alert:quota:{}:{}{instance}:{threshold}",
+                        key.team,
+                        window.as_str()
+                    ),
+                    ttl,
+                );
+            }
+        }
+    }
+
     /// The `/metrics` body.
     pub fn render_metrics(&self) -> String {
         self.metrics.render(&*self.store_health)
     }
 }
 
-/// The latest alert events (as sent), newest last, bounded.
-#[derive(Debug, Default)]
-pub struct RecentAlerts {
-    events: std::sync::Mutex<std::collections::VecDeque<serde_json::Value>>,
+/// The count at which usage reaches `ppm` millionths of `limit` (at least 1).
+fn crossing(ppm: u64, limit: u64) -> u64 {
+    let k = (u128::from(ppm) * u128::from(limit)).div_ceil(1_000_000);
+    u64::try_from(k).unwrap_or(u64::MAX).max(1)
 }
 
-impl RecentAlerts {
-    pub const CAPACITY: usize = 200;
-
-    pub fn push(&self, event: serde_json::Value) {
-        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
-        if events.len() == Self::CAPACITY {
-            events.pop_front();
+/// Which window instance a warning belongs to: `(key suffix, resets_at, claim ttl)`.
+/// The day window is its calendar day, named by its end. The minute window rolls, so its
+/// instance is the 60 s from the first warning on: one warning per threshold per minute.
+fn window_instance(window: Window, usage: WindowUsage, now_secs: i64) -> (String, i64, Duration) {
+    let reset = i64::try_from(usage.reset_secs).unwrap_or(i64::MAX / 2);
+    match window {
+        Window::Minute => (String::new(), now_secs + reset, Duration::from_secs(60)),
+        Window::Day => {
+            // The reset is reported in whole seconds; midnight is on a whole minute.
+            let end = (now_secs + reset + 30).div_euclid(60) * 60;
+            (
+                format!(":{end}"),
+                end,
+                Duration::from_secs(usage.reset_secs + 3600),
+            )
         }
-        events.push_back(event);
+    }
+}
+
+/// Live anomaly detection, on the usage log's writer thread: each finding becomes an
+/// `anomaly` alert, raised once across the fleet per signal and subject per cooldown.
+struct LiveAnomalies {
+    detector: Detector,
+    alerts: Alerts,
+    findings: Vec<Finding>,
+}
+
+impl UsageConsumer for LiveAnomalies {
+    fn consume(&mut self, record: &UsageRecord, _line: &str) {
+        self.detector.observe(record, &mut self.findings);
+        for finding in self.findings.drain(..) {
+            let key = format!(
+                "keygate:alert:anomaly:{}:{}:{}",
+                finding.signal.as_str(),
+                finding.key_id.as_deref().unwrap_or("-"),
+                finding.client_ip.as_deref().unwrap_or("-"),
+            );
+            self.alerts.raise_once(
+                AlertEvent::Anomaly(finding),
+                key,
+                Duration::from_secs(60 * COOLDOWN_MINUTES as u64),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crossings_are_exact_in_integers() {
+        assert_eq!(crossing(800_000, 10), 8);
+        assert_eq!(crossing(950_000, 100), 95);
+        assert_eq!(crossing(950_000, 10), 10);
+        assert_eq!(crossing(1_000_000, 1_000_000_000), 1_000_000_000);
+        assert_eq!(crossing(800_000, 1), 1);
+        assert_eq!(crossing(333_333, 3), 1);
     }
 
-    pub fn list(&self) -> Vec<serde_json::Value> {
-        self.events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+    #[test]
+    fn a_day_instance_is_named_by_its_end() {
+        let usage = WindowUsage {
+            used: 8,
+            limit: 10,
+            reset_secs: 3601,
+        };
+        // 23:00:00 with the day ending at midnight (reset rounded up by a second).
+        let now = 1_767_222_000;
+        let (suffix, resets_at, _) = window_instance(Window::Day, usage, now);
+        assert_eq!(resets_at, 1_767_225_600);
+        assert_eq!(suffix, ":1767225600");
     }
 }

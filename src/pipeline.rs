@@ -66,7 +66,7 @@ async fn run(
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let target = route(snapshot, ctx, &request, gateway.edge.max_body_bytes)?;
-    let key = authenticate(snapshot, ctx, &request)?;
+    let key = authenticate(gateway, snapshot, ctx, &request)?;
     let route = authorize(&key, target.route)?;
     ctx.route = Some(route.label.clone());
     let credential = gateway
@@ -188,13 +188,29 @@ fn names_local_address(uri: &http::Uri, local: Option<SocketAddr>) -> bool {
 }
 
 /// Step 2 — authenticate: the Bearer token must hash to a known, unexpired key.
+/// An address that sent too many refused tokens this minute is answered 429 before its
+/// token is looked at.
 fn authenticate(
+    gateway: &Gateway,
     snapshot: &Snapshot,
     ctx: &mut RequestContext,
     request: &Request<Incoming>,
 ) -> Result<Arc<ApiKey>, GatewayError> {
-    let key = auth::authenticate(&snapshot.keys, request.headers(), ctx.received_at)
-        .map_err(GatewayError::Unauthorized)?;
+    if let Some(retry_after_secs) = gateway.throttle.check(ctx.client_ip, ctx.received_at) {
+        return Err(GatewayError::RateLimited {
+            subject: RateLimitSubject::ClientAddress,
+            report: None,
+            retry_after_secs,
+        });
+    }
+    let key = auth::authenticate(&snapshot.keys, request.headers(), ctx.received_at).map_err(
+        |failure| {
+            gateway
+                .throttle
+                .record_failure(ctx.client_ip, ctx.received_at);
+            GatewayError::Unauthorized(failure)
+        },
+    )?;
     ctx.key = Some(key.clone());
     Ok(key)
 }

@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 
 use std::path::PathBuf;
 
+use crate::alerts::{AlertDedupe, MemoryDedupe};
 use crate::connection::{self, Timeouts};
 
 use crate::clock::{Clock, SystemClock};
@@ -43,10 +44,10 @@ pub enum StartError {
     Upstream(String),
     #[error("store: {0}")]
     Store(String),
+    #[error("{0}")]
+    Observe(String),
     #[error("cannot listen for SIGTERM/SIGINT: {0}")]
     Signals(String),
-    #[error("usage log: {0}")]
-    UsageLog(String),
 }
 
 /// How to start a gateway beyond its config: injected clock or stores (tests, the demo),
@@ -56,6 +57,8 @@ pub struct StartOptions {
     pub store: Option<Arc<dyn QuotaStore>>,
     pub key_store: Option<Arc<dyn KeyStore>>,
     pub config_path: Option<PathBuf>,
+    /// Where alerts are claimed once; by default the store's own (memory: this process).
+    pub alert_dedupe: Option<Arc<dyn AlertDedupe>>,
 }
 
 impl Default for StartOptions {
@@ -65,6 +68,7 @@ impl Default for StartOptions {
             store: None,
             key_store: None,
             config_path: None,
+            alert_dedupe: None,
         }
     }
 }
@@ -122,16 +126,13 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
     let key_store = options
         .key_store
         .unwrap_or_else(|| Arc::new(MemoryKeyStore::default()));
-    let observer = Observer::start(&config.usage_log, Vec::new()).map_err(|e| {
-        StartError::UsageLog(format!(
-            "{}: {e}",
-            config
-                .usage_log
-                .path
-                .as_ref()
-                .map_or("stdout".into(), |p| p.display().to_string())
-        ))
-    })?;
+    let dedupe = options
+        .alert_dedupe
+        .unwrap_or_else(|| Arc::new(MemoryDedupe::default()));
+    let (observer, alert_dispatcher) =
+        Observer::start(&config, dedupe, Vec::new()).map_err(StartError::Observe)?;
+    // Detached: it ends when the last alert handle (the gateway's) is gone.
+    tokio::spawn(alert_dispatcher.run());
     let gateway = Arc::new(
         Gateway::new(config.clone(), store, key_store, options.clock, observer)
             .map_err(StartError::Upstream)?,

@@ -334,9 +334,12 @@ impl Writer {
     }
 }
 
-/// Reads a usage log, skipping (and counting) lines that are not usage records.
-pub fn read_records(reader: impl io::BufRead) -> io::Result<(Vec<UsageRecord>, usize)> {
-    let mut records = Vec::new();
+/// Reads a usage log line by line, handing each record to `f`; returns how many lines
+/// were skipped because they are not usage records.
+pub fn for_each_record(
+    reader: impl io::BufRead,
+    mut f: impl FnMut(&UsageRecord),
+) -> io::Result<usize> {
     let mut skipped = 0;
     for line in reader.lines() {
         let line = line?;
@@ -344,11 +347,11 @@ pub fn read_records(reader: impl io::BufRead) -> io::Result<(Vec<UsageRecord>, u
             continue;
         }
         match serde_json::from_str::<UsageRecord>(&line) {
-            Ok(record) => records.push(record),
+            Ok(record) => f(&record),
             Err(_) => skipped += 1,
         }
     }
-    Ok((records, skipped))
+    Ok(skipped)
 }
 
 #[cfg(test)]

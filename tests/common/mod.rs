@@ -10,6 +10,7 @@ pub mod observe;
 pub mod raw;
 pub mod redis;
 pub mod upstream;
+pub mod webhook;
 
 use std::sync::{Arc, Once};
 
