@@ -23,6 +23,7 @@ use keygate::quota::{SubjectKind, SubjectUsage};
 use keygate::secret::Secret;
 use keygate::server::{RunningGateway, StartOptions};
 
+#[allow(unused_imports)]
 pub use upstream::MockUpstream;
 #[allow(unused_imports)]
 pub use upstream::Reply;
@@ -316,6 +317,44 @@ impl TestGateway {
             .send()
             .await
             .expect("request reaches the gateway")
+    }
+
+    /// `GET /readyz`: status code and JSON body.
+    pub async fn readyz(&self) -> (u16, serde_json::Value) {
+        let response = self
+            .client
+            .get(format!("{}/readyz", self.admin))
+            .send()
+            .await
+            .expect("readyz answers");
+        let status = response.status().as_u16();
+        (status, json_body(response).await)
+    }
+
+    /// Polls `/readyz` until the quota store is reported in `state` (`ok` or `degraded`).
+    pub async fn wait_store_state(&self, state: &str, within: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let (_, body) = self.readyz().await;
+            if body["store"]["state"] == state {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "store not {state} within {within:?}: {body}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The gateway's view of the store: degraded state, errors, since when.
+    pub fn store_health(&self) -> std::sync::Arc<keygate::quota::failover::StoreHealth> {
+        self.running
+            .as_ref()
+            .expect("gateway running")
+            .gateway
+            .store_health
+            .clone()
     }
 
     pub async fn shutdown(mut self) {
