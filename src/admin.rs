@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::body::ResponseBody;
+use crate::config::OnStoreError;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::pipeline::json_response;
@@ -33,10 +34,35 @@ pub async fn handle(gateway: Arc<Gateway>, request: Request<Incoming>) -> Respon
 
 fn readiness(gateway: &Gateway) -> Response<ResponseBody> {
     let key_problems = gateway.upstream_keys.problems();
-    let ready = key_problems.is_empty();
+    let health = &gateway.store_health;
+    let degraded = health.is_degraded();
+    // Degraded `local` and `open` still serve (within their rules); `closed` refuses all.
+    let store_serves = !degraded || health.mode() != OnStoreError::Closed;
+    let ready = key_problems.is_empty() && store_serves;
+    let status = match (ready, degraded) {
+        (false, _) => "not_ready",
+        (true, true) => "degraded",
+        (true, false) => "ready",
+    };
+    let mut store = json!({
+        "kind": health.kind(),
+        "state": if degraded { "degraded" } else { "ok" },
+        "on_error": health.mode().as_str(),
+        "errors": health.error_count(),
+    });
+    if degraded {
+        store["since"] = json!(health.degraded_since().map(|t| t.to_string()));
+        store["down_for_ms"] = json!(health.down_for().map(|d| d.as_millis() as u64));
+        store["last_error"] = json!(health.last_error());
+        store["detail"] = json!(match health.mode() {
+            OnStoreError::Local => "store unreachable: each replica enforces limit / store.expected_replicas from memory",
+            OnStoreError::Open => "store unreachable: requests are admitted without quota",
+            OnStoreError::Closed => "store unreachable: requests are refused with 503",
+        });
+    }
     let body = json!({
-        "status": if ready { "ready" } else { "not_ready" },
-        "store": { "kind": gateway.store.kind(), "state": "ok" },
+        "status": status,
+        "store": store,
         "upstream_keys": key_problems
             .iter()
             .map(|(env, problem)| json!({ "env": env, "problem": problem }))

@@ -6,6 +6,13 @@ use jiff::Timestamp;
 
 pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> Timestamp;
+
+    /// How far this clock runs ahead of the wall clock, in milliseconds. A shared store
+    /// reads its own server's time (one clock for the fleet) and adds this, so tests can
+    /// move a Redis-backed window without sleeping. The wall clock answers 0 by definition.
+    fn offset_from_wall_ms(&self) -> i64 {
+        0
+    }
 }
 
 /// The wall clock.
@@ -44,5 +51,41 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> Timestamp {
         Timestamp::from_millisecond(self.millis.load(Ordering::SeqCst)).unwrap_or(Timestamp::MAX)
+    }
+}
+
+/// The wall clock moved by an adjustable offset: time keeps running, from wherever a test
+/// put it. Unlike [`ManualClock`] it also moves a shared store's clock (see
+/// [`Clock::offset_from_wall_ms`]), so Redis-backed windows can be tested at any instant.
+#[derive(Debug, Default)]
+pub struct OffsetClock {
+    offset_ms: AtomicI64,
+}
+
+impl OffsetClock {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes "now" be `at` from this moment on.
+    pub fn set(&self, at: Timestamp) {
+        let offset = at.as_millisecond() - Timestamp::now().as_millisecond();
+        self.offset_ms.store(offset, Ordering::SeqCst);
+    }
+
+    pub fn advance(&self, by: std::time::Duration) {
+        self.offset_ms
+            .fetch_add(by.as_millis() as i64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for OffsetClock {
+    fn now(&self) -> Timestamp {
+        let ms = Timestamp::now().as_millisecond() + self.offset_ms.load(Ordering::SeqCst);
+        Timestamp::from_millisecond(ms).unwrap_or(Timestamp::MAX)
+    }
+
+    fn offset_from_wall_ms(&self) -> i64 {
+        self.offset_ms.load(Ordering::SeqCst)
     }
 }

@@ -17,6 +17,8 @@ use crate::config::{parse_sha256_hex, Config, OnStoreError};
 use crate::forward::Upstream;
 use crate::key_store::{KeyStore, StoredKey};
 use crate::observe::Observer;
+use crate::quota::calendar::DayCalendar;
+use crate::quota::failover::{FailoverStore, StoreHealth};
 use crate::quota::{Limits, QuotaStore, Subject, SubjectKind};
 use crate::request_id::RequestIds;
 use crate::routing::{Route, RouteTable};
@@ -224,7 +226,10 @@ pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
     /// The inputs of the snapshot, kept so either can change alone.
     sources: Mutex<(Arc<Config>, Arc<Vec<StoredKey>>)>,
+    /// The quota store behind `store.timeout` and `store.on_error`.
     pub store: Arc<dyn QuotaStore>,
+    /// Whether the store is degraded, since when and why (`/readyz`, metrics, alerts).
+    pub store_health: Arc<StoreHealth>,
     pub key_store: Arc<dyn KeyStore>,
     pub upstream: Upstream,
     pub upstream_keys: UpstreamKeys,
@@ -242,7 +247,7 @@ impl Gateway {
         store: Arc<dyn QuotaStore>,
         key_store: Arc<dyn KeyStore>,
         clock: Arc<dyn Clock>,
-        observer: Observer,
+        mut observer: Observer,
     ) -> Result<Self, String> {
         let upstream = Upstream::new(&config.upstream)?;
         let upstream_keys = UpstreamKeys::load(&config.upstream.keys);
@@ -256,6 +261,14 @@ impl Gateway {
             on_store_error: config.store.on_error,
             store_timeout: config.store.timeout,
         };
+        let store = FailoverStore::new(
+            store,
+            &config.store,
+            clock.clone(),
+            DayCalendar::new(config.day_tz.clone()),
+        );
+        let store_health = store.health();
+        observer.set_store_health(store_health.clone());
         let admin_keys = Arc::new(Vec::new());
         let throttle = AddressThrottle::new(if config.anomalies.enabled {
             config.anomalies.invalid_tokens_per_minute
@@ -265,7 +278,8 @@ impl Gateway {
         Ok(Self {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config.clone(), &admin_keys, None)),
             sources: Mutex::new((config, admin_keys)),
-            store,
+            store: Arc::new(store),
+            store_health,
             key_store,
             upstream,
             upstream_keys,

@@ -24,7 +24,8 @@
 //! - [`pipeline`]: the steps above; [`body`]: streamed, counted bodies.
 //! - [`routing`]: canonical paths and the route table; [`auth`]: tokens → key records;
 //!   [`scope`]: permission levels; [`client_addr`]: who the client is.
-//! - [`quota`]: the store trait, window arithmetic, the memory store, quota headers.
+//! - [`quota`]: the store trait, window arithmetic, the memory and Redis stores, the
+//!   outage modes, quota headers; [`shared_redis`]: the connection to a fleet's Redis.
 //! - [`forward`]: the upstream client and header rewrite; [`upstream_keys`]: real keys.
 //! - [`context`], [`observe`], [`request_id`], [`telemetry`]: what is recorded;
 //!   [`metrics`]: the Prometheus series; [`usage_log`]: one JSON line per request;
@@ -60,6 +61,7 @@ pub mod routing;
 pub mod scope;
 pub mod secret;
 pub mod server;
+pub mod shared_redis;
 pub mod telemetry;
 pub mod throttle;
 pub mod tls;

@@ -227,24 +227,14 @@ fn authorize<'a>(key: &ApiKey, route: Option<&'a Route>) -> Result<&'a Route, Ga
 }
 
 /// Step 4 — quota: one decision over the team, the key's override and the upstream
-/// ceiling, bounded by the store timeout.
+/// ceiling. The store bounds itself by `store.timeout` and decides from local memory in
+/// `on_error = "local"`; an error reaching here means `open` (admit) or `closed` (503).
 async fn quota(
     gateway: &Gateway,
     ctx: &mut RequestContext,
     key: &ApiKey,
 ) -> Result<Option<Decision>, GatewayError> {
-    let decided = tokio::time::timeout(
-        gateway.edge.store_timeout,
-        gateway.store.decide(&key.subjects),
-    )
-    .await
-    .unwrap_or(Err(crate::quota::StoreError::Timeout(
-        gateway.edge.store_timeout,
-    )));
-    if decided.is_err() {
-        gateway.observer.store_errors.record_error();
-    }
-    let decision = match decided {
+    let decision = match gateway.store.decide(&key.subjects).await {
         Ok(decision) => decision,
         Err(error) => match gateway.edge.on_store_error {
             OnStoreError::Open => {
@@ -376,16 +366,14 @@ async fn forward(
 }
 
 /// Gives an admission back off the request path: the client's answer does not wait for it.
+/// The store bounds the call and sends a local admission's refund to local memory.
 fn refund(gateway: &Gateway, key: &Arc<ApiKey>, admission: Option<Admission>) {
     let Some(admission) = admission else { return };
     let store = gateway.store.clone();
     let key = key.clone();
-    let timeout = gateway.edge.store_timeout;
     tokio::spawn(async move {
-        let refunded =
-            tokio::time::timeout(timeout * 4, store.refund(&key.subjects, admission)).await;
-        if !matches!(refunded, Ok(Ok(()))) {
-            tracing::warn!(key_id = %key.id, "refund of a failed upstream call did not reach the store");
+        if let Err(error) = store.refund(&key.subjects, admission).await {
+            tracing::warn!(key_id = %key.id, %error, "refund of a failed upstream call did not reach the store");
         }
     });
 }

@@ -29,6 +29,7 @@ use crate::key_store::{KeyStore, MemoryKeyStore};
 use crate::observe::Observer;
 use crate::quota::calendar::DayCalendar;
 use crate::quota::memory::MemoryStore;
+use crate::quota::redis::RedisStore;
 use crate::quota::QuotaStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -101,17 +102,17 @@ impl RunningGateway {
     }
 }
 
+/// The quota store a config names. A Redis store connects lazily, so a replica starts
+/// (degraded, per `store.on_error`) while Redis is down.
 pub fn build_store(
     config: &Config,
     clock: Arc<dyn Clock>,
 ) -> Result<Arc<dyn QuotaStore>, StartError> {
+    let calendar = DayCalendar::new(config.day_tz.clone());
     match &config.store.url {
-        StoreUrl::Memory => Ok(Arc::new(MemoryStore::new(
-            clock,
-            DayCalendar::new(config.day_tz.clone()),
-        ))),
-        StoreUrl::Redis(_) | StoreUrl::Cluster(_) => Err(StartError::Store(
-            "Redis stores are not built into this version yet; use memory://".into(),
+        StoreUrl::Memory => Ok(Arc::new(MemoryStore::new(clock, calendar))),
+        url @ (StoreUrl::Redis(_) | StoreUrl::Cluster(_)) => Ok(Arc::new(
+            RedisStore::open(url, clock, calendar).map_err(StartError::Store)?,
         )),
     }
 }

@@ -137,22 +137,15 @@ impl MemoryStore {
             Some(Admission {
                 second,
                 day: today.id,
+                ceiling: None,
+                local_fallback: false,
             })
         } else {
             None
         };
 
         let usage = self.usage_locked(&state, subjects, now_ms, second, today);
-        Decision {
-            admission,
-            denied_by,
-            retry_after_secs: if admission.is_some() {
-                0
-            } else {
-                ceil_secs(retry_ms)
-            },
-            usage,
-        }
+        Decision::new(admission, denied_by, retry_ms, usage)
     }
 
     fn usage_locked(

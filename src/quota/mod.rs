@@ -6,7 +6,9 @@
 //! minute and day window has room and all are charged, or nothing is charged.
 
 pub mod calendar;
+pub mod failover;
 pub mod memory;
+pub mod redis;
 pub mod report;
 pub mod window;
 
@@ -92,6 +94,21 @@ pub struct SubjectUsage {
 /// Where an admission was charged, so a refund takes back exactly that charge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admission {
+    /// The one-second bucket of the rolling minute.
+    pub second: i64,
+    /// The calendar day id (`yyyymmdd`).
+    pub day: i64,
+    /// The upstream ceiling's own charge when it was counted apart from the team, on another
+    /// clock (Redis Cluster keeps it on another node); `None`: it is `second` and `day`.
+    pub ceiling: Option<Charge>,
+    /// Charged to this replica's own memory while the shared store was unreachable
+    /// (`store.on_error = "local"`), so the refund goes there too.
+    pub local_fallback: bool,
+}
+
+/// One bucket and day a charge went into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge {
     pub second: i64,
     pub day: i64,
 }
@@ -109,6 +126,26 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// A decision from its parts; `retry_ms` (the longest wait of any refusing window) is
+    /// only reported when refused, in whole seconds, never 0.
+    pub fn new(
+        admission: Option<Admission>,
+        denied_by: Option<(SubjectKind, Window)>,
+        retry_ms: i64,
+        usage: Vec<SubjectUsage>,
+    ) -> Self {
+        Self {
+            admission,
+            denied_by,
+            retry_after_secs: if admission.is_some() {
+                0
+            } else {
+                window::ceil_secs(retry_ms)
+            },
+            usage,
+        }
+    }
+
     pub fn admitted(&self) -> bool {
         self.admission.is_some()
     }
@@ -126,6 +163,9 @@ pub enum StoreError {
     Unreachable(String),
     #[error("store answered unexpectedly: {0}")]
     Protocol(String),
+    /// Not asked: the store is in an outage (degraded mode); the last error it gave.
+    #[error("store degraded, not asked (last error: {0})")]
+    Degraded(String),
 }
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -142,6 +182,12 @@ pub trait QuotaStore: Send + Sync + 'static {
 
     /// Current usage without charging anything.
     fn usage<'a>(&'a self, subjects: &'a [Subject]) -> StoreFuture<'a, Vec<SubjectUsage>>;
+
+    /// Opens a fresh connection and checks the store answers on it: how a replica finds
+    /// out that a shared store is back. Stores without a connection answer at once.
+    fn reconnect(&self) -> StoreFuture<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 
     /// A short name for logs and `/readyz`: `memory`, `redis`, `redis-cluster`.
     fn kind(&self) -> &'static str;

@@ -24,6 +24,8 @@ const KEEP_BODY_BYTES: u64 = 1024 * 1024;
 pub struct Received {
     pub method: String,
     pub path_and_query: String,
+    /// The authority the request named (HTTP/2 `:authority`; empty for HTTP/1.1 origin-form).
+    pub authority: String,
     pub version: Version,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -241,6 +243,11 @@ async fn handle(
             .uri
             .path_and_query()
             .map(|p| p.to_string())
+            .unwrap_or_default(),
+        authority: parts
+            .uri
+            .authority()
+            .map(|a| a.to_string())
             .unwrap_or_default(),
         version: parts.version,
         headers: parts.headers,

@@ -1,0 +1,564 @@
+//! Owns the quota store a fleet shares: the same decisions as the memory store, made
+//! atomically inside Redis so N replicas on one Redis (or one Redis Cluster) never admit
+//! more than a limit, and under excess demand admit exactly the limit.
+//!
+//! # One script, one round trip
+//!
+//! A decision is one `EVALSHA` of `redis_quota.lua`: it reads every subject's rolling
+//! minute and calendar day, and either charges all of them or none. Redis runs a script
+//! alone, so concurrent decisions from any number of replicas are serialised there. The
+//! script replicates `memory.rs` exactly: 61 one-second buckets (the current second and the
+//! 60 before it), refusal order (subject by subject, minute before day), `Retry-After` and
+//! the reset of each window. Refunds and `usage()` are the same script with another verb.
+//!
+//! Each subject is one hash: a field per second that holds admissions (at most 61 live
+//! ones; dead ones are deleted when the next charge passes them), `e` (the eviction mark)
+//! and `d`/`dn` (the day and its count). State is a few dozen small fields whatever the
+//! limit, and expires a minute after the day it counts ends.
+//!
+//! # One clock
+//!
+//! Windows are judged by the Redis server's `TIME`, read inside the script, never by a
+//! replica's clock: replicas with skewed clocks cannot widen a window, and a Redis clock
+//! that steps back cannot reopen one (a hash remembers the latest second it was charged at).
+//!
+//! The calendar day lives in `quotas.day_tz`, which Lua cannot resolve. The replica sends
+//! the day it believes current — its id and exact start and end instants, computed with the
+//! zone's rules (so DST days are 23 or 25 hours) — and the script checks that Redis's
+//! `TIME` falls inside it. If not (the replica's clock is off near midnight) the script
+//! answers with its own time, the replica computes that instant's day and asks again. The
+//! replica also learns its skew from every answer, so the second try is only needed when
+//! the skew changes near a midnight. The day reset in the headers is therefore exact.
+//!
+//! # Keys and Redis Cluster
+//!
+//! `kg:q:{t:<team>}` is the team's hash and `kg:q:{t:<team>}:k:<key id>` a key override's:
+//! one hash tag, so one slot, so one script call on Cluster too. Names are escaped so no
+//! team or key id can forge another's key or tag.
+//!
+//! The upstream ceiling (`kg:q:{upstream}`) counts every team, so on Cluster it lives in
+//! another slot than most teams and cannot join their script. There a decision is two
+//! scripts in a fixed order: first the team (and key), then the ceiling. When the ceiling
+//! refuses, the team's charge is refunded to the exact bucket it went into (compensation).
+//! Never more than a limit is admitted: each window is checked and charged atomically on
+//! its own node. The price is a transient charge that can refuse a concurrent request of
+//! the same team for the instant between the two calls (under-admission, never over), and
+//! a second round trip only where a ceiling is configured on Cluster. A team refusal still
+//! asks the ceiling for its usage, read-only, so headers and `Retry-After` stay the memory
+//! store's. Team first: requests a team may not send anyway never touch the fleet-wide
+//! counter. On a single Redis everything is one script and one round trip.
+//!
+//! Each node of a Cluster has its own clock, so the ceiling's charge is recorded with the
+//! second and day of its own node ([`Admission::ceiling`]) and refunded there.
+//!
+//! # Moving time in tests
+//!
+//! The script adds `Clock::offset_from_wall_ms` to `TIME`. The wall clock `keygate serve`
+//! runs on answers 0 by definition, and nothing a request, the config, the environment or
+//! the admin API carries can change the clock a process runs on: only code that builds a
+//! gateway in-process (tests) can hand it an [`crate::clock::OffsetClock`]. With it, tests
+//! cross minute and day boundaries against a real Redis without sleeping.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use redis::{RedisError, Script};
+
+use super::calendar::{CalendarDay, DayCalendar};
+use super::window::ceil_secs;
+use super::{
+    Admission, Charge, Decision, QuotaStore, StoreError, StoreFuture, Subject, SubjectKind,
+    SubjectUsage, Window, WindowUsage,
+};
+use crate::clock::Clock;
+use crate::config::StoreUrl;
+use crate::shared_redis::SharedRedis;
+
+const SCRIPT: &str = include_str!("redis_quota.lua");
+
+/// How often a decision may be told "not that day" before the store gives up: once for a
+/// replica whose clock is off near midnight, once more if midnight passes in between.
+const DAY_ATTEMPTS: usize = 3;
+
+pub struct RedisStore {
+    url: StoreUrl,
+    connection: ArcSwap<SharedRedis>,
+    cluster: bool,
+    script: Arc<Script>,
+    clock: Arc<dyn Clock>,
+    calendar: DayCalendar,
+    /// Redis's time minus this replica's, learned from every answer.
+    skew_ms: AtomicI64,
+    /// The day most recently used, so a decision computes no time zone rules.
+    today: Mutex<Option<CalendarDay>>,
+}
+
+/// Which verb the script runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verb {
+    Decide,
+    Usage,
+}
+
+impl Verb {
+    fn as_str(self) -> &'static str {
+        match self {
+            Verb::Decide => "decide",
+            Verb::Usage => "usage",
+        }
+    }
+}
+
+/// One script answer over one group of subjects.
+struct Answer {
+    admitted: bool,
+    now_ms: i64,
+    retry_ms: i64,
+    /// Index into the group and window of the first refusal.
+    denied: Option<(usize, Window)>,
+    day: CalendarDay,
+    /// Per subject of the group: minute used, minute reset ms, day used.
+    windows: Vec<(u64, i64, u64)>,
+}
+
+impl Answer {
+    fn charge(&self) -> Charge {
+        Charge {
+            second: self.now_ms.div_euclid(1000),
+            day: self.day.id,
+        }
+    }
+}
+
+impl RedisStore {
+    /// A store on the Redis (or Cluster) a URL names. Connects lazily: see
+    /// [`SharedRedis::open`].
+    pub fn open(
+        url: &StoreUrl,
+        clock: Arc<dyn Clock>,
+        calendar: DayCalendar,
+    ) -> Result<Self, String> {
+        let connection =
+            SharedRedis::open(url)?.ok_or_else(|| "memory:// is not a Redis URL".to_string())?;
+        Ok(Self {
+            url: url.clone(),
+            cluster: connection.is_cluster(),
+            connection: ArcSwap::from_pointee(connection),
+            script: Arc::new(Script::new(SCRIPT)),
+            clock,
+            calendar,
+            skew_ms: AtomicI64::new(0),
+            today: Mutex::new(None),
+        })
+    }
+
+    fn connection(&self) -> SharedRedis {
+        SharedRedis::clone(&self.connection.load())
+    }
+
+    /// The day at Redis's time as far as this replica knows it.
+    fn expected_day(&self) -> CalendarDay {
+        let at = self.clock.now().as_millisecond() + self.skew_ms.load(Ordering::Relaxed);
+        let mut today = self.today.lock().unwrap_or_else(|p| p.into_inner());
+        match *today {
+            Some(day) if day.contains(at) => day,
+            _ => {
+                let day = self.day_at(at);
+                *today = Some(day);
+                day
+            }
+        }
+    }
+
+    fn day_at(&self, ms: i64) -> CalendarDay {
+        let at = jiff::Timestamp::from_millisecond(ms).unwrap_or(jiff::Timestamp::MAX);
+        self.calendar.day_at(at)
+    }
+
+    fn learn_time(&self, redis_now_ms: i64) {
+        let skew = redis_now_ms - self.clock.now().as_millisecond();
+        self.skew_ms.store(skew, Ordering::Relaxed);
+    }
+
+    /// The subject groups that can share one script: everything on a single Redis; on
+    /// Cluster the team-tagged subjects first, then the ceiling.
+    fn groups<'s>(&self, subjects: &'s [Subject]) -> Vec<Vec<(usize, &'s Subject)>> {
+        let indexed = subjects.iter().enumerate();
+        if !self.cluster {
+            return vec![indexed.collect()];
+        }
+        let (ceiling, tagged): (Vec<_>, Vec<_>) =
+            indexed.partition(|(_, s)| s.kind == SubjectKind::Upstream);
+        [tagged, ceiling]
+            .into_iter()
+            .filter(|group| !group.is_empty())
+            .collect()
+    }
+
+    async fn run(
+        &self,
+        verb: Verb,
+        group: &[(usize, &Subject)],
+        all: &[Subject],
+    ) -> Result<Answer, StoreError> {
+        let keys: Vec<String> = group.iter().map(|(_, s)| redis_key(s, all)).collect();
+        let offset = self.clock.offset_from_wall_ms();
+        let mut day = self.expected_day();
+        for _ in 0..DAY_ATTEMPTS {
+            let mut invocation = self.script.prepare_invoke();
+            for key in &keys {
+                invocation.key(key);
+            }
+            invocation
+                .arg(verb.as_str())
+                .arg(offset)
+                .arg(day.id)
+                .arg(day.start_ms)
+                .arg(day.end_ms);
+            for (_, subject) in group {
+                invocation.arg(subject.limits.rpm).arg(subject.limits.rpd);
+            }
+            let mut connection = self.connection();
+            let raw: Vec<i64> = invocation
+                .invoke_async(&mut connection)
+                .await
+                .map_err(store_error)?;
+            let (&status, rest) = raw
+                .split_first()
+                .ok_or_else(|| StoreError::Protocol("empty script answer".into()))?;
+            let now_ms = *rest
+                .first()
+                .ok_or_else(|| StoreError::Protocol("script answer without time".into()))?;
+            self.learn_time(now_ms);
+            if status == -1 {
+                day = self.day_at(now_ms);
+                continue;
+            }
+            return parse_answer(status, rest, group.len(), day);
+        }
+        Err(StoreError::Protocol(format!(
+            "no agreement on the calendar day after {DAY_ATTEMPTS} attempts"
+        )))
+    }
+
+    async fn refund_group(
+        &self,
+        group: &[(usize, &Subject)],
+        all: &[Subject],
+        charge: Charge,
+    ) -> Result<(), StoreError> {
+        let keys = group.iter().map(|(_, s)| redis_key(s, all)).collect();
+        let offset = self.clock.offset_from_wall_ms();
+        refund_keys(self.connection(), &self.script, keys, offset, charge).await
+    }
+
+    async fn decide_groups(&self, subjects: &[Subject]) -> Result<Decision, StoreError> {
+        let groups = self.groups(subjects);
+        let mut usage: Vec<Option<SubjectUsage>> = vec![None; subjects.len()];
+        let mut charged: Vec<(usize, Charge)> = Vec::new();
+        let mut denied_by = None;
+        let mut retry_ms = 0i64;
+        for (g, group) in groups.iter().enumerate() {
+            // After a refusal the rest is only read, so headers still show every window.
+            let verb = if denied_by.is_none() {
+                Verb::Decide
+            } else {
+                Verb::Usage
+            };
+            let answer = match self.run(verb, group, subjects).await {
+                Ok(answer) => answer,
+                Err(error) => {
+                    self.compensate(&groups, subjects, &charged);
+                    return Err(error);
+                }
+            };
+            if let Some((i, window)) = answer.denied {
+                denied_by.get_or_insert((group[i].1.kind, window));
+                retry_ms = retry_ms.max(answer.retry_ms);
+            }
+            if answer.admitted {
+                charged.push((g, answer.charge()));
+            }
+            fill_usage(&mut usage, group, &answer);
+        }
+        if denied_by.is_some() && !charged.is_empty() {
+            // A later group refused what an earlier one charged: take it back exactly.
+            for (g, charge) in &charged {
+                let refunded = self.refund_group(&groups[*g], subjects, *charge).await;
+                if let Err(error) = refunded {
+                    tracing::warn!(%error, "compensating a refused decision did not reach the store");
+                }
+                for (i, _) in &groups[*g] {
+                    if let Some(u) = usage[*i].as_mut() {
+                        u.minute.used = u.minute.used.saturating_sub(1);
+                        u.day.used = u.day.used.saturating_sub(1);
+                    }
+                }
+            }
+            charged.clear();
+        }
+        let usage: Vec<SubjectUsage> = usage
+            .into_iter()
+            .map(|u| u.ok_or_else(|| StoreError::Protocol("a subject went unanswered".into())))
+            .collect::<Result<_, _>>()?;
+        let admission = match (denied_by, charged.as_slice()) {
+            (None, [(_, first), rest @ ..]) => Some(Admission {
+                second: first.second,
+                day: first.day,
+                ceiling: rest.first().map(|(_, c)| *c),
+                local_fallback: false,
+            }),
+            _ => None,
+        };
+        Ok(Decision::new(admission, denied_by, retry_ms, usage))
+    }
+
+    /// Takes back charges of a decision that failed half-way, off the request path.
+    fn compensate(
+        &self,
+        groups: &[Vec<(usize, &Subject)>],
+        all: &[Subject],
+        charged: &[(usize, Charge)],
+    ) {
+        for (g, charge) in charged {
+            let keys = groups[*g].iter().map(|(_, s)| redis_key(s, all)).collect();
+            let connection = self.connection();
+            let script = self.script.clone();
+            let offset = self.clock.offset_from_wall_ms();
+            let charge = *charge;
+            tokio::spawn(async move {
+                if let Err(error) = refund_keys(connection, &script, keys, offset, charge).await {
+                    tracing::warn!(%error, "compensating a failed decision did not reach the store");
+                }
+            });
+        }
+    }
+}
+
+async fn refund_keys(
+    mut connection: SharedRedis,
+    script: &Script,
+    keys: Vec<String>,
+    offset: i64,
+    charge: Charge,
+) -> Result<(), StoreError> {
+    let mut invocation = script.prepare_invoke();
+    for key in &keys {
+        invocation.key(key);
+    }
+    invocation
+        .arg("refund")
+        .arg(offset)
+        .arg(charge.second)
+        .arg(charge.day);
+    let _: i64 = invocation
+        .invoke_async(&mut connection)
+        .await
+        .map_err(store_error)?;
+    Ok(())
+}
+
+fn fill_usage(usage: &mut [Option<SubjectUsage>], group: &[(usize, &Subject)], answer: &Answer) {
+    let day_reset = ceil_secs(answer.day.end_ms - answer.now_ms);
+    for ((i, subject), (minute_used, minute_reset_ms, day_used)) in
+        group.iter().zip(&answer.windows)
+    {
+        usage[*i] = Some(SubjectUsage {
+            kind: subject.kind,
+            minute: WindowUsage {
+                used: *minute_used,
+                limit: subject.limits.rpm,
+                reset_secs: ceil_secs(*minute_reset_ms),
+            },
+            day: WindowUsage {
+                used: *day_used,
+                limit: subject.limits.rpd,
+                reset_secs: day_reset,
+            },
+        });
+    }
+}
+
+fn parse_answer(
+    status: i64,
+    rest: &[i64],
+    subjects: usize,
+    day: CalendarDay,
+) -> Result<Answer, StoreError> {
+    let malformed = || StoreError::Protocol(format!("unexpected script answer {rest:?}"));
+    let [now_ms, retry_ms, denied_index, denied_window, windows @ ..] = rest else {
+        return Err(malformed());
+    };
+    if windows.len() != subjects * 3 {
+        return Err(malformed());
+    }
+    let denied = match (*denied_index, *denied_window) {
+        (0, _) => None,
+        (i, 1) if i >= 1 => Some((i as usize - 1, Window::Minute)),
+        (i, 2) if i >= 1 => Some((i as usize - 1, Window::Day)),
+        _ => return Err(malformed()),
+    };
+    Ok(Answer {
+        admitted: status == 1,
+        now_ms: *now_ms,
+        retry_ms: *retry_ms,
+        denied,
+        day,
+        windows: windows
+            .chunks_exact(3)
+            .map(|w| (w[0].max(0) as u64, w[1], w[2].max(0) as u64))
+            .collect(),
+    })
+}
+
+/// The hash of one subject. A key override shares its team's hash tag, so one decision is
+/// one slot on Cluster.
+fn redis_key(subject: &Subject, all: &[Subject]) -> String {
+    match subject.kind {
+        SubjectKind::Team => format!("kg:q:{{t:{}}}", escape(&subject.id)),
+        SubjectKind::Key => {
+            let team = all
+                .iter()
+                .find(|s| s.kind == SubjectKind::Team)
+                .map_or(&*subject.id, |s| &*s.id);
+            format!("kg:q:{{t:{}}}:k:{}", escape(team), escape(&subject.id))
+        }
+        SubjectKind::Upstream => "kg:q:{upstream}".to_string(),
+    }
+}
+
+/// Makes a name safe inside a key: no brace can move the hash tag and no colon can make
+/// one name read as another's key.
+fn escape(name: &str) -> std::borrow::Cow<'_, str> {
+    if !name.contains(['%', '{', '}', ':']) {
+        return std::borrow::Cow::Borrowed(name);
+    }
+    let mut out = String::with_capacity(name.len() + 8);
+    for c in name.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            ':' => out.push_str("%3A"),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+fn store_error(error: RedisError) -> StoreError {
+    if error.is_timeout() {
+        StoreError::Unreachable(format!("timed out: {error}"))
+    } else if error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal()
+    {
+        StoreError::Unreachable(error.to_string())
+    } else {
+        StoreError::Protocol(error.to_string())
+    }
+}
+
+impl QuotaStore for RedisStore {
+    fn decide<'a>(&'a self, subjects: &'a [Subject]) -> StoreFuture<'a, Decision> {
+        Box::pin(self.decide_groups(subjects))
+    }
+
+    fn refund<'a>(&'a self, subjects: &'a [Subject], admission: Admission) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let own = Charge {
+                second: admission.second,
+                day: admission.day,
+            };
+            let groups = self.groups(subjects);
+            for group in &groups {
+                let is_ceiling = group.iter().all(|(_, s)| s.kind == SubjectKind::Upstream);
+                let charge = match admission.ceiling {
+                    Some(ceiling) if is_ceiling && groups.len() > 1 => ceiling,
+                    _ => own,
+                };
+                self.refund_group(group, subjects, charge).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn usage<'a>(&'a self, subjects: &'a [Subject]) -> StoreFuture<'a, Vec<SubjectUsage>> {
+        Box::pin(async move {
+            let mut usage: Vec<Option<SubjectUsage>> = vec![None; subjects.len()];
+            for group in self.groups(subjects) {
+                let answer = self.run(Verb::Usage, &group, subjects).await?;
+                fill_usage(&mut usage, &group, &answer);
+            }
+            usage
+                .into_iter()
+                .map(|u| u.ok_or_else(|| StoreError::Protocol("a subject went unanswered".into())))
+                .collect()
+        })
+    }
+
+    fn reconnect(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            // A fresh connection: a half-open one (peer gone without a reset) would
+            // otherwise keep failing every probe.
+            let fresh = SharedRedis::open(&self.url)
+                .map_err(StoreError::Protocol)?
+                .ok_or_else(|| StoreError::Protocol("not a Redis URL".into()))?;
+            let mut probe = fresh.clone();
+            let _: String = redis::cmd("PING")
+                .query_async(&mut probe)
+                .await
+                .map_err(store_error)?;
+            self.connection.store(Arc::new(fresh));
+            Ok(())
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        if self.cluster {
+            "redis-cluster"
+        } else {
+            "redis"
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quota::Limits;
+
+    fn subject(kind: SubjectKind, id: &str) -> Subject {
+        Subject {
+            kind,
+            id: id.into(),
+            limits: Limits { rpm: 1, rpd: 1 },
+        }
+    }
+
+    #[test]
+    fn a_decision_shares_one_hash_tag() {
+        let all = [
+            subject(SubjectKind::Team, "design"),
+            subject(SubjectKind::Key, "design-tight"),
+            subject(SubjectKind::Upstream, "upstream"),
+        ];
+        assert_eq!(redis_key(&all[0], &all), "kg:q:{t:design}");
+        assert_eq!(redis_key(&all[1], &all), "kg:q:{t:design}:k:design-tight");
+        assert_eq!(redis_key(&all[2], &all), "kg:q:{upstream}");
+    }
+
+    #[test]
+    fn names_cannot_move_the_tag_or_forge_a_key() {
+        let all = [
+            subject(SubjectKind::Team, "a}:k:b"),
+            subject(SubjectKind::Key, "x{y}"),
+        ];
+        assert_eq!(redis_key(&all[0], &all), "kg:q:{t:a%7D%3Ak%3Ab}");
+        assert_eq!(redis_key(&all[1], &all), "kg:q:{t:a%7D%3Ak%3Ab}:k:x%7By%7D");
+        let other = [
+            subject(SubjectKind::Team, "a"),
+            subject(SubjectKind::Key, "b"),
+        ];
+        assert_ne!(redis_key(&all[0], &all), redis_key(&other[1], &other));
+    }
+}

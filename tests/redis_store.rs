@@ -1,0 +1,330 @@
+//! The Redis quota store against a real redis-server, store to store: it makes exactly the
+//! memory store's decisions (the reference semantics) at every instant, across minute and
+//! day boundaries and DST, keeps constant state, refunds to the exact bucket, and judges
+//! windows by Redis's clock however skewed the replicas' clocks are.
+
+mod common;
+
+use std::sync::Arc;
+
+use jiff::tz::TimeZone;
+use jiff::Timestamp;
+use keygate::clock::{Clock, ManualClock, OffsetClock};
+use keygate::config::StoreUrl;
+use keygate::quota::calendar::DayCalendar;
+use keygate::quota::memory::MemoryStore;
+use keygate::quota::redis::RedisStore;
+use keygate::quota::{Limits, QuotaStore, Subject, SubjectKind, Window};
+
+use common::redis::RedisServer;
+
+fn subject(kind: SubjectKind, id: &str, rpm: u64, rpd: u64) -> Subject {
+    Subject {
+        kind,
+        id: id.into(),
+        limits: Limits { rpm, rpd },
+    }
+}
+
+fn redis_store(server: &RedisServer, clock: Arc<dyn Clock>, calendar: DayCalendar) -> RedisStore {
+    RedisStore::open(&StoreUrl::Redis(server.url()), clock, calendar).expect("store opens")
+}
+
+/// A small deterministic generator, so a failing sequence can be replayed.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Runs the same random sequence of decisions, refunds and usage reads against the memory
+/// store (manual clock) and the Redis store (Redis time moved to the same instants), and
+/// requires identical answers. Instants sit half-way into a second so the milliseconds a
+/// call takes cannot change a rounded value.
+async fn differential(start: &str, tz: TimeZone, steps: usize, seed: u64) {
+    let server = RedisServer::start();
+    let start: Timestamp = start.parse().unwrap();
+    let manual = Arc::new(ManualClock::new(start));
+    let offset = Arc::new(OffsetClock::new());
+    let memory = MemoryStore::new(manual.clone(), DayCalendar::new(tz.clone()));
+    let redis = redis_store(&server, offset.clone(), DayCalendar::new(tz));
+
+    let upstream = subject(SubjectKind::Upstream, "upstream", 9, 60);
+    let team_a = subject(SubjectKind::Team, "design", 6, 40);
+    let key_a = subject(SubjectKind::Key, "design-tight", 3, 30);
+    let team_b = subject(SubjectKind::Team, "marketing", 5, 25);
+    let requests: Vec<Vec<Subject>> = vec![
+        vec![team_a.clone(), upstream.clone()],
+        vec![team_a.clone(), key_a.clone(), upstream.clone()],
+        vec![team_b.clone(), upstream.clone()],
+        vec![team_b.clone()],
+    ];
+
+    let mut rng = XorShift(seed);
+    let mut now_ms = start.as_millisecond();
+    let mut admissions = Vec::new();
+    let (mut admitted, mut refused, mut refunds) = (0, 0, 0);
+    for step in 0..steps {
+        // Mostly bursts within a second, sometimes a jump of up to 40 s.
+        now_ms += match rng.below(10) {
+            0..=5 => 0,
+            6..=8 => 1000 * rng.below(4) as i64,
+            _ => 1000 * rng.below(40) as i64,
+        };
+        let at = Timestamp::from_millisecond(now_ms).unwrap();
+        manual.set(at);
+        offset.set(at);
+        let which = rng.below(requests.len() as u64) as usize;
+        let subjects = &requests[which];
+        match rng.below(12) {
+            0 if !admissions.is_empty() => {
+                let (w, admission) =
+                    admissions.swap_remove(rng.below(admissions.len() as u64) as usize);
+                let subjects: &Vec<Subject> = &requests[w];
+                memory.refund(subjects, admission).await.unwrap();
+                redis.refund(subjects, admission).await.unwrap();
+                refunds += 1;
+            }
+            1 => {
+                let m = memory.usage(subjects).await.unwrap();
+                let r = redis.usage(subjects).await.unwrap();
+                assert_eq!(r, m, "usage differs at step {step} ({at})");
+            }
+            _ => {
+                let m = memory.decide(subjects).await.unwrap();
+                let r = redis.decide(subjects).await.unwrap();
+                let context = format!("step {step} ({at}), request {which}, seed {seed}");
+                assert_eq!(r.admission, m.admission, "admission, {context}");
+                assert_eq!(r.denied_by, m.denied_by, "refusal, {context}");
+                assert_eq!(
+                    r.retry_after_secs, m.retry_after_secs,
+                    "Retry-After, {context}"
+                );
+                assert_eq!(r.usage, m.usage, "usage, {context}");
+                match m.admission {
+                    Some(admission) => {
+                        admitted += 1;
+                        admissions.push((which, admission));
+                    }
+                    None => refused += 1,
+                }
+            }
+        }
+    }
+    // The sequence must have exercised both answers and refunds to mean anything.
+    assert!(
+        admitted > steps / 10 && refused > steps / 10 && refunds > 5,
+        "{admitted} admitted, {refused} refused, {refunds} refunds"
+    );
+}
+
+#[tokio::test]
+async fn same_decisions_as_memory_through_minutes() {
+    differential(
+        "2026-11-27T10:00:00.5Z",
+        TimeZone::UTC,
+        1500,
+        0x9e3779b97f4a7c15,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn same_decisions_as_memory_across_midnight() {
+    // Starts 20 minutes before midnight UTC; the jumps cross it.
+    differential(
+        "2026-11-27T23:40:00.5Z",
+        TimeZone::UTC,
+        1500,
+        0x2545f4914f6cdd1d,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn same_decisions_as_memory_on_a_dst_day() {
+    // Europe/Berlin springs forward on 2026-03-29: that day is 23 hours long, and its
+    // midnight (22:00 UTC the day before) is crossed here.
+    let tz = TimeZone::get("Europe/Berlin").unwrap();
+    differential("2026-03-28T22:45:00.5Z", tz, 1200, 0x5851f42d4c957f2d).await;
+}
+
+#[tokio::test]
+async fn state_stays_small_whatever_the_traffic() {
+    let server = RedisServer::start();
+    let clock = Arc::new(OffsetClock::new());
+    let store = redis_store(&server, clock.clone(), DayCalendar::utc());
+    let team = [subject(
+        SubjectKind::Team,
+        "design",
+        1_000_000_000,
+        1_000_000_000,
+    )];
+    let start: Timestamp = "2026-11-27T10:00:00.5Z".parse().unwrap();
+    // Five admissions in each of 300 consecutive seconds, then one 10 minutes later.
+    for second in 0..300i64 {
+        clock.set(Timestamp::from_millisecond(start.as_millisecond() + second * 1000).unwrap());
+        for _ in 0..5 {
+            assert!(store.decide(&team).await.unwrap().admitted());
+        }
+        let fields: usize = server
+            .cli(&["HLEN", "kg:q:{t:design}"])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(fields <= 61 + 3, "{fields} fields after second {second}");
+    }
+    let usage = store.usage(&team).await.unwrap();
+    assert_eq!(usage[0].minute.used, 5 * 61);
+    assert_eq!(usage[0].day.used, 5 * 300);
+    clock.advance(std::time::Duration::from_secs(600));
+    assert!(store.decide(&team).await.unwrap().admitted());
+    assert_eq!(
+        server.cli(&["HLEN", "kg:q:{t:design}"]).unwrap().trim(),
+        "4"
+    );
+    let ttl: i64 = server
+        .cli(&["PTTL", "kg:q:{t:design}"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(ttl > 0, "the hash expires");
+}
+
+/// A replica's own clock, off by `skew_ms` from the wall, while Redis runs at wall time
+/// plus `shift_ms` (what a test moves).
+struct SkewedClock {
+    shift_ms: i64,
+    skew_ms: i64,
+}
+
+impl Clock for SkewedClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_millisecond(
+            Timestamp::now().as_millisecond() + self.shift_ms + self.skew_ms,
+        )
+        .unwrap()
+    }
+
+    fn offset_from_wall_ms(&self) -> i64 {
+        self.shift_ms
+    }
+}
+
+fn shift_to(at: &str) -> i64 {
+    at.parse::<Timestamp>().unwrap().as_millisecond() - Timestamp::now().as_millisecond()
+}
+
+#[tokio::test]
+async fn skewed_replicas_cannot_widen_the_minute() {
+    let server = RedisServer::start();
+    let shift_ms = shift_to("2026-11-27T10:00:00.2Z");
+    let ahead = redis_store(
+        &server,
+        Arc::new(SkewedClock {
+            shift_ms,
+            skew_ms: 25_000,
+        }),
+        DayCalendar::utc(),
+    );
+    let behind = redis_store(
+        &server,
+        Arc::new(SkewedClock {
+            shift_ms,
+            skew_ms: -25_000,
+        }),
+        DayCalendar::utc(),
+    );
+    let team = [subject(SubjectKind::Team, "design", 10, 1000)];
+    let mut admitted = 0;
+    for i in 0..40 {
+        let store = if i % 2 == 0 { &ahead } else { &behind };
+        if store.decide(&team).await.unwrap().admitted() {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 10, "replica clocks 50 s apart share one window");
+}
+
+#[tokio::test]
+async fn a_replica_off_near_midnight_still_charges_redis_day() {
+    let server = RedisServer::start();
+    // Redis says 23:59:58.5; this replica believes it is already 00:00:01.5 tomorrow.
+    let shift_ms = shift_to("2026-11-27T23:59:58.5Z");
+    let clock = Arc::new(SkewedClock {
+        shift_ms,
+        skew_ms: 3_000,
+    });
+    let store = redis_store(&server, clock, DayCalendar::utc());
+    let team = [subject(SubjectKind::Team, "design", 100, 2)];
+    let first = store.decide(&team).await.unwrap();
+    assert_eq!(first.admission.unwrap().day, 20261127);
+    assert_eq!(
+        first.usage[0].day.reset_secs, 2,
+        "the day ends in 1.5 s at Redis time"
+    );
+    assert!(store.decide(&team).await.unwrap().admitted());
+    let refused = store.decide(&team).await.unwrap();
+    assert_eq!(refused.denied_by, Some((SubjectKind::Team, Window::Day)));
+    assert_eq!(refused.retry_after_secs, 2);
+    assert_eq!(
+        server
+            .cli(&["HGET", "kg:q:{t:design}", "d"])
+            .unwrap()
+            .trim(),
+        "20261127"
+    );
+}
+
+#[tokio::test]
+async fn refunds_go_to_the_bucket_and_day_charged() {
+    let server = RedisServer::start();
+    let clock = Arc::new(OffsetClock::new());
+    let store = redis_store(&server, clock.clone(), DayCalendar::utc());
+    let team = [subject(SubjectKind::Team, "design", 2, 100)];
+    clock.set("2026-11-27T23:59:30.5Z".parse().unwrap());
+    let early = store.decide(&team).await.unwrap().admission.unwrap();
+    clock.advance(std::time::Duration::from_secs(10));
+    let late = store.decide(&team).await.unwrap().admission.unwrap();
+    assert!(!store.decide(&team).await.unwrap().admitted());
+    // Refunding the early admission frees its bucket, not the current one.
+    store.refund(&team, early).await.unwrap();
+    let bucket = early.second.to_string();
+    assert_eq!(
+        server
+            .cli(&["HEXISTS", "kg:q:{t:design}", &bucket])
+            .unwrap()
+            .trim(),
+        "0"
+    );
+    assert_eq!(
+        server
+            .cli(&["HGET", "kg:q:{t:design}", &late.second.to_string()])
+            .unwrap()
+            .trim(),
+        "1"
+    );
+    assert_eq!(store.usage(&team).await.unwrap()[0].day.used, 1);
+    // After midnight a refund of yesterday's admission leaves today's count alone.
+    clock.advance(std::time::Duration::from_secs(25));
+    let today = store.decide(&team).await.unwrap().admission.unwrap();
+    assert_eq!(today.day, 20261128);
+    store.refund(&team, late).await.unwrap();
+    let usage = store.usage(&team).await.unwrap();
+    assert_eq!(usage[0].day.used, 1, "today's admission is still counted");
+    assert_eq!(
+        usage[0].minute.used, 1,
+        "yesterday's late bucket was refunded"
+    );
+}
