@@ -850,6 +850,12 @@ fn validate(raw: RawConfig, base_dir: Option<&Path>, problems: &mut Problems) ->
     {
         problems.add("usage_log.redis_stream", "must name a stream key");
     }
+    if raw.usage_log.redis_stream.is_some() && store.url == StoreUrl::Memory {
+        problems.add(
+            "usage_log.redis_stream",
+            "needs a Redis store (store.url = \"redis://…\"): the stream lives there",
+        );
+    }
     let stream_maxlen = raw.usage_log.stream_maxlen.unwrap_or(1_000_000);
     if stream_maxlen == 0 {
         problems.add("usage_log.stream_maxlen", "must be at least 1");
@@ -1378,6 +1384,7 @@ scope = "generate"
             "anomalies.warmup: \"x\"",
             "usage_log.redis_stream: must name a stream key",
             "usage_log.stream_maxlen: must be at least 1",
+            "usage_log.redis_stream: needs a Redis store",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }

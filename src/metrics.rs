@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 use std::hash::{BuildHasher, Hash};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -58,17 +58,25 @@ impl AlertKind {
 pub enum UsageDrop {
     /// The writer's queue was full: the request did not wait.
     QueueFull,
-    /// The line could not be written to its file or stream.
+    /// The line could not be written to its file.
     WriteError,
+    /// The line was not appended to `usage_log.redis_stream` (queue full or Redis failed);
+    /// it is still in the file.
+    Stream,
 }
 
 impl UsageDrop {
-    const ALL: [UsageDrop; 2] = [UsageDrop::QueueFull, UsageDrop::WriteError];
+    const ALL: [UsageDrop; 3] = [
+        UsageDrop::QueueFull,
+        UsageDrop::WriteError,
+        UsageDrop::Stream,
+    ];
 
     fn as_str(self) -> &'static str {
         match self {
             UsageDrop::QueueFull => "queue_full",
             UsageDrop::WriteError => "write_error",
+            UsageDrop::Stream => "stream",
         }
     }
 }
@@ -280,30 +288,17 @@ pub trait StoreHealthView: Send + Sync {
     fn degraded(&self) -> bool;
 }
 
-/// The health view until a store reports its own: the errors the request path saw.
+/// The health view until a store reports its own: no errors, never degraded.
 #[derive(Default)]
-pub struct ObservedStoreHealth {
-    errors: AtomicU64,
-    degraded: AtomicBool,
-}
+pub struct UnreportedStoreHealth;
 
-impl ObservedStoreHealth {
-    pub fn record_error(&self) {
-        self.errors.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn set_degraded(&self, degraded: bool) {
-        self.degraded.store(degraded, Ordering::Relaxed);
-    }
-}
-
-impl StoreHealthView for ObservedStoreHealth {
+impl StoreHealthView for UnreportedStoreHealth {
     fn errors_total(&self) -> u64 {
-        self.errors.load(Ordering::Relaxed)
+        0
     }
 
     fn degraded(&self) -> bool {
-        self.degraded.load(Ordering::Relaxed)
+        false
     }
 }
 
