@@ -387,6 +387,15 @@ impl Problems {
 impl Config {
     /// Loads a TOML file with `KEYGATE_*` environment overrides from the process.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_checked(path, |_| Vec::new())
+    }
+
+    /// Like [`Config::load`], plus the problems `more` finds in the validated config. `more`
+    /// also runs on a config that has other problems, so they are all reported at once.
+    pub fn load_checked(
+        path: &Path,
+        more: impl FnOnce(&Config) -> Vec<String>,
+    ) -> Result<Config, ConfigError> {
         let env: HashMap<String, String> = std::env::vars()
             .filter(|(k, _)| k.starts_with("KEYGATE_") && k.contains("__"))
             .collect();
@@ -394,7 +403,7 @@ impl Config {
             source: path.display().to_string(),
             problems: vec![format!("cannot read the file: {e}")],
         })?;
-        Self::from_toml_with_env(&text, &path.display().to_string(), env, path.parent())
+        Self::parse(&text, &path.display().to_string(), env, path.parent(), more)
     }
 
     /// Parses TOML text alone: no environment, relative paths against the working directory.
@@ -409,6 +418,16 @@ impl Config {
         source_name: &str,
         env: HashMap<String, String>,
         base_dir: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
+        Self::parse(text, source_name, env, base_dir, |_| Vec::new())
+    }
+
+    fn parse(
+        text: &str,
+        source_name: &str,
+        env: HashMap<String, String>,
+        base_dir: Option<&Path>,
+        more: impl FnOnce(&Config) -> Vec<String>,
     ) -> Result<Config, ConfigError> {
         let fail = |problems| ConfigError {
             source: source_name.to_string(),
@@ -460,6 +479,7 @@ impl Config {
             usage_log: section(&top, "usage_log", &mut problems),
         };
         let config = validate(raw, base_dir, &mut problems);
+        problems.0.extend(more(&config));
         if problems.0.is_empty() {
             Ok(config)
         } else {

@@ -121,6 +121,21 @@ fn check_prints_every_problem_at_once_and_exits_64() {
 }
 
 #[test]
+fn check_reports_a_missing_key_together_with_the_other_problems() {
+    let broken = valid_config().replace("plan = \"free\"", "plan = \"platinum\"");
+    let file = config_file(&broken);
+    let output = run(&mut check(file.path()));
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("2 problems"), "{stderr}");
+    assert!(stderr.contains("unknown plan \"platinum\""), "{stderr}");
+    assert!(
+        stderr.contains(&format!("upstream.keys.prod: env var {KEY_VAR} is not set")),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn check_sees_environment_overrides() {
     let file = config_file(&valid_config());
     let output = run(check(file.path())

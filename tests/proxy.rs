@@ -361,3 +361,106 @@ async fn upstream_client_errors_pass_through_with_quota_headers() {
     assert!(answer.header("x-request-id").is_some());
     gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn hop_by_hop_headers_of_the_upstream_answer_are_dropped() {
+    let (upstream, gateway) = gateway_with_upstream().await;
+    upstream.set_reply(Reply::WithHeaders(vec![
+        ("connection", "x-upstream-hop"),
+        ("x-upstream-hop", "must-not-pass"),
+        ("keep-alive", "timeout=5"),
+        ("proxy-authenticate", "Basic realm=\"upstream\""),
+        ("x-ratelimit-limit", "999999"),
+        ("x-request-id", "upstream-own-id"),
+        ("x-upstream-custom", "kept"),
+    ]));
+    let answer = Answer::read(gateway.generate(TOKEN_DESIGN_GENERATE).await).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, common::upstream::OK_JSON);
+    assert_eq!(answer.header("x-upstream-custom"), Some("kept"));
+    for gone in ["x-upstream-hop", "keep-alive", "proxy-authenticate"] {
+        assert!(answer.header(gone).is_none(), "{gone} reached the client");
+    }
+    for value in answer.headers.get_all("connection") {
+        assert!(!value.to_str().unwrap().contains("x-upstream-hop"));
+    }
+    // keygate's own quota state and request id, not the upstream's.
+    assert_eq!(answer.header("x-ratelimit-limit"), Some("100"));
+    assert_eq!(
+        answer.headers.get_all("x-ratelimit-limit").iter().count(),
+        1
+    );
+    let id = answer.header("x-request-id").unwrap();
+    assert_eq!(upstream.received()[0].headers["x-request-id"], id);
+    assert_ne!(id, "upstream-own-id");
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_only_for_requests_that_will_be_forwarded() {
+    use tokio::io::AsyncWriteExt;
+    let (upstream, gateway) = gateway_with_upstream().await;
+    // curl sends bodies over 1 KiB like this: the head, then the body after 100 Continue.
+    let body = format!(r#"{{"prompt":"{}","model":"imagen-v2"}}"#, "a".repeat(2048));
+    let authorization = format!("Authorization: Bearer {TOKEN_DESIGN_GENERATE}");
+    let head = raw::post_head(
+        &[authorization.as_bytes(), b"Expect: 100-continue"],
+        Some(body.len()),
+    );
+    let mut stream = raw::connect(gateway.proxy_addr()).await;
+    stream.write_all(&head).await.unwrap();
+    let interim = raw::read_response(&mut stream).await;
+    assert_eq!(interim.status(), Some(100));
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let answer = raw::read_response(&mut stream).await;
+    assert_eq!(
+        answer.response().status,
+        200,
+        "{}",
+        answer.response().body_text()
+    );
+    let received = &upstream.received()[0];
+    assert_eq!(received.body, body.as_bytes());
+    assert!(!received.headers.contains_key("expect"));
+
+    // A request that will be refused is answered without asking for its body.
+    let head = raw::post_head(
+        &[
+            b"Authorization: Bearer kg_prod_unknown_token_000",
+            b"Expect: 100-continue",
+        ],
+        Some(body.len()),
+    );
+    let mut stream = raw::connect(gateway.proxy_addr()).await;
+    stream.write_all(&head).await.unwrap();
+    let refused = raw::read_response(&mut stream).await;
+    assert_eq!(refused.response().status, 401);
+    assert_eq!(refused.response().body_text(), UNAUTHORIZED_BODY);
+    assert_eq!(upstream.count(), 1);
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+#[tokio::test]
+async fn a_token_stops_working_at_its_expiry_instant() {
+    const TOKEN_EXPIRING: &str = "kg_prod_design_expiring_token_00000000000000007";
+    let extra = format!(
+        "[[keys]]\nid = \"design-expiring\"\nteam = \"design\"\ntoken_sha256 = \"{}\"\n\
+         scopes = [\"generate\"]\nenv = \"prod\"\nexpires = \"2026-11-27T10:00:00Z\"\n",
+        hash(TOKEN_EXPIRING)
+    );
+    let upstream = MockUpstream::start().await;
+    let clock = std::sync::Arc::new(keygate::clock::ManualClock::new(
+        "2026-11-27T09:59:59.999Z".parse().unwrap(),
+    ));
+    let config = config_from(&standard_config_text(&upstream.url(), &extra));
+    let gateway = TestGateway::start_with_clock(config, clock.clone()).await;
+    assert_eq!(gateway.generate(TOKEN_EXPIRING).await.status(), 200);
+    clock.set("2026-11-27T10:00:00Z".parse().unwrap());
+    let expired = Answer::read(gateway.generate(TOKEN_EXPIRING).await).await;
+    assert_eq!(expired.status, 401);
+    assert_eq!(expired.body, UNAUTHORIZED_BODY);
+    assert_eq!(upstream.count(), 1);
+    gateway.shutdown().await;
+    logs::assert_clean(&[TOKEN_EXPIRING]);
+}

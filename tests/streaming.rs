@@ -115,8 +115,8 @@ async fn a_64_mib_request_streams_through_in_bounded_memory() {
     let upstream = MockUpstream::start().await;
     let mut config = config_from(&standard_config_text(&upstream.url(), ""));
     config.server.max_body_bytes = 2 * BIG;
-    // upstream.timeout runs until the response head, so it includes the upload: give a
-    // debug build time to push 64 MiB through.
+    // upstream.timeout runs until the response head, so it covers the upload (it restarts
+    // only while keygate waits on the client): give a debug build time for 64 MiB.
     config.upstream.timeout = Duration::from_secs(60);
     let gateway = TestGateway::start(config).await;
 

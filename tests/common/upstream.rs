@@ -47,6 +47,8 @@ pub enum Reply {
     Hang,
     /// Read the request, then drop the connection without a response.
     Drop,
+    /// 200 with the standard JSON and these extra response headers.
+    WithHeaders(Vec<(&'static str, &'static str)>),
 }
 
 pub const OK_JSON: &str = r#"{"id":"img_123","created":1764201600,"model":"imagen-v2","data":[{"url":"https://cdn.example/img_123.png"}]}"#;
@@ -280,8 +282,13 @@ async fn handle(
         ),
         None => shared.reply.lock().unwrap().clone(),
     };
+    let mut extra_headers = Vec::new();
     let (status, body): (u16, MockBody) = match reply {
         Reply::Json(status, text) => (status, full(text)),
+        Reply::WithHeaders(headers) => {
+            extra_headers = headers;
+            (200, full(OK_JSON))
+        }
         Reply::Sized(status, size) => (status, sized_body(size)),
         Reply::Delayed(delay) => {
             tokio::time::sleep(delay).await;
@@ -297,6 +304,12 @@ async fn handle(
         "content-type",
         http::HeaderValue::from_static("application/json"),
     );
+    for (name, value) in extra_headers {
+        response.headers_mut().append(
+            http::HeaderName::from_static(name),
+            http::HeaderValue::from_static(value),
+        );
+    }
     Ok(response)
 }
 
