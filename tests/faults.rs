@@ -49,6 +49,7 @@ async fn an_upstream_slower_than_the_timeout_is_a_504() {
         "answered before the upstream did"
     );
     gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
 }
 
 #[tokio::test]

@@ -70,6 +70,45 @@ async fn an_http2_client_reaches_an_http1_upstream() {
 }
 
 #[tokio::test]
+async fn large_bodies_cross_between_an_http2_client_and_an_http1_upstream() {
+    const SIZE: usize = 8 * 1024 * 1024;
+    let upstream = MockUpstream::start().await;
+    let gateway = TestGateway::start(config_from(&standard_config_text(&upstream.url(), ""))).await;
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let body: Vec<u8> = (0..SIZE).map(|i| (i % 253) as u8).collect();
+    let response = h2
+        .post(gateway.url("/v1/text-to-image"))
+        .bearer_auth(TOKEN_DESIGN_GENERATE)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let received = &upstream.received()[0];
+    assert_eq!(received.body_len, SIZE as u64);
+    assert_eq!(received.body_sha256, keygate::auth::sha256_hex(&body));
+
+    upstream.set_reply(Reply::Sized(200, SIZE as u64));
+    let response = h2
+        .post(gateway.url("/v1/text-to-image"))
+        .bearer_auth(TOKEN_DESIGN_GENERATE)
+        .body(PROMPT_BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), Version::HTTP_2);
+    let bytes = response.bytes().await.unwrap();
+    assert_eq!(bytes.len(), SIZE);
+    assert!(bytes.iter().all(|b| *b == b'x'));
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+#[tokio::test]
 async fn an_https_upstream_is_trusted_through_ca_file() {
     let cert = test_cert();
     let upstream = MockUpstream::start_tls(&cert).await;
