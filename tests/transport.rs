@@ -27,15 +27,20 @@ fn assert_forwarded_with_the_real_key(received: &common::upstream::Received) {
     assert_eq!(received.body, PROMPT_BODY.as_bytes());
 }
 
+/// A client speaking HTTP/2 without TLS (prior knowledge), as gRPC-style clients do.
+fn h2_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn an_http2_client_reaches_an_http1_upstream() {
     let upstream = MockUpstream::start().await;
     let gateway = TestGateway::start(config_from(&standard_config_text(&upstream.url(), ""))).await;
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let h2 = h2_client();
     let response = h2
         .post(gateway.url("/v1/text-to-image"))
         .bearer_auth(TOKEN_DESIGN_GENERATE)
@@ -74,11 +79,7 @@ async fn large_bodies_cross_between_an_http2_client_and_an_http1_upstream() {
     const SIZE: usize = 8 * 1024 * 1024;
     let upstream = MockUpstream::start().await;
     let gateway = TestGateway::start(config_from(&standard_config_text(&upstream.url(), ""))).await;
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let h2 = h2_client();
     let body: Vec<u8> = (0..SIZE).map(|i| (i % 253) as u8).collect();
     let response = h2
         .post(gateway.url("/v1/text-to-image"))
