@@ -40,15 +40,12 @@ async fn an_upstream_that_never_answers_is_a_504_and_not_counted() {
 #[tokio::test]
 async fn an_upstream_slower_than_the_timeout_is_a_504() {
     let upstream = MockUpstream::start().await;
-    upstream.set_reply(Reply::Delayed(Duration::from_secs(2)));
+    // It would answer 200, much later: the 504 shows the gateway did not wait for it.
+    upstream.set_reply(Reply::Delayed(Duration::from_secs(30)));
     let gateway = gateway_with_timeout(&upstream.url(), Duration::from_millis(300)).await;
-    let started = std::time::Instant::now();
     assert_fault(&gateway, 504, GATEWAY_TIMEOUT_BODY).await;
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "answered before the upstream did"
-    );
     gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
 }
 
 #[tokio::test]

@@ -163,6 +163,7 @@ async fn room_comes_back_one_second_at_a_time_as_retry_after_says() {
     assert_room_returns_at(&gateway, &clock, TOKEN_MARKETING, "2026-11-27T10:01:02Z").await;
     assert_eq!(upstream.count() as u64, MARKETING_RPM + 2);
     gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
 }
 
 #[tokio::test]
@@ -196,6 +197,7 @@ async fn every_2xx_carries_the_quota_state() {
         expect(100, 97, 41, (100, 10_000), (97, 41, 9_997, 50_380), None)
     );
     gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
 }
 
 /// Spends a team's whole day in bursts of `rpm`, a minute and a second apart.
@@ -242,6 +244,7 @@ async fn the_day_resets_at_utc_midnight() {
     );
     assert_eq!(upstream.count() as u64, MARKETING_RPD + 1);
     gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
 }
 
 #[tokio::test]
@@ -278,6 +281,7 @@ async fn the_day_resets_at_midnight_of_day_tz() {
         admitted.header("ratelimit")
     );
     gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
 }
 
 #[tokio::test]
@@ -314,6 +318,32 @@ async fn a_key_with_its_own_rpm_is_held_to_it_while_the_team_has_room() {
     );
     assert_eq!(upstream.count(), 4);
     gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+#[tokio::test]
+async fn a_key_with_its_own_rpd_is_held_to_it_until_midnight() {
+    const TOKEN_DAILY: &str = "kg_prod_design_daily_token_0000000000000000008";
+    let extra = format!(
+        "[[keys]]\nid = \"design-daily\"\nteam = \"design\"\ntoken_sha256 = \"{}\"\n\
+         scopes = [\"generate\"]\nenv = \"prod\"\nrpd = 5\n",
+        hash(TOKEN_DAILY)
+    );
+    let (upstream, gateway, clock) = start_at("2026-11-27T10:00:00Z", &extra).await;
+    for _ in 0..5 {
+        assert_admitted(&gateway, TOKEN_DAILY).await;
+    }
+    let refused = assert_limited(&gateway, TOKEN_DAILY).await;
+    assert_eq!(
+        quota_headers(&refused),
+        expect(5, 0, 50_400, (100, 5), (95, 61, 0, 50_400), Some(50_400))
+    );
+    assert_admitted(&gateway, TOKEN_DESIGN_GENERATE).await;
+    assert_room_returns_at(&gateway, &clock, TOKEN_DAILY, "2026-11-28T00:00:00Z").await;
+    assert_eq!(upstream.count(), 7);
+    gateway.shutdown().await;
+    logs::assert_clean(&[TOKEN_DAILY]);
+    logs::assert_clean(ALL_SECRETS);
 }
 
 #[tokio::test]
@@ -356,6 +386,7 @@ async fn the_upstream_ceiling_binds_across_teams() {
         8
     );
     gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
 }
 
 #[tokio::test]
@@ -431,4 +462,5 @@ async fn concurrent_requests_admit_exactly_the_limit() {
     );
     assert_eq!(upstream.count() as u64, MARKETING_RPM + DESIGN_RPM);
     Arc::try_unwrap(gateway).ok().unwrap().shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
 }

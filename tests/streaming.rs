@@ -173,6 +173,7 @@ async fn an_announced_body_over_the_limit_is_413_before_it_is_sent() {
         .clone();
     assert_eq!(response.status, 413, "{}", response.body_text());
     assert_eq!(response.body_text(), PAYLOAD_TOO_LARGE_BODY);
+    assert_raw_no_secrets(&response);
     assert!(response.header("x-request-id").is_some());
     assert_eq!(upstream.count(), 0);
 
@@ -186,6 +187,7 @@ async fn an_announced_body_over_the_limit_is_413_before_it_is_sent() {
     assert_eq!(response.status, 200, "{}", response.body_text());
     assert_eq!(upstream.received()[0].body_len, SMALL_LIMIT);
     gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
 }
 
 #[tokio::test]
@@ -205,6 +207,7 @@ async fn a_chunked_body_over_the_limit_is_413_and_not_counted() {
         .clone();
     assert_eq!(response.status, 413, "{}", response.body_text());
     assert_eq!(response.body_text(), PAYLOAD_TOO_LARGE_BODY);
+    assert_raw_no_secrets(&response);
     assert!(response.header("x-request-id").is_some());
     gateway.wait_team_used("marketing", 0).await;
 

@@ -27,15 +27,20 @@ fn assert_forwarded_with_the_real_key(received: &common::upstream::Received) {
     assert_eq!(received.body, PROMPT_BODY.as_bytes());
 }
 
+/// A client speaking HTTP/2 without TLS (prior knowledge), as gRPC-style clients do.
+fn h2_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn an_http2_client_reaches_an_http1_upstream() {
     let upstream = MockUpstream::start().await;
     let gateway = TestGateway::start(config_from(&standard_config_text(&upstream.url(), ""))).await;
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let h2 = h2_client();
     let response = h2
         .post(gateway.url("/v1/text-to-image"))
         .bearer_auth(TOKEN_DESIGN_GENERATE)
@@ -65,6 +70,41 @@ async fn an_http2_client_reaches_an_http1_upstream() {
     .await;
     assert_eq!(denied.status, 401);
     assert_eq!(denied.body, UNAUTHORIZED_BODY);
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+#[tokio::test]
+async fn large_bodies_cross_between_an_http2_client_and_an_http1_upstream() {
+    const SIZE: usize = 8 * 1024 * 1024;
+    let upstream = MockUpstream::start().await;
+    let gateway = TestGateway::start(config_from(&standard_config_text(&upstream.url(), ""))).await;
+    let h2 = h2_client();
+    let body: Vec<u8> = (0..SIZE).map(|i| (i % 253) as u8).collect();
+    let response = h2
+        .post(gateway.url("/v1/text-to-image"))
+        .bearer_auth(TOKEN_DESIGN_GENERATE)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let received = &upstream.received()[0];
+    assert_eq!(received.body_len, SIZE as u64);
+    assert_eq!(received.body_sha256, keygate::auth::sha256_hex(&body));
+
+    upstream.set_reply(Reply::Sized(200, SIZE as u64));
+    let response = h2
+        .post(gateway.url("/v1/text-to-image"))
+        .bearer_auth(TOKEN_DESIGN_GENERATE)
+        .body(PROMPT_BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), Version::HTTP_2);
+    let bytes = response.bytes().await.unwrap();
+    assert_eq!(bytes.len(), SIZE);
+    assert!(bytes.iter().all(|b| *b == b'x'));
     gateway.shutdown().await;
     logs::assert_clean(ALL_SECRETS);
 }

@@ -392,6 +392,17 @@ pub fn assert_no_secrets(headers: &reqwest::header::HeaderMap, body: &[u8]) {
     }
 }
 
+/// [`assert_no_secrets`] for a response read over raw TCP.
+pub fn assert_raw_no_secrets(response: &raw::RawResponse) {
+    let text = format!("{:?}{}", response.headers, response.body_text());
+    for secret in ALL_SECRETS {
+        assert!(
+            !text.contains(secret),
+            "a secret reached the client: {text}"
+        );
+    }
+}
+
 /// A response read whole: status, headers and body, checked for secrets on the way.
 pub struct Answer {
     pub status: u16,
