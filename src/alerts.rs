@@ -220,6 +220,35 @@ impl RecentAlerts {
     }
 }
 
+/// Deduplication across the fleet in the shared Redis: `SET key 1 NX PX ttl`.
+pub struct RedisDedupe {
+    redis: crate::shared_redis::SharedRedis,
+}
+
+impl RedisDedupe {
+    pub fn new(redis: crate::shared_redis::SharedRedis) -> Self {
+        Self { redis }
+    }
+}
+
+impl AlertDedupe for RedisDedupe {
+    fn claim<'a>(&'a self, key: &'a str, ttl: Duration) -> DedupeFuture<'a> {
+        let mut redis = self.redis.clone();
+        Box::pin(async move {
+            let set: Option<String> = redis::cmd("SET")
+                .arg(key)
+                .arg(1)
+                .arg("NX")
+                .arg("PX")
+                .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
+                .query_async(&mut redis)
+                .await
+                .map_err(|e| StoreError::Unreachable(e.to_string()))?;
+            Ok(set.is_some())
+        })
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Raising and delivering.
 

@@ -150,28 +150,15 @@ fn serve(path: &std::path::Path) -> ExitCode {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    let config = match Config::load(path) {
+    // A config can be well-formed and still useless: every env needs a readable key. Those
+    // problems are reported with the others, not after they are fixed.
+    let config = match Config::load_checked(path, unreadable_upstream_keys) {
         Ok(config) => config,
         Err(e) => {
             eprint!("{e}");
             return ExitCode::from(EXIT_INVALID_CONFIG);
         }
     };
-    // A config can be well-formed and still useless: every env needs a readable key.
-    let keys = crate::upstream_keys::UpstreamKeys::load(&config.upstream.keys);
-    let problems = keys.problems();
-    if !problems.is_empty() {
-        eprintln!(
-            "{}: {} problem{}",
-            path.display(),
-            problems.len(),
-            if problems.len() == 1 { "" } else { "s" }
-        );
-        for (env, problem) in problems {
-            eprintln!("  - upstream.keys.{env}: {problem}");
-        }
-        return ExitCode::from(EXIT_INVALID_CONFIG);
-    }
     println!(
         "{}: valid ({} teams, {} keys, {} routes, store {})",
         path.display(),
@@ -185,6 +172,18 @@ fn check(path: &std::path::Path) -> ExitCode {
         }
     );
     ExitCode::SUCCESS
+}
+
+fn unreadable_upstream_keys(config: &Config) -> Vec<String> {
+    config
+        .upstream
+        .keys
+        .iter()
+        .filter_map(|(env, source)| {
+            let problem = crate::upstream_keys::read_source(source).err()?;
+            Some(format!("upstream.keys.{env}: {problem}"))
+        })
+        .collect()
 }
 
 fn token(command: TokenCommand) -> ExitCode {

@@ -387,6 +387,15 @@ impl Problems {
 impl Config {
     /// Loads a TOML file with `KEYGATE_*` environment overrides from the process.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_checked(path, |_| Vec::new())
+    }
+
+    /// Like [`Config::load`], plus the problems `more` finds in the validated config. `more`
+    /// also runs on a config that has other problems, so they are all reported at once.
+    pub fn load_checked(
+        path: &Path,
+        more: impl FnOnce(&Config) -> Vec<String>,
+    ) -> Result<Config, ConfigError> {
         let env: HashMap<String, String> = std::env::vars()
             .filter(|(k, _)| k.starts_with("KEYGATE_") && k.contains("__"))
             .collect();
@@ -394,7 +403,7 @@ impl Config {
             source: path.display().to_string(),
             problems: vec![format!("cannot read the file: {e}")],
         })?;
-        Self::from_toml_with_env(&text, &path.display().to_string(), env, path.parent())
+        Self::parse(&text, &path.display().to_string(), env, path.parent(), more)
     }
 
     /// Parses TOML text alone: no environment, relative paths against the working directory.
@@ -409,6 +418,16 @@ impl Config {
         source_name: &str,
         env: HashMap<String, String>,
         base_dir: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
+        Self::parse(text, source_name, env, base_dir, |_| Vec::new())
+    }
+
+    fn parse(
+        text: &str,
+        source_name: &str,
+        env: HashMap<String, String>,
+        base_dir: Option<&Path>,
+        more: impl FnOnce(&Config) -> Vec<String>,
     ) -> Result<Config, ConfigError> {
         let fail = |problems| ConfigError {
             source: source_name.to_string(),
@@ -460,6 +479,7 @@ impl Config {
             usage_log: section(&top, "usage_log", &mut problems),
         };
         let config = validate(raw, base_dir, &mut problems);
+        problems.0.extend(more(&config));
         if problems.0.is_empty() {
             Ok(config)
         } else {
@@ -849,6 +869,12 @@ fn validate(raw: RawConfig, base_dir: Option<&Path>, problems: &mut Problems) ->
         .is_some_and(|s| s.trim().is_empty())
     {
         problems.add("usage_log.redis_stream", "must name a stream key");
+    }
+    if raw.usage_log.redis_stream.is_some() && store.url == StoreUrl::Memory {
+        problems.add(
+            "usage_log.redis_stream",
+            "needs a Redis store (store.url = \"redis://…\"): the stream lives there",
+        );
     }
     let stream_maxlen = raw.usage_log.stream_maxlen.unwrap_or(1_000_000);
     if stream_maxlen == 0 {
@@ -1378,6 +1404,7 @@ scope = "generate"
             "anomalies.warmup: \"x\"",
             "usage_log.redis_stream: must name a stream key",
             "usage_log.stream_maxlen: must be at least 1",
+            "usage_log.redis_stream: needs a Redis store",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }

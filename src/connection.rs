@@ -1,7 +1,8 @@
 //! Owns one accepted client connection from its first byte to its close: the timers hyper
 //! lacks (a request head must arrive within `header_read_timeout` of its first byte, an
-//! idle keep-alive connection closes after `idle_timeout`) and the graceful close on
-//! shutdown. Requests learn the address they arrived on through [`LocalAddr`].
+//! idle keep-alive connection closes after `idle_timeout`, so does one whose client leaves
+//! its answer unread that long) and the graceful close on shutdown. Requests learn the
+//! address they arrived on through [`LocalAddr`].
 //!
 //! Why not hyper's own `header_read_timeout`: hyper 1.x starts that timer as soon as a
 //! keep-alive connection waits for its next request, so it doubles as an HTTP/1 idle
@@ -37,7 +38,8 @@ pub struct LocalAddr(pub SocketAddr);
 pub struct Timeouts {
     /// From the first byte of a request head (or from accept) to its end.
     pub header_read: Duration,
-    /// With no request in flight, how long a connection may stay open.
+    /// With no request in flight, how long a connection may stay open; also how long a
+    /// client may leave an answer unread (writes blocked) before the connection is cut.
     pub idle: Duration,
 }
 
@@ -61,6 +63,7 @@ pub async fn serve<IO, F, Fut, B>(
     let io = TokioIo::new(Watched {
         inner: io,
         activity: activity.clone(),
+        write_stall: WriteStall::new(timeouts.idle),
     });
     let request_activity = activity.clone();
     let svc = service_fn(move |mut request: Request<Incoming>| {
@@ -303,10 +306,61 @@ impl<B: Body + Unpin> Body for Guarded<B> {
     }
 }
 
-/// The connection's byte stream, reporting what it reads to the connection's activity.
+/// The connection's byte stream: reports what it reads to the connection's activity, and
+/// fails writes that stay blocked too long — a client that stops reading its answer would
+/// otherwise hold the connection (and the upstream one behind it) forever.
 struct Watched<IO> {
     inner: IO,
     activity: Arc<Activity>,
+    write_stall: WriteStall,
+}
+
+/// The clock of one episode of blocked writes.
+struct WriteStall {
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    blocked: bool,
+}
+
+impl WriteStall {
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            timer: None,
+            blocked: false,
+        }
+    }
+
+    /// Passes a write's result through; a write still blocked after the limit fails.
+    fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.blocked = false;
+            return polled;
+        }
+        let deadline = Instant::now() + self.limit;
+        let timer = match &mut self.timer {
+            Some(timer) if self.blocked => timer,
+            Some(timer) => {
+                timer.as_mut().reset(deadline);
+                timer
+            }
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.blocked = true;
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
@@ -333,11 +387,15 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.write_stall.check(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.write_stall.check(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -349,7 +407,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.write_stall.check(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -70,3 +70,4 @@ pub mod upstream_keys;
 pub mod usage_log;
 pub mod usage_report;
 pub mod usage_series;
+pub mod usage_stream;

@@ -8,11 +8,11 @@
 
 use std::fmt::Write as _;
 use std::hash::{BuildHasher, Hash};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use hashbrown::{DefaultHashBuilder, Equivalent, HashMap};
+use hashbrown::{DefaultHashBuilder, Equivalent, HashTable};
 
 use crate::context::{Outcome, Rejection, RequestContext};
 use crate::error::AuthFailure;
@@ -58,17 +58,25 @@ impl AlertKind {
 pub enum UsageDrop {
     /// The writer's queue was full: the request did not wait.
     QueueFull,
-    /// The line could not be written to its file or stream.
+    /// The line could not be written to its file.
     WriteError,
+    /// The line was not appended to `usage_log.redis_stream` (queue full or Redis failed);
+    /// it is still in the file.
+    Stream,
 }
 
 impl UsageDrop {
-    const ALL: [UsageDrop; 2] = [UsageDrop::QueueFull, UsageDrop::WriteError];
+    const ALL: [UsageDrop; 3] = [
+        UsageDrop::QueueFull,
+        UsageDrop::WriteError,
+        UsageDrop::Stream,
+    ];
 
     fn as_str(self) -> &'static str {
         match self {
             UsageDrop::QueueFull => "queue_full",
             UsageDrop::WriteError => "write_error",
+            UsageDrop::Stream => "stream",
         }
     }
 }
@@ -123,42 +131,52 @@ pub fn status_label(status: u16) -> &'static str {
 const SHARDS: usize = 16;
 
 /// Series created on first use and kept forever (their label values are bounded by
-/// configuration). A lookup takes one shard's read lock; only a new series takes a write
-/// lock. Lookups use a borrowed form of the labels, so the hot path clones nothing.
+/// configuration). A lookup hashes the labels once and takes one shard's read lock; only a
+/// new series takes a write lock. Lookups use a borrowed form of the labels, so the hot
+/// path clones and allocates nothing.
 struct SeriesMap<K, V> {
     hasher: DefaultHashBuilder,
-    shards: [RwLock<HashMap<K, V>>; SHARDS],
+    shards: [RwLock<HashTable<(K, V)>>; SHARDS],
 }
 
-impl<K: Hash + Eq, V: Default> SeriesMap<K, V> {
+impl<K: Hash, V: Default> SeriesMap<K, V> {
     fn new() -> Self {
         Self {
             hasher: DefaultHashBuilder::default(),
-            shards: std::array::from_fn(|_| RwLock::new(HashMap::new())),
+            shards: std::array::from_fn(|_| RwLock::new(HashTable::new())),
         }
     }
 
+    /// Runs `f` on the series of `labels`, creating it (from `owned`) on first use. `Q`
+    /// must hash exactly as `K` does.
     fn with<Q, R>(&self, labels: &Q, owned: impl FnOnce(&Q) -> K, f: impl Fn(&V) -> R) -> R
     where
         Q: Hash + Equivalent<K> + ?Sized,
     {
-        let shard = &self.shards[(self.hasher.hash_one(labels) as usize) % SHARDS];
+        let hash = self.hasher.hash_one(labels);
+        // The top bits pick the shard; the table uses the low ones.
+        let shard = &self.shards[(hash >> 60) as usize % SHARDS];
         {
-            let map = shard.read().unwrap_or_else(|p| p.into_inner());
-            if let Some(value) = map.get(labels) {
+            let table = shard.read().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, value)) = table.find(hash, |(k, _)| labels.equivalent(k)) {
                 return f(value);
             }
         }
-        let mut map = shard.write().unwrap_or_else(|p| p.into_inner());
-        let value = map.entry(owned(labels)).or_default();
-        f(value)
+        let mut table = shard.write().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, value)) = table.find(hash, |(k, _)| labels.equivalent(k)) {
+            return f(value);
+        }
+        let entry = table.insert_unique(hash, (owned(labels), V::default()), |(k, _)| {
+            self.hasher.hash_one(k)
+        });
+        f(&entry.get().1)
     }
 
     /// Every series, in no particular order.
     fn for_each(&self, mut f: impl FnMut(&K, &V)) {
         for shard in &self.shards {
-            let map = shard.read().unwrap_or_else(|p| p.into_inner());
-            for (k, v) in map.iter() {
+            let table = shard.read().unwrap_or_else(|p| p.into_inner());
+            for (k, v) in table.iter() {
                 f(k, v);
             }
         }
@@ -194,22 +212,12 @@ impl Equivalent<RequestLabels> for RequestLabelsRef<'_> {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct RouteOutcome {
-    route: Arc<str>,
-    outcome: Outcome,
-}
-
-#[derive(Hash)]
-struct RouteOutcomeRef<'a> {
-    route: &'a str,
-    outcome: Outcome,
-}
-
-impl Equivalent<RouteOutcome> for RouteOutcomeRef<'_> {
-    fn equivalent(&self, key: &RouteOutcome) -> bool {
-        self.outcome == key.outcome && self.route == &*key.route
-    }
+/// A route's latency histograms: the whole request per outcome, and the upstream's part.
+/// One lookup per request finds both.
+#[derive(Default)]
+struct RouteLatency {
+    by_outcome: [Histogram; Outcome::ALL.len()],
+    upstream: Histogram,
 }
 
 /// A fixed-bucket histogram: one atomic add per bucket hit, the sum in nanoseconds.
@@ -231,6 +239,10 @@ impl Histogram {
             u64::try_from(value.as_nanos()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+    }
+
+    fn is_empty(&self) -> bool {
+        self.buckets.iter().all(|b| b.load(Ordering::Relaxed) == 0)
     }
 
     fn render(&self, out: &mut String, name: &str, labels: &str) {
@@ -276,30 +288,17 @@ pub trait StoreHealthView: Send + Sync {
     fn degraded(&self) -> bool;
 }
 
-/// The health view until a store reports its own: the errors the request path saw.
+/// The health view until a store reports its own: no errors, never degraded.
 #[derive(Default)]
-pub struct ObservedStoreHealth {
-    errors: AtomicU64,
-    degraded: AtomicBool,
-}
+pub struct UnreportedStoreHealth;
 
-impl ObservedStoreHealth {
-    pub fn record_error(&self) {
-        self.errors.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn set_degraded(&self, degraded: bool) {
-        self.degraded.store(degraded, Ordering::Relaxed);
-    }
-}
-
-impl StoreHealthView for ObservedStoreHealth {
+impl StoreHealthView for UnreportedStoreHealth {
     fn errors_total(&self) -> u64 {
-        self.errors.load(Ordering::Relaxed)
+        0
     }
 
     fn degraded(&self) -> bool {
-        self.degraded.load(Ordering::Relaxed)
+        false
     }
 }
 
@@ -308,8 +307,7 @@ impl StoreHealthView for ObservedStoreHealth {
 
 pub struct Metrics {
     requests: SeriesMap<RequestLabels, AtomicU64>,
-    request_duration: SeriesMap<RouteOutcome, Histogram>,
-    upstream_duration: SeriesMap<Arc<str>, Histogram>,
+    latency: SeriesMap<Arc<str>, RouteLatency>,
     quota: SeriesMap<Arc<str>, QuotaGauges>,
     rejections: [AtomicU64; Rejection::ALL.len()],
     auth_failures: [AtomicU64; AuthFailure::ALL.len()],
@@ -332,8 +330,7 @@ impl Metrics {
     pub fn new() -> Self {
         Self {
             requests: SeriesMap::new(),
-            request_duration: SeriesMap::new(),
-            upstream_duration: SeriesMap::new(),
+            latency: SeriesMap::new(),
             quota: SeriesMap::new(),
             rejections: Default::default(),
             auth_failures: Default::default(),
@@ -368,41 +365,26 @@ impl Metrics {
             },
             |count| count.fetch_add(1, Ordering::Relaxed),
         );
-        self.request_duration.with(
-            &RouteOutcomeRef {
-                route,
-                outcome: ctx.outcome,
+        self.latency.with(
+            route,
+            |r| self.label(ctx.route.as_ref(), r),
+            |h| {
+                // Indexed by discriminant (`Outcome::ALL` order, checked by a test).
+                if let Some(histogram) = h.by_outcome.get(ctx.outcome as usize) {
+                    histogram.observe(latency);
+                }
+                if let Some(upstream) = ctx.upstream_latency {
+                    h.upstream.observe(upstream);
+                }
             },
-            |l| RouteOutcome {
-                route: self.label(ctx.route.as_ref(), l.route),
-                outcome: l.outcome,
-            },
-            |h| h.observe(latency),
         );
-        if let Some(upstream) = ctx.upstream_latency {
-            self.upstream_duration.with(
-                route,
-                |r| self.label(ctx.route.as_ref(), r),
-                |h| h.observe(upstream),
-            );
-        }
         if let Some(rejection) = ctx.rejection {
             self.rejections[rejection as usize].fetch_add(1, Ordering::Relaxed);
         }
         if let Some(failure) = ctx.auth_failure {
-            self.auth_failures[failure as usize].fetch_add(1, Ordering::Relaxed);
-        }
-        if let (Some(usage), Some(key)) = (ctx.team_usage, ctx.key.as_ref()) {
-            self.quota.with(
-                &*key.team,
-                |_| key.team.clone(),
-                |g| {
-                    g.minute_used.store(usage.minute.used, Ordering::Relaxed);
-                    g.minute_limit.store(usage.minute.limit, Ordering::Relaxed);
-                    g.day_used.store(usage.day.used, Ordering::Relaxed);
-                    g.day_limit.store(usage.day.limit, Ordering::Relaxed);
-                },
-            );
+            if let Some(count) = self.auth_failures.get(failure as usize) {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -498,44 +480,45 @@ impl Metrics {
             "histogram",
             "Time from the request head to the end of the response body, by route and outcome.",
         );
-        let mut histograms = Vec::new();
-        self.request_duration.for_each(|l, h| {
-            let mut text = String::new();
-            h.render(
-                &mut text,
-                "keygate_request_duration_seconds",
-                &format!(
-                    "route=\"{}\",outcome=\"{}\"",
-                    escape(&l.route),
-                    l.outcome.as_str()
-                ),
-            );
-            histograms.push((l.route.clone(), l.outcome.as_str(), text));
+        let mut routes = Vec::new();
+        self.latency.for_each(|route, h| {
+            let mut total = String::new();
+            for outcome in Outcome::ALL {
+                let histogram = &h.by_outcome[outcome as usize];
+                if !histogram.is_empty() {
+                    histogram.render(
+                        &mut total,
+                        "keygate_request_duration_seconds",
+                        &format!(
+                            "route=\"{}\",outcome=\"{}\"",
+                            escape(route),
+                            outcome.as_str()
+                        ),
+                    );
+                }
+            }
+            let mut upstream = String::new();
+            if !h.upstream.is_empty() {
+                h.upstream.render(
+                    &mut upstream,
+                    "keygate_upstream_duration_seconds",
+                    &format!("route=\"{}\"", escape(route)),
+                );
+            }
+            routes.push((route.clone(), total, upstream));
         });
-        histograms.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-        for (_, _, text) in histograms {
-            out.push_str(&text);
+        routes.sort();
+        for (_, total, _) in &routes {
+            out.push_str(total);
         }
-
         family(
             &mut out,
             "keygate_upstream_duration_seconds",
             "histogram",
             "Time the upstream took to answer with its response head, by route.",
         );
-        let mut histograms = Vec::new();
-        self.upstream_duration.for_each(|route, h| {
-            let mut text = String::new();
-            h.render(
-                &mut text,
-                "keygate_upstream_duration_seconds",
-                &format!("route=\"{}\"", escape(route)),
-            );
-            histograms.push((route.clone(), text));
-        });
-        histograms.sort();
-        for (_, text) in histograms {
-            out.push_str(&text);
+        for (_, _, upstream) in &routes {
+            out.push_str(upstream);
         }
 
         let mut quota = Vec::new();
@@ -782,6 +765,9 @@ mod tests {
         }
         for (i, k) in AlertKind::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);
+        }
+        for (i, o) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*o as usize, i);
         }
         for (i, d) in UsageDrop::ALL.iter().enumerate() {
             assert_eq!(*d as usize, i);

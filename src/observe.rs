@@ -13,7 +13,8 @@ use crate::alerts::{AlertDedupe, AlertDispatcher, AlertEvent, Alerts};
 use crate::anomaly::{Detector, Finding, COOLDOWN_MINUTES};
 use crate::config::Config;
 use crate::context::RequestContext;
-use crate::metrics::{Metrics, ObservedStoreHealth, StoreHealthView};
+use crate::metrics::{Metrics, StoreHealthView, UnreportedStoreHealth};
+use crate::quota::failover::StoreHealth;
 use crate::quota::{Window, WindowUsage};
 use crate::usage_log::{
     Completed, UsageConsumer, UsageLog, UsageRecord, UsageSink, QUEUE_CAPACITY,
@@ -28,8 +29,6 @@ pub struct Observer {
     pub series: Arc<UsageSeries>,
     /// The latest alerts raised here, for the dashboard.
     pub recent_alerts: Arc<RecentAlerts>,
-    /// Store errors seen on the request path, for stores that do not report their own.
-    pub store_errors: Arc<ObservedStoreHealth>,
     store_health: Arc<dyn StoreHealthView>,
     /// `alerts.thresholds` in millionths, for exact integer crossing checks.
     thresholds_ppm: Vec<(f64, u64)>,
@@ -40,10 +39,10 @@ impl Observer {
     /// the alert dispatcher, to be spawned on the runtime.
     pub fn start(
         config: &Config,
+        metrics: Arc<Metrics>,
         dedupe: Arc<dyn AlertDedupe>,
         mut consumers: Vec<Box<dyn UsageConsumer>>,
     ) -> Result<(Self, AlertDispatcher), String> {
-        let metrics = Arc::new(Metrics::new());
         let recent_alerts = Arc::new(RecentAlerts::default());
         let (alerts, dispatcher) = Alerts::new(
             &config.alerts,
@@ -85,15 +84,13 @@ impl Observer {
         alerts: Alerts,
         thresholds: &[f64],
     ) -> Self {
-        let store_errors = Arc::new(ObservedStoreHealth::default());
         Self {
             metrics,
             usage_log,
             alerts,
             series: Arc::default(),
             recent_alerts: Arc::default(),
-            store_health: store_errors.clone(),
-            store_errors,
+            store_health: Arc::new(UnreportedStoreHealth),
             thresholds_ppm: thresholds
                 .iter()
                 .map(|t| (*t, (t * 1_000_000.0).round() as u64))
@@ -194,6 +191,42 @@ fn window_instance(window: Window, usage: WindowUsage, now_secs: i64) -> (String
                 end,
                 Duration::from_secs(usage.reset_secs + 3600),
             )
+        }
+    }
+}
+
+/// Raises `store_degraded` when the quota store's health turns degraded and
+/// `store_recovered` (with how long it was down) when it is back. Each replica reports its
+/// own outage: while the store is down there is no shared place to agree on one report.
+pub async fn alert_on_store_health(
+    health: Arc<StoreHealth>,
+    alerts: Alerts,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut changes = health.subscribe();
+    let mut down_since: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { break },
+            _ = shutdown.changed() => break,
+        }
+        let degraded = *changes.borrow_and_update();
+        match (degraded, down_since) {
+            (true, None) => {
+                down_since = Some(std::time::Instant::now());
+                alerts.raise(AlertEvent::StoreDegraded {
+                    mode: health.mode(),
+                    error: health.last_error().unwrap_or_else(|| "unknown".into()),
+                });
+            }
+            (false, Some(since)) => {
+                down_since = None;
+                alerts.raise(AlertEvent::StoreRecovered {
+                    mode: health.mode(),
+                    down_for: since.elapsed(),
+                });
+            }
+            _ => {}
         }
     }
 }

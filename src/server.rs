@@ -19,8 +19,11 @@ use tokio::task::JoinSet;
 
 use std::path::PathBuf;
 
-use crate::alerts::{AlertDedupe, MemoryDedupe};
+use crate::alerts::{AlertDedupe, MemoryDedupe, RedisDedupe};
 use crate::connection::{self, Timeouts};
+use crate::metrics::Metrics;
+use crate::shared_redis::SharedRedis;
+use crate::usage_log::UsageConsumer;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ServerConfig, StoreUrl};
@@ -127,11 +130,26 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
     let key_store = options
         .key_store
         .unwrap_or_else(|| Arc::new(MemoryKeyStore::default()));
-    let dedupe = options
-        .alert_dedupe
-        .unwrap_or_else(|| Arc::new(MemoryDedupe::default()));
+    // Alert claims and the usage stream get their own connection to the shared Redis, so
+    // neither ever queues behind (or ahead of) a quota decision.
+    let redis = SharedRedis::open(&config.store.url).map_err(StartError::Store)?;
+    let metrics = Arc::new(Metrics::new());
+    let dedupe: Arc<dyn AlertDedupe> = match (options.alert_dedupe, &redis) {
+        (Some(dedupe), _) => dedupe,
+        (None, Some(redis)) => Arc::new(RedisDedupe::new(redis.clone())),
+        (None, None) => Arc::new(MemoryDedupe::default()),
+    };
+    let mut consumers: Vec<Box<dyn UsageConsumer>> = Vec::new();
+    if let (Some(stream), Some(redis)) = (&config.usage_log.redis_stream, &redis) {
+        consumers.push(Box::new(crate::usage_stream::start(
+            redis.clone(),
+            stream.clone(),
+            config.usage_log.stream_maxlen,
+            metrics.clone(),
+        )));
+    }
     let (observer, alert_dispatcher) =
-        Observer::start(&config, dedupe, Vec::new()).map_err(StartError::Observe)?;
+        Observer::start(&config, metrics, dedupe, consumers).map_err(StartError::Observe)?;
     // Detached: it ends when the last alert handle (the gateway's) is gone.
     tokio::spawn(alert_dispatcher.run());
     let gateway = Arc::new(
@@ -170,6 +188,11 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
         },
     ));
     reopen_usage_log_on_hangup(&gateway, &mut tasks, shutdown_rx.clone());
+    tasks.spawn(crate::observe::alert_on_store_health(
+        gateway.store_health.clone(),
+        gateway.observer.alerts.clone(),
+        shutdown_rx.clone(),
+    ));
     crate::reload::spawn(
         &mut tasks,
         gateway.clone(),

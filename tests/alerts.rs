@@ -1,14 +1,16 @@
 //! Alerts and anomalies (SPEC §5): quota warnings once per team, window and threshold
-//! across the fleet; a dead webhook retried then dropped while requests never wait; the
-//! invalid-token burst throttled and reported; the offline detector flags a night burst
-//! from a new address and not the steady keys around it; no token or key in any alert.
+//! across two replicas on one Redis; store outages reported and their end; a dead webhook
+//! retried then dropped while requests never wait; the invalid-token burst throttled and
+//! reported; the usage stream in Redis; the offline detector flags a night burst from a
+//! new address and not the steady keys around it; no token or key in any alert.
 
 mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::observe::series;
+use common::observe::{request_id, series};
+use common::redis::RedisServer;
 use common::webhook::{Answer, WebhookReceiver};
 use common::*;
 use keygate::alerts::{AlertDedupe, AlertEvent, MemoryDedupe};
@@ -39,6 +41,21 @@ struct Fleet {
 }
 
 impl Fleet {
+    /// Replicas on one real Redis: quotas, alert claims (`SET NX`) and the usage stream.
+    async fn on_redis(config_text: &str, replicas: usize, redis: &RedisServer) -> Self {
+        // A generous store timeout: on a busy machine a slow answer must not switch a
+        // replica to its local counters (on_error = local), which are not exact.
+        let text = format!(
+            "{config_text}\n[store]\nurl = \"{}\"\ntimeout = \"2s\"\n",
+            redis.url()
+        );
+        let mut gateways = Vec::new();
+        for _ in 0..replicas {
+            gateways.push(TestGateway::start(config_from(&text)).await);
+        }
+        Self { gateways }
+    }
+
     async fn start(config_text: &str, replicas: usize, clock: Arc<ManualClock>) -> Self {
         let clock: Arc<dyn Clock> = clock;
         let store: Arc<dyn QuotaStore> =
@@ -122,10 +139,11 @@ fn clock() -> Arc<ManualClock> {
 }
 
 #[tokio::test]
-async fn quota_warnings_arrive_once_each_across_two_replicas() {
+async fn quota_warnings_arrive_once_each_across_two_replicas_on_one_redis() {
+    let redis = RedisServer::start();
     let upstream = MockUpstream::start().await;
     let webhook = WebhookReceiver::start(Answer::Status(200)).await;
-    let fleet = Fleet::start(&alert_config(&upstream, &[webhook.url()], ""), 2, clock()).await;
+    let fleet = Fleet::on_redis(&alert_config(&upstream, &[webhook.url()], ""), 2, &redis).await;
 
     // Marketing may send 10 a minute; 16 requests race over both replicas.
     let requests = (0..16).map(|i| fleet.gateways[i % 2].generate(TOKEN_MARKETING));
@@ -134,9 +152,15 @@ async fn quota_warnings_arrive_once_each_across_two_replicas() {
         .iter()
         .map(|r| r.status().as_u16())
         .collect();
+    let mut store_errors = 0.0;
+    for gateway in &fleet.gateways {
+        store_errors +=
+            series(&gateway.metrics().await, "keygate_store_errors_total", &[]).unwrap();
+    }
     assert_eq!(
         statuses.iter().filter(|s| **s == 200).count(),
-        MARKETING_RPM as usize
+        MARKETING_RPM as usize,
+        "store errors: {store_errors}"
     );
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 6);
 
@@ -177,8 +201,13 @@ async fn quota_warnings_arrive_once_each_across_two_replicas() {
             .unwrap()
             .parse::<jiff::Timestamp>()
             .is_ok());
+        let at: jiff::Timestamp = warning["at"].as_str().unwrap().parse().unwrap();
         let resets_at: jiff::Timestamp = warning["resets_at"].as_str().unwrap().parse().unwrap();
-        assert!(resets_at > "2026-11-27T10:00:05Z".parse().unwrap());
+        let until_reset = resets_at.as_second() - at.as_second();
+        assert!(
+            (1..=62).contains(&until_reset),
+            "minute resets in {until_reset}s"
+        );
         let text = warning["text"].as_str().unwrap();
         assert!(
             text.contains("team marketing") && text.contains("minute") && !text.contains('\n'),
@@ -192,6 +221,24 @@ async fn quota_warnings_arrive_once_each_across_two_replicas() {
     }
     fleet.drain_alerts(&webhook).await;
     assert_eq!(fleet.alerts_total("quota_warning").await, 2.0);
+    // The claims live in Redis, with an expiry.
+    let claims = redis.cli(&["KEYS", "keygate:alert:quota:*"]).unwrap();
+    let mut claims: Vec<&str> = claims.lines().collect();
+    claims.sort();
+    assert_eq!(
+        claims,
+        [
+            "keygate:alert:quota:marketing:minute:0.8",
+            "keygate:alert:quota:marketing:minute:1"
+        ]
+    );
+    let ttl: i64 = redis
+        .cli(&["PTTL", claims[0]])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((1..=60_000).contains(&ttl), "claim ttl {ttl} ms");
 
     let bodies = webhook.raw_bodies();
     for secret in ALL_SECRETS {
@@ -207,9 +254,10 @@ async fn quota_warnings_arrive_once_each_across_two_replicas() {
 
 #[tokio::test]
 async fn reaching_a_threshold_again_after_a_refund_repeats_no_warning() {
+    let redis = RedisServer::start();
     let upstream = MockUpstream::start().await;
     let webhook = WebhookReceiver::start(Answer::Status(200)).await;
-    let fleet = Fleet::start(&alert_config(&upstream, &[webhook.url()], ""), 2, clock()).await;
+    let fleet = Fleet::on_redis(&alert_config(&upstream, &[webhook.url()], ""), 2, &redis).await;
     let threshold = DESIGN_RPM * 8 / 10;
     for i in 0..threshold - 1 {
         let response = fleet.gateways[i as usize % 2]
@@ -252,6 +300,98 @@ async fn reaching_a_threshold_again_after_a_refund_repeats_no_warning() {
 
     fleet.drain_alerts(&webhook).await;
     assert_eq!(fleet.alerts_total("quota_warning").await, 1.0);
+    fleet.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_store_outage_and_its_end_are_alerted() {
+    let mut redis = RedisServer::start();
+    let upstream = MockUpstream::start().await;
+    let webhook = WebhookReceiver::start(Answer::Status(200)).await;
+    let fleet = Fleet::on_redis(&alert_config(&upstream, &[webhook.url()], ""), 1, &redis).await;
+    let gateway = &fleet.gateways[0];
+    assert_eq!(gateway.generate(TOKEN_DESIGN_GENERATE).await.status(), 200);
+
+    redis.kill();
+    // on_error = local: the request is still answered, from this replica's own counters.
+    assert_eq!(gateway.generate(TOKEN_DESIGN_GENERATE).await.status(), 200);
+    webhook.wait_for(1, Duration::from_secs(10)).await;
+    let degraded = &webhook.alerts()[0];
+    assert_eq!(degraded["kind"], "store_degraded");
+    assert_eq!(degraded["mode"], "local");
+    assert!(!degraded["error"].as_str().unwrap().is_empty());
+    assert!(degraded["text"].as_str().unwrap().contains("unreachable"));
+    let metrics = gateway.metrics().await;
+    assert_eq!(series(&metrics, "keygate_store_degraded", &[]), Some(1.0));
+    assert!(series(&metrics, "keygate_store_errors_total", &[]).unwrap() >= 1.0);
+
+    redis.restart();
+    webhook.wait_for(2, Duration::from_secs(15)).await;
+    let recovered = &webhook.alerts()[1];
+    assert_eq!(recovered["kind"], "store_recovered");
+    assert_eq!(recovered["mode"], "local");
+    assert!(recovered["down_for"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        series(&gateway.metrics().await, "keygate_store_degraded", &[]),
+        Some(0.0)
+    );
+    assert_eq!(fleet.alerts_total("store_degraded").await, 1.0);
+    fleet.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_replica_appends_its_usage_lines_to_one_redis_stream() {
+    let redis = RedisServer::start();
+    let upstream = MockUpstream::start().await;
+    let text = alert_config(
+        &upstream,
+        &[],
+        "[usage_log]\nredis_stream = \"keygate:usage\"\nstream_maxlen = 1000\n",
+    );
+    let fleet = Fleet::on_redis(&text, 2, &redis).await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let token = if i == 5 {
+            BAD_TOKEN
+        } else {
+            TOKEN_DESIGN_GENERATE
+        };
+        ids.push(request_id(&fleet.gateways[i % 2].generate(token).await));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while redis.cli(&["XLEN", "keygate:usage"]).unwrap().trim() != "6" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stream never held 6 lines"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // `XRANGE` prints id, field, value per entry: the value is the usage line.
+    let entries = redis.cli(&["XRANGE", "keygate:usage", "-", "+"]).unwrap();
+    let lines: Vec<serde_json::Value> = entries
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    assert!(
+        entries.lines().filter(|l| *l == "line").count() == 6,
+        "{entries}"
+    );
+    let mut streamed: Vec<&str> = lines
+        .iter()
+        .map(|l| l["request_id"].as_str().unwrap())
+        .collect();
+    streamed.sort();
+    ids.sort();
+    assert_eq!(streamed, ids);
+    // The same lines as each replica's file.
+    for gateway in &fleet.gateways {
+        for line in gateway.usage.lines() {
+            assert!(lines.contains(&line), "{line} missing from the stream");
+        }
+    }
+    assert!(!entries.contains(BAD_TOKEN) && !entries.contains(REAL_KEY));
     fleet.shutdown().await;
 }
 

@@ -405,6 +405,49 @@ async fn connections_over_the_cap_get_a_clean_503_and_a_freed_slot_is_reused() {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_its_answer_is_cut_off_after_the_idle_timeout() {
+    let upstream = MockUpstream::start().await;
+    upstream.set_reply(Reply::Sized(200, 256 * 1024 * 1024));
+    let gateway = gateway(&upstream, |c| {
+        c.server.max_connections = 1;
+        c.server.idle_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let gw = gateway.proxy_addr();
+    let mut stalled = raw::connect(gw).await;
+    stalled
+        .write_all(
+            format!("GET /v1/models HTTP/1.1\r\nHost: {gw}\r\nAuthorization: Bearer {TOKEN_DESIGN_GENERATE}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    upstream.wait_for(1, Duration::from_secs(5)).await;
+    upstream.set_reply(Reply::Json(200, common::upstream::OK_JSON));
+
+    // The unread answer holds the only connection slot until the gateway gives up on it.
+    let good = format!(
+        "GET /v1/models HTTP/1.1\r\nHost: {gw}\r\nAuthorization: Bearer {TOKEN_DESIGN_GENERATE}\r\nConnection: close\r\n\r\n"
+    );
+    let started = Instant::now();
+    loop {
+        let outcome = raw::exchange(gw, good.as_bytes()).await;
+        if outcome.status() == Some(200) {
+            break;
+        }
+        assert_eq!(outcome.status(), Some(503));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the connection that stopped reading was never cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(stalled);
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+#[tokio::test]
 async fn http2_settings_are_bounded_and_rapid_resets_do_not_hurt() {
     let upstream = MockUpstream::start().await;
     let gateway = gateway(&upstream, |c| c.server.http2_max_concurrent_streams = 8).await;

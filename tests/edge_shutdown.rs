@@ -87,7 +87,7 @@ impl Keygate {
             .arg(format!("-{name}"))
             .arg(pid.to_string())
             .status()
-            .expect("kill runs");
+            .expect("the `kill` command (Debian package procps) sends the signal");
         assert!(status.success());
     }
 

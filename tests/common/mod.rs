@@ -14,8 +14,12 @@ pub mod webhook;
 
 use std::sync::{Arc, Once};
 
+use std::time::{Duration, Instant};
+
 use keygate::clock::{Clock, ManualClock, SystemClock};
 use keygate::config::{Config, KeySource};
+use keygate::gateway::Gateway;
+use keygate::quota::{SubjectKind, SubjectUsage};
 use keygate::secret::Secret;
 use keygate::server::{RunningGateway, StartOptions};
 
@@ -258,6 +262,51 @@ impl TestGateway {
         format!("{}{}", self.proxy, path)
     }
 
+    fn running_gateway(&self) -> &RunningGateway {
+        self.running.as_ref().expect("gateway is running")
+    }
+
+    pub fn state(&self) -> &Arc<Gateway> {
+        &self.running_gateway().gateway
+    }
+
+    /// Current usage of a counter, read from the gateway's own store without charging.
+    /// `id` is a team name, a key id (for a key with its own limits) or `"upstream"`.
+    pub async fn usage(&self, kind: SubjectKind, id: &str) -> SubjectUsage {
+        let snapshot = self.state().snapshot();
+        let subject = snapshot
+            .keys
+            .iter()
+            .flat_map(|key| key.subjects.iter())
+            .find(|s| s.kind == kind && &*s.id == id)
+            .unwrap_or_else(|| panic!("no {kind:?} counter named {id:?}"))
+            .clone();
+        let usage = self
+            .state()
+            .store
+            .usage(std::slice::from_ref(&subject))
+            .await
+            .expect("store answers");
+        usage[0]
+    }
+
+    /// Polls a team's usage until its minute and day counts are `used` (a refund is applied
+    /// off the request path, so no event marks it).
+    pub async fn wait_team_used(&self, team: &str, used: u64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let usage = self.usage(SubjectKind::Team, team).await;
+            if usage.minute.used == used && usage.day.used == used {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "team {team} still counts {usage:?}, wanted {used} in both windows"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// `POST /v1/text-to-image` with a token and the seed's JSON body.
     pub async fn generate(&self, token: &str) -> reqwest::Response {
         self.client
@@ -375,6 +424,55 @@ pub async fn json_body(response: reqwest::Response) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
+/// Fails when a response's headers or body hold the real key or any internal token.
+pub fn assert_no_secrets(headers: &reqwest::header::HeaderMap, body: &[u8]) {
+    let text = format!("{headers:?}{}", String::from_utf8_lossy(body));
+    for secret in ALL_SECRETS {
+        assert!(
+            !text.contains(secret),
+            "a secret reached the client: {text}"
+        );
+    }
+}
+
+/// [`assert_no_secrets`] for a response read over raw TCP.
+pub fn assert_raw_no_secrets(response: &raw::RawResponse) {
+    let text = format!("{:?}{}", response.headers, response.body_text());
+    for secret in ALL_SECRETS {
+        assert!(
+            !text.contains(secret),
+            "a secret reached the client: {text}"
+        );
+    }
+}
+
+/// A response read whole: status, headers and body, checked for secrets on the way.
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Answer {
+    pub async fn read(response: reqwest::Response) -> Self {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.text().await.expect("body reads");
+        assert_no_secrets(&headers, body.as_bytes());
+        Self {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().expect("ASCII header"))
+    }
+}
+
 pub const UNAUTHORIZED_BODY: &str =
     r#"{"error":{"code":"unauthorized","message":"Invalid API key"}}"#;
 pub const FORBIDDEN_BODY: &str = r#"{"error":{"code":"forbidden","message":"API key does not have permission for this operation"}}"#;
@@ -383,3 +481,12 @@ pub const BAD_REQUEST_BODY: &str =
 pub const PAYLOAD_TOO_LARGE_BODY: &str =
     r#"{"error":{"code":"payload_too_large","message":"Request body too large"}}"#;
 pub const RATE_LIMITED_BODY: &str = r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit exceeded. Please try again later."}}"#;
+pub const BAD_GATEWAY_BODY: &str =
+    r#"{"error":{"code":"bad_gateway","message":"Upstream service unreachable"}}"#;
+pub const GATEWAY_TIMEOUT_BODY: &str =
+    r#"{"error":{"code":"gateway_timeout","message":"Upstream service timed out"}}"#;
+
+/// An address on 127.0.0.1 where nothing listens (bound, then released).
+pub fn closed_port_url() -> String {
+    format!("http://127.0.0.1:{}", redis::free_port())
+}

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Every raw exchange is bounded by this.
@@ -82,9 +82,69 @@ pub async fn exchange_then_close(addr: SocketAddr, request: &[u8]) -> RawOutcome
     read_response(&mut stream).await
 }
 
+/// Sends `head`, then `body_parts` from a separate task while reading: a server that
+/// answers before it has read the whole body (413, 401) is heard even when it then resets
+/// the connection. The sending side stays open until the response has been read.
+pub async fn exchange_while_sending(
+    addr: SocketAddr,
+    head: Vec<u8>,
+    body_parts: Vec<Vec<u8>>,
+) -> RawOutcome {
+    let (mut reader, mut writer) = connect(addr).await.into_split();
+    let sender = tokio::spawn(async move {
+        // Write errors are expected when the server answers early and closes.
+        if writer.write_all(&head).await.is_err() {
+            return;
+        }
+        for part in body_parts {
+            if writer.write_all(&part).await.is_err() {
+                return;
+            }
+        }
+        // Half-closing could end the request early: hold the writer until aborted.
+        std::future::pending::<()>().await;
+        drop(writer);
+    });
+    let outcome = read_response(&mut reader).await;
+    sender.abort();
+    outcome
+}
+
+/// A `POST /v1/text-to-image` head with `Connection: close` and the given extra header
+/// lines (each without CRLF), as raw bytes so values can hold any byte.
+pub fn post_head(extra_lines: &[&[u8]], content_length: Option<usize>) -> Vec<u8> {
+    let mut head = b"POST /v1/text-to-image HTTP/1.1\r\nHost: keygate\r\nConnection: close\r\n\
+Content-Type: application/json\r\n"
+        .to_vec();
+    for line in extra_lines {
+        head.extend_from_slice(line);
+        head.extend_from_slice(b"\r\n");
+    }
+    if let Some(length) = content_length {
+        head.extend_from_slice(format!("Content-Length: {length}\r\n").as_bytes());
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// Encodes `data` as HTTP/1.1 chunks of at most `chunk` bytes, then the last chunk.
+pub fn chunked(data: &[u8], chunk: usize) -> Vec<Vec<u8>> {
+    let mut parts: Vec<Vec<u8>> = data
+        .chunks(chunk)
+        .map(|c| {
+            let mut framed = format!("{:x}\r\n", c.len()).into_bytes();
+            framed.extend_from_slice(c);
+            framed.extend_from_slice(b"\r\n");
+            framed
+        })
+        .collect();
+    parts.push(b"0\r\n\r\n".to_vec());
+    parts
+}
+
 /// Reads one response from a connection: head, then a Content-Length or chunked body, or
 /// everything up to the close.
-pub async fn read_response(stream: &mut TcpStream) -> RawOutcome {
+pub async fn read_response<R: AsyncRead + Unpin>(stream: &mut R) -> RawOutcome {
     let deadline = Instant::now() + RAW_TIMEOUT;
     let mut buf = Vec::new();
     let head_end = loop {
@@ -161,7 +221,11 @@ pub async fn read_response(stream: &mut TcpStream) -> RawOutcome {
     })
 }
 
-async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> bool {
+async fn read_more<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+) -> bool {
     let mut chunk = [0u8; 8192];
     let left = deadline.saturating_duration_since(Instant::now());
     match tokio::time::timeout(left, stream.read(&mut chunk)).await {

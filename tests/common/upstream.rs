@@ -24,6 +24,8 @@ const KEEP_BODY_BYTES: u64 = 1024 * 1024;
 pub struct Received {
     pub method: String,
     pub path_and_query: String,
+    /// The authority the request named (HTTP/2 `:authority`; empty for HTTP/1.1 origin-form).
+    pub authority: String,
     pub version: Version,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -45,6 +47,8 @@ pub enum Reply {
     Hang,
     /// Read the request, then drop the connection without a response.
     Drop,
+    /// 200 with the standard JSON and these extra response headers.
+    WithHeaders(Vec<(&'static str, &'static str)>),
 }
 
 pub const OK_JSON: &str = r#"{"id":"img_123","created":1764201600,"model":"imagen-v2","data":[{"url":"https://cdn.example/img_123.png"}]}"#;
@@ -242,6 +246,11 @@ async fn handle(
             .path_and_query()
             .map(|p| p.to_string())
             .unwrap_or_default(),
+        authority: parts
+            .uri
+            .authority()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
         version: parts.version,
         headers: parts.headers,
         body: Bytes::from(kept),
@@ -273,8 +282,13 @@ async fn handle(
         ),
         None => shared.reply.lock().unwrap().clone(),
     };
+    let mut extra_headers = Vec::new();
     let (status, body): (u16, MockBody) = match reply {
         Reply::Json(status, text) => (status, full(text)),
+        Reply::WithHeaders(headers) => {
+            extra_headers = headers;
+            (200, full(OK_JSON))
+        }
         Reply::Sized(status, size) => (status, sized_body(size)),
         Reply::Delayed(delay) => {
             tokio::time::sleep(delay).await;
@@ -290,6 +304,12 @@ async fn handle(
         "content-type",
         http::HeaderValue::from_static("application/json"),
     );
+    for (name, value) in extra_headers {
+        response.headers_mut().append(
+            http::HeaderName::from_static(name),
+            http::HeaderValue::from_static(value),
+        );
+    }
     Ok(response)
 }
 

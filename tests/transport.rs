@@ -1,0 +1,211 @@
+//! Protocols on both sides: an HTTP/2 client through to an HTTP/1.1 upstream, an HTTPS
+//! upstream trusted only through `upstream.ca_file`, and TLS on the proxy listener with
+//! HTTP/1.1 and HTTP/2 chosen by ALPN.
+
+mod common;
+
+use std::io::Write;
+
+use common::upstream::{test_cert, TestCert};
+use common::*;
+use keygate::config::TlsFiles;
+use reqwest::Version;
+
+fn pem_file(pem: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::NamedTempFile::new().expect("temp file");
+    file.write_all(pem.as_bytes()).expect("temp file writes");
+    file
+}
+
+fn assert_forwarded_with_the_real_key(received: &common::upstream::Received) {
+    assert_eq!(received.method, "POST");
+    assert_eq!(received.path_and_query, "/v1/text-to-image");
+    assert_eq!(
+        received.headers["authorization"],
+        format!("Bearer {REAL_KEY}")
+    );
+    assert_eq!(received.body, PROMPT_BODY.as_bytes());
+}
+
+/// A client speaking HTTP/2 without TLS (prior knowledge), as gRPC-style clients do.
+fn h2_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_http2_client_reaches_an_http1_upstream() {
+    let upstream = MockUpstream::start().await;
+    let gateway = TestGateway::start(config_from(&standard_config_text(&upstream.url(), ""))).await;
+    let h2 = h2_client();
+    let response = h2
+        .post(gateway.url("/v1/text-to-image"))
+        .bearer_auth(TOKEN_DESIGN_GENERATE)
+        .header("content-type", "application/json")
+        .body(PROMPT_BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), Version::HTTP_2);
+    let answer = Answer::read(response).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body, common::upstream::OK_JSON);
+    assert!(answer.header("x-ratelimit-limit").is_some());
+
+    let received = &upstream.received()[0];
+    assert_eq!(received.version, http::Version::HTTP_11);
+    assert_eq!(received.headers["host"], upstream.addr.to_string());
+    assert_forwarded_with_the_real_key(received);
+
+    // Errors over HTTP/2 have the same shape.
+    let denied = Answer::read(
+        h2.post(gateway.url("/v1/text-to-image"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(denied.status, 401);
+    assert_eq!(denied.body, UNAUTHORIZED_BODY);
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+#[tokio::test]
+async fn large_bodies_cross_between_an_http2_client_and_an_http1_upstream() {
+    const SIZE: usize = 8 * 1024 * 1024;
+    let upstream = MockUpstream::start().await;
+    let gateway = TestGateway::start(config_from(&standard_config_text(&upstream.url(), ""))).await;
+    let h2 = h2_client();
+    let body: Vec<u8> = (0..SIZE).map(|i| (i % 253) as u8).collect();
+    let response = h2
+        .post(gateway.url("/v1/text-to-image"))
+        .bearer_auth(TOKEN_DESIGN_GENERATE)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let received = &upstream.received()[0];
+    assert_eq!(received.body_len, SIZE as u64);
+    assert_eq!(received.body_sha256, keygate::auth::sha256_hex(&body));
+
+    upstream.set_reply(Reply::Sized(200, SIZE as u64));
+    let response = h2
+        .post(gateway.url("/v1/text-to-image"))
+        .bearer_auth(TOKEN_DESIGN_GENERATE)
+        .body(PROMPT_BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), Version::HTTP_2);
+    let bytes = response.bytes().await.unwrap();
+    assert_eq!(bytes.len(), SIZE);
+    assert!(bytes.iter().all(|b| *b == b'x'));
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+#[tokio::test]
+async fn an_https_upstream_is_trusted_through_ca_file() {
+    let cert = test_cert();
+    let upstream = MockUpstream::start_tls(&cert).await;
+    let ca = pem_file(&cert.cert_pem);
+    let mut config = config_from(&standard_config_text(&upstream.url(), ""));
+    config.upstream.ca_file = Some(ca.path().to_path_buf());
+    let gateway = TestGateway::start(config).await;
+
+    let answer = Answer::read(gateway.generate(TOKEN_DESIGN_GENERATE).await).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body, common::upstream::OK_JSON);
+    let received = &upstream.received()[0];
+    assert_forwarded_with_the_real_key(received);
+    // Both sides offer h2 by ALPN: an HTTP/1.1 client request goes out over HTTP/2, and
+    // names the upstream in :authority.
+    assert_eq!(received.version, http::Version::HTTP_2);
+    assert_eq!(
+        received.authority,
+        format!("localhost:{}", upstream.addr.port())
+    );
+    assert!(!received.headers.contains_key("host"));
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+#[tokio::test]
+async fn an_https_upstream_with_an_untrusted_certificate_is_a_502() {
+    let cert = test_cert();
+    let upstream = MockUpstream::start_tls(&cert).await;
+    let config = config_from(&standard_config_text(&upstream.url(), ""));
+    let gateway = TestGateway::start(config).await;
+    let answer = Answer::read(gateway.generate(TOKEN_MARKETING).await).await;
+    assert_eq!(answer.status, 502);
+    assert_eq!(answer.body, BAD_GATEWAY_BODY);
+    assert_eq!(
+        upstream.count(),
+        0,
+        "nothing was sent over an unverified connection"
+    );
+    gateway.wait_team_used("marketing", 0).await;
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+/// A client that trusts only the test certificate and reaches `localhost` on the gateway.
+fn tls_client(cert: &TestCert, gateway: &TestGateway, http1_only: bool) -> reqwest::Client {
+    let root = reqwest::Certificate::from_pem(cert.cert_pem.as_bytes()).unwrap();
+    let mut builder = reqwest::Client::builder()
+        .no_proxy()
+        .tls_certs_only([root])
+        .resolve("localhost", gateway.proxy_addr());
+    if http1_only {
+        builder = builder.http1_only();
+    }
+    builder.build().unwrap()
+}
+
+#[tokio::test]
+async fn the_proxy_listener_speaks_tls_with_http1_and_http2_by_alpn() {
+    let cert = test_cert();
+    let cert_file = pem_file(&cert.cert_pem);
+    let key_file = pem_file(&cert.key_pem);
+    let upstream = MockUpstream::start().await;
+    let mut config = config_from(&standard_config_text(&upstream.url(), ""));
+    config.server.tls = Some(TlsFiles {
+        cert: cert_file.path().to_path_buf(),
+        key: key_file.path().to_path_buf(),
+    });
+    let gateway = TestGateway::start(config).await;
+    let url = format!(
+        "https://localhost:{}/v1/text-to-image",
+        gateway.proxy_addr().port()
+    );
+
+    for (http1_only, version) in [(true, Version::HTTP_11), (false, Version::HTTP_2)] {
+        let response = tls_client(&cert, &gateway, http1_only)
+            .post(&url)
+            .bearer_auth(TOKEN_DESIGN_GENERATE)
+            .header("content-type", "application/json")
+            .body(PROMPT_BODY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.version(), version);
+        let answer = Answer::read(response).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert_eq!(answer.body, common::upstream::OK_JSON);
+    }
+    for received in upstream.received() {
+        assert_forwarded_with_the_real_key(&received);
+    }
+    assert_eq!(upstream.count(), 2);
+
+    // Plain HTTP on the TLS listener gets nowhere.
+    let plain = gateway.client.get(gateway.url("/v1/models")).send().await;
+    assert!(plain.is_err() || plain.unwrap().status() != 200);
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
