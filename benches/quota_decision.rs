@@ -169,6 +169,23 @@ fn quota_decision(c: &mut Criterion) {
     group.bench_function("memory", |b| {
         b.iter(|| black_box(memory.decide_now(black_box(&subjects))))
     });
+    // Team alone, the common configuration (no upstream ceiling).
+    let team_only = &subjects[..1];
+    group.bench_function("memory_team_only", |b| {
+        b.iter(|| black_box(memory.decide_now(black_box(team_only))))
+    });
+    // A team at its limit: the refusal path (Retry-After computed from the buckets).
+    let full = [Subject {
+        kind: SubjectKind::Team,
+        id: "full".into(),
+        limits: Limits { rpm: 10, rpd: 1000 },
+    }];
+    for _ in 0..10 {
+        memory.decide_now(&full);
+    }
+    group.bench_function("memory_refused", |b| {
+        b.iter(|| black_box(memory.decide_now(black_box(&full))))
+    });
     group.bench_function("redis", |b| {
         b.iter(|| {
             black_box(
@@ -196,7 +213,9 @@ fn quota_decision(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default().measurement_time(Duration::from_secs(5));
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
     targets = quota_decision
 }
 criterion_main!(benches);

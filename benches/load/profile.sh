@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Profiles keygate (release build, Redis-shared quotas) under callgrind over a fixed number
+# of proxied requests: the nginx stand-in upstream and a Redis on loopback, wrk stopping
+# after N responses (post-n.lua). Prints the top inclusive and exclusive costs and leaves
+# the callgrind file for callgrind_annotate / kcachegrind.
+#
+# Usage: benches/load/profile.sh [requests] [connections]   (defaults: 20000, 16)
+# Env:   KEYGATE_BIN, PORT_BASE (default 28180), OUT (the callgrind file)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+n=${1:-20000}; conns=${2:-16}
+base=${PORT_BASE:-28180}
+up=$base; kg=$((base + 3)); kg_admin=$((base + 4)); redis_port=$((base + 21))
+bin=${KEYGATE_BIN:-${CARGO_TARGET_DIR:-$repo/target}/release/keygate}
+out=${OUT:-/tmp/keygate.callgrind}
+work=$(mktemp -d /tmp/keygate-profile.XXXX)
+cleanup() {
+  for f in "$work"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+  --pidfile "$work/redis.pid" --logfile "$work/redis.log"
+sed -e "s#PREFIX#$work#g" -e "s#UPPORT#$up#g" "$here/upstream.conf" > "$work/upstream.conf"
+nginx -c "$work/upstream.conf" -p "$work" -e "$work/upstream.err"
+cat > "$work/keygate.toml" <<EOF
+[server]
+listen = "127.0.0.1:$kg"
+admin_listen = "127.0.0.1:$kg_admin"
+[upstream]
+url = "http://127.0.0.1:$up"
+[upstream.keys.prod]
+env = "BENCH_UPSTREAM_KEY"
+[store]
+url = "redis://127.0.0.1:$redis_port"
+on_error = "closed"
+timeout = "5s"
+[plans]
+huge = { rpm = 1000000000, rpd = 1000000000 }
+[[teams]]
+name = "alpha"
+plan = "huge"
+[[keys]]
+id = "alpha-bench"
+team = "alpha"
+token_sha256 = "b7ac5a0fa6ef07909291822bfb4b8c4e6a1529d2778ded7c9ff7581bd1826ea2"
+scopes = ["generate", "read"]
+env = "prod"
+[[routes]]
+match = "POST /v1/text-to-image"
+scope = "generate"
+[usage_log]
+path = "$work/usage.log"
+EOF
+BENCH_UPSTREAM_KEY=sk-upstream-REAL-0123456789 KEYGATE_LOG=warn \
+  valgrind --tool=callgrind --callgrind-out-file="$out" --dump-instr=no \
+  "$bin" serve --config "$work/keygate.toml" > "$work/keygate.out" 2>&1 &
+echo $! > "$work/keygate.pid"
+for _ in $(seq 600); do
+  curl -fsS "http://127.0.0.1:$kg_admin/readyz" >/dev/null 2>&1 && break
+  sleep 0.2
+done
+WRK_AUTH="Bearer kg_team_alpha_secret_token_0001" N=$n \
+  wrk -t1 -c"$conns" -d600s -s "$here/post-n.lua" "http://127.0.0.1:$kg/v1/text-to-image" | grep -E 'requests in|Non-2xx' || true
+kill -TERM "$(cat "$work/keygate.pid")"
+for _ in $(seq 100); do kill -0 "$(cat "$work/keygate.pid")" 2>/dev/null || break; sleep 0.2; done
+rm -f "$work/keygate.pid"
+callgrind_annotate --inclusive=yes "$out" 2>/dev/null | head -70
+echo "# exclusive"
+callgrind_annotate "$out" 2>/dev/null | head -45

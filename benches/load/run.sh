@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# keygate's load bench: keygate (release build, Redis-shared quotas) against the nginx peers
+# of the shared harness, in the same run on the same machine, in alternating rounds; then
+# 5000 requests in flight to a 2-second upstream through keygate and through nginx-swap.
+# Prints per-round rps/p50/p99, the ratios, Redis commands per admitted request and the
+# peak RSS. Everything listens on loopback and stops when the script ends.
+#
+# Usage: benches/load/run.sh [seconds] [rounds]      (defaults: 8 s, 2 rounds)
+# Env:   KEYGATE_BIN   the binary (default: $CARGO_TARGET_DIR/release/keygate, built if missing)
+#        INFLIGHT      connections for the in-flight test (default 5000; 0 skips it)
+#        PORT_BASE     first of the ports used (default 28080; the shared harness uses 18xxx)
+# Needs: nginx libnginx-mod-http-lua lua-nginx-redis wrk redis-server (Debian packages).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+secs=${1:-8}; rounds=${2:-2}
+conns=64
+inflight=${INFLIGHT:-5000}
+base=${PORT_BASE:-28080}
+up=$base; swap=$((base + 1)); lua=$((base + 2)); kg=$((base + 3)); kg_admin=$((base + 4))
+slow=$((base + 10)); swap_slow=$((base + 11)); kg_slow=$((base + 13)); kg_slow_admin=$((base + 14))
+redis_lua=$((base + 20)); redis_kg=$((base + 21))
+bin=${KEYGATE_BIN:-${CARGO_TARGET_DIR:-$repo/target}/release/keygate}
+if [ ! -x "$bin" ]; then (cd "$repo" && cargo build --release --bin keygate); fi
+
+work=$(mktemp -d /tmp/keygate-load.XXXX)
+pids=()
+cleanup() {
+  for f in "$work"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+redis_up() { # port
+  redis-server --port "$1" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+    --pidfile "$work/redis-$1.pid" --logfile "$work/redis-$1.log"
+  for _ in $(seq 50); do redis-cli -p "$1" ping >/dev/null 2>&1 && return; sleep 0.1; done
+  echo "redis on $1 did not start" >&2; exit 1
+}
+nginx_up() { # conf
+  sed -e "s#PREFIX#$work#g" -e "s#REDISPORT#$redis_lua#g" -e "s#SWAPSLOWPORT#$swap_slow#g" \
+    -e "s#UPPORT#$up#g" -e "s#SWAPPORT#$swap#g" -e "s#LUAPORT#$lua#g" -e "s#SLOWPORT#$slow#g" \
+    -e "s#SLOWSECS#2#g" "$here/$1.conf" > "$work/$1.conf"
+  nginx -c "$work/$1.conf" -p "$work" -e "$work/$1.err"
+}
+keygate_up() { # name listen admin upstream_port
+  cat > "$work/$1.toml" <<EOF
+[server]
+listen = "127.0.0.1:$2"
+admin_listen = "127.0.0.1:$3"
+max_connections = 8192
+[upstream]
+url = "http://127.0.0.1:$4"
+[upstream.keys.prod]
+env = "BENCH_UPSTREAM_KEY"
+[store]
+url = "redis://127.0.0.1:$redis_kg"
+on_error = "closed"
+timeout = "250ms"
+[plans]
+huge = { rpm = 1000000000, rpd = 1000000000 }
+[[teams]]
+name = "alpha"
+plan = "huge"
+[[keys]]
+id = "alpha-bench"
+team = "alpha"
+token_sha256 = "b7ac5a0fa6ef07909291822bfb4b8c4e6a1529d2778ded7c9ff7581bd1826ea2"
+scopes = ["generate", "read"]
+env = "prod"
+[[routes]]
+match = "POST /v1/text-to-image"
+scope = "generate"
+[usage_log]
+path = "$work/$1-usage.log"
+EOF
+  BENCH_UPSTREAM_KEY=sk-upstream-REAL-0123456789 KEYGATE_LOG=warn \
+    "$bin" serve --config "$work/$1.toml" > "$work/$1.out" 2>&1 &
+  echo $! > "$work/$1.pid"
+  for _ in $(seq 100); do
+    curl -fsS "http://127.0.0.1:$3/readyz" >/dev/null 2>&1 && return
+    sleep 0.1
+  done
+  echo "keygate $1 did not become ready:" >&2; cat "$work/$1.out" >&2; exit 1
+}
+hwm_kb() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+redis_up "$redis_lua"; redis_up "$redis_kg"
+for c in upstream nginx-swap nginx-lua-redis; do nginx_up "$c"; done
+keygate_up keygate "$kg" "$kg_admin" "$up"
+alpha="Bearer kg_team_alpha_secret_token_0001"
+for port in $swap $lua $kg; do
+  curl -fsS -X POST -H "Authorization: $alpha" "http://127.0.0.1:$port/v1/text-to-image" >/dev/null
+done
+
+echo "# machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# wrk -t1 -c$conns -d${secs}s, POST text-to-image (post.lua), $rounds rounds alternating"
+declare -A sum_rps
+results="$work/results"
+for r in $(seq 1 "$rounds"); do
+  for t in direct:$up nginx-swap:$swap nginx-lua-redis:$lua keygate:$kg; do
+    name=${t%%:*}; port=${t##*:}
+    auth=$alpha; [ "$name" = direct ] && auth="Bearer sk-upstream-REAL-0123456789"
+    [ "$name" = keygate ] && redis-cli -p "$redis_kg" CONFIG RESETSTAT >/dev/null
+    out=$(WRK_AUTH="$auth" wrk -t1 -c$conns -d"${secs}s" --latency -s "$here/post.lua" \
+      "http://127.0.0.1:$port/v1/text-to-image")
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    total=$(echo "$out" | awk '/requests in/ {print $1}')
+    p50=$(echo "$out" | awk '$1=="50%" {print $2}'); p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+    non2xx=$(echo "$out" | awk '/Non-2xx/ {print $5}'); errs=$(echo "$out" | awk '/Socket errors/ {print $0}')
+    extra=""
+    if [ "$name" = keygate ]; then
+      stats=$(redis-cli -p "$redis_kg" INFO commandstats | tr -d '\r')
+      evalsha=$(echo "$stats" | awk -F'[:=,]' '/^cmdstat_evalsha:/ {print $3}')
+      all=$(echo "$stats" | awk -F'[:=,]' '/^cmdstat_/ && !/cmdstat_(info|config)/ {s+=$3} END {print s+0}')
+      extra=$(awk -v e="${evalsha:-0}" -v a="$all" -v n="$total" \
+        'BEGIN {printf "redis: %.3f EVALSHA/request, %.2f commands run/request (script calls included)", e/n, a/n}')
+    fi
+    printf 'round %s %-16s rps=%-10s p50=%-8s p99=%-8s non2xx=%s %s %s\n' "$r" "$name" "$rps" "$p50" "$p99" \
+      "${non2xx:-0}" "$errs" "$extra"
+    echo "$name $rps $p99" >> "$results"
+  done
+done
+echo "# ratios (mean rps over the rounds)"
+awk '
+  function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+  { rps[$1] += $2; n[$1]++; p = ms($3); if (p > p99[$1]) p99[$1] = p }
+  END {
+    for (t in rps) printf "%-16s mean rps %8.0f   worst p99 %6.2f ms\n", t, rps[t] / n[t], p99[t]
+    k = rps["keygate"] / n["keygate"]
+    printf "keygate / nginx-swap      = %.2f (goal >= 1.0)\n", k / (rps["nginx-swap"] / n["nginx-swap"])
+    printf "keygate / nginx-lua-redis = %.2f (goal >= 2.5)\n", k / (rps["nginx-lua-redis"] / n["nginx-lua-redis"])
+    printf "p99 keygate %.2f ms vs nginx-swap %.2f ms\n", p99["keygate"], p99["nginx-swap"]
+  }' "$results"
+echo "# keygate peak RSS after the throughput rounds: $(( $(hwm_kb "$(cat "$work/keygate.pid")") / 1024 )) MB"
+
+if [ "$inflight" -gt 0 ]; then
+  nginx_up upstream-slow; nginx_up nginx-swap-slow
+  keygate_up keygate-slow "$kg_slow" "$kg_slow_admin" "$slow"
+  echo "# in flight: wrk -t1 -c$inflight -d10s --timeout 10s, upstream answers after 2 s (fd hard limit $(ulimit -Hn))"
+  for t in nginx-swap:$swap_slow keygate:$kg_slow; do
+    name=${t%%:*}; port=${t##*:}
+    out=$(WRK_AUTH="$alpha" wrk -t1 -c"$inflight" -d10s --timeout 10s --latency -s "$here/post.lua" \
+      "http://127.0.0.1:$port/v1/text-to-image")
+    total=$(echo "$out" | awk '/requests in/ {print $1}')
+    p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+    non2xx=$(echo "$out" | awk '/Non-2xx/ {print $5}'); errs=$(echo "$out" | awk '/Socket errors/ {print $0}')
+    if [ "$name" = keygate ]; then
+      rss="keygate VmHWM $(( $(hwm_kb "$(cat "$work/keygate-slow.pid")") / 1024 )) MB"
+    else
+      rss="nginx workers VmHWM:"
+      for w in $(pgrep -P "$(cat "$work/swap-slow.pid")"); do rss="$rss $(( $(hwm_kb "$w") / 1024 )) MB"; done
+    fi
+    printf 'in-flight %-12s requests=%-6s p99=%-8s non2xx=%s %s | %s\n' "$name" "$total" "$p99" "${non2xx:-0}" \
+      "${errs:-socket errors: none}" "$rss"
+  done
+fi
