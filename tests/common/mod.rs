@@ -85,9 +85,19 @@ pub const MARKETING_RPM: u64 = 10;
 pub const MARKETING_RPD: u64 = 100;
 pub const TIGHT_KEY_RPM: u64 = 3;
 
+/// Retries and the circuit breaker off: most tests are about one request meeting one
+/// fault, and count exactly what the upstream received. tests/resilience.rs turns them on.
+pub const HARNESS_RESILIENCE: &str = "[upstream.retry]\nattempts = 1\n[upstream.circuit]\nenabled = false\n";
+
 /// The standard config: teams `design` (pro) and `marketing` (free), routes for
-/// text-to-image (generate) and `/v1/` (read), memory store. `extra` is appended verbatim.
+/// text-to-image (generate) and `/v1/` (read), memory store, no retries and no circuit
+/// breaker. `extra` is appended verbatim.
 pub fn standard_config_text(upstream_url: &str, extra: &str) -> String {
+    config_text_with_resilience(upstream_url, HARNESS_RESILIENCE, extra)
+}
+
+/// The standard config with its own `[upstream.retry]` / `[upstream.circuit]` tables.
+pub fn config_text_with_resilience(upstream_url: &str, resilience: &str, extra: &str) -> String {
     format!(
         r#"
 [server]
@@ -103,6 +113,7 @@ connect_timeout = "1s"
 env = "KEYGATE_TEST_UNUSED_PROD"
 [upstream.keys.dev]
 env = "KEYGATE_TEST_UNUSED_DEV"
+{resilience}
 
 [plans]
 free = {{ rpm = {MARKETING_RPM}, rpd = {MARKETING_RPD} }}
