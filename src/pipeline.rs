@@ -19,8 +19,8 @@ use crate::error::{Forbidden, GatewayError, RateLimitSubject};
 use crate::forward::{self, ForwardError, X_KEYGATE_RETRIES, X_REQUEST_ID};
 use crate::gateway::{Gateway, Snapshot};
 use crate::quota::{report, Admission, Decision, SubjectKind};
-use crate::routing::{self, Route};
 use crate::retry::{self, Exchange, Outgoing, OutgoingBody};
+use crate::routing::{self, Route};
 use crate::upstream_keys::UpstreamCredential;
 
 /// Longest raw path kept in the context when the path has no canonical form.
@@ -294,11 +294,7 @@ async fn forward(
         .map_err(|_| GatewayError::BadRequest("query cannot be forwarded"))?;
     let forwarded_for =
         crate::client_addr::forwarded_for(peer.ip(), &parts.headers, &gateway.edge.trusted_proxies);
-    forward::rewrite_request_headers(
-        &mut parts.headers,
-        forwarded_for,
-        &ctx.request_id,
-    );
+    forward::rewrite_request_headers(&mut parts.headers, forwarded_for, &ctx.request_id);
     let progress = Arc::new(InboundProgress::default());
     let body = InboundBody::new(
         body,

@@ -75,6 +75,11 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
     {
         changed.push("upstream (url, timeouts, ca_file)");
     }
+    if current.upstream.retry != next.upstream.retry
+        || current.upstream.circuit != next.upstream.circuit
+    {
+        changed.push("upstream.retry / upstream.circuit");
+    }
     if differs(&current.store, &next.store) {
         changed.push("store");
     }

@@ -73,7 +73,9 @@ pub enum Exchange {
     },
     Failed(ForwardError),
     /// The circuit was open before the first try: nothing was sent.
-    CircuitOpen { retry_after_secs: u64 },
+    CircuitOpen {
+        retry_after_secs: u64,
+    },
 }
 
 /// Sends the request upstream, retrying a 429, a 503, a key the upstream refused or a
@@ -150,10 +152,7 @@ pub async fn exchange(
         let Some((why, retry_after)) = retryable.filter(|_| outgoing.replayable()) else {
             return (exchange, budget.retries());
         };
-        let Ok(next) = gateway
-            .upstream_keys
-            .credential(&env, now.as_millisecond())
-        else {
+        let Ok(next) = gateway.upstream_keys.credential(&env, now.as_millisecond()) else {
             return (exchange, budget.retries());
         };
         let next_rests = next.rests_for(now.as_millisecond());

@@ -14,11 +14,9 @@ use common::observe::series;
 use common::webhook::{Answer, WebhookReceiver};
 use common::*;
 
-const UPSTREAM_429: &str =
-    r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit exceeded. Please try again later."}}"#;
+const UPSTREAM_429: &str = r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit exceeded. Please try again later."}}"#;
 const UPSTREAM_503: &str = r#"{"error":{"code":"service_unavailable","message":"Overloaded"}}"#;
 const UPSTREAM_500: &str = r#"{"error":{"code":"internal","message":"Model crashed"}}"#;
-const SERVICE_UNAVAILABLE_BODY: &str = r#"{"error":{"code":"service_unavailable","message":"Service temporarily unavailable. Please try again later."}}"#;
 
 /// A second real `prod` key, for failover.
 const REAL_KEY_B: &str = "sk-upstream-REAL-B-test-0123456789abcdef";
@@ -92,14 +90,21 @@ async fn a_429_with_retry_after_twice_then_200_reaches_the_client_as_200_charged
     for r in &received {
         assert_eq!(r.body, PROMPT_BODY.as_bytes());
         assert_eq!(r.headers["x-request-id"], id.as_str());
-        assert_eq!(r.headers["authorization"], format!("Bearer {REAL_KEY}").as_str());
+        assert_eq!(
+            r.headers["authorization"],
+            format!("Bearer {REAL_KEY}").as_str()
+        );
     }
     gateway.wait_team_used("design", 1).await;
 
     let line = gateway.usage.wait_for(&id).await;
     assert_eq!(line["status"], 200);
     assert_eq!(line["upstream_status"], 200);
-    assert_eq!(gateway.usage.lines().len(), 1, "one request, one usage line");
+    assert_eq!(
+        gateway.usage.lines().len(),
+        1,
+        "one request, one usage line"
+    );
     let metrics = gateway.metrics().await;
     assert_eq!(
         series(&metrics, "keygate_upstream_retries_total", &[]),
@@ -247,18 +252,10 @@ async fn with_one_key_a_rejection_is_not_retried_and_answers_502() {
     gateway.shutdown().await;
 }
 
-/// An address nothing listens on: every connect is refused.
-fn dead_upstream_url() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    format!("http://{addr}")
-}
-
 #[tokio::test]
 async fn a_dead_upstream_opens_the_circuit_and_answers_503_at_once() {
     let resilience = "[upstream.retry]\nattempts = 2\nbase = \"5ms\"\ncap = \"10ms\"\n[upstream.circuit]\nfailures = 4\ncooldown = \"60s\"\n";
-    let text = config_text_with_resilience(&dead_upstream_url(), resilience, "");
+    let text = config_text_with_resilience(&closed_port_url(), resilience, "");
     let gateway = TestGateway::start(config_from(&text)).await;
 
     // Two tries per request: the fourth failed connect, in the second request, opens it.
@@ -268,7 +265,10 @@ async fn a_dead_upstream_opens_the_circuit_and_answers_503_at_once() {
         assert_eq!(response.text().await.unwrap(), BAD_GATEWAY_BODY);
     }
     let (status, ready) = gateway.readyz().await;
-    assert_eq!(status, 200, "an open circuit does not make a replica unready");
+    assert_eq!(
+        status, 200,
+        "an open circuit does not make a replica unready"
+    );
     assert_eq!(ready["upstream_circuit"]["state"], "open");
 
     for _ in 0..5 {
@@ -330,7 +330,10 @@ async fn after_the_cool_down_a_probe_goes_through_and_traffic_resumes() {
             503 => assert_eq!(upstream.count(), 3, "refused requests never reach it"),
             other => panic!("unexpected {other}"),
         }
-        assert!(std::time::Instant::now() < deadline, "circuit never half-opened");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "circuit never half-opened"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert_eq!(upstream.count(), 4, "one probe");
@@ -345,7 +348,8 @@ async fn after_the_cool_down_a_probe_goes_through_and_traffic_resumes() {
 async fn a_failed_probe_opens_the_circuit_again() {
     let upstream = MockUpstream::start().await;
     upstream.set_reply(Reply::Json(502, UPSTREAM_500));
-    let resilience = "[upstream.retry]\nattempts = 1\n[upstream.circuit]\nfailures = 2\ncooldown = \"200ms\"\n";
+    let resilience =
+        "[upstream.retry]\nattempts = 1\n[upstream.circuit]\nfailures = 2\ncooldown = \"200ms\"\n";
     let gateway = TestGateway::start(config(&upstream, resilience, "")).await;
     for _ in 0..2 {
         assert_eq!(gateway.generate(TOKEN_DESIGN_GENERATE).await.status(), 502);
@@ -458,4 +462,39 @@ fn retry_and_circuit_settings_are_validated_together() {
     let unknown = config_text_with_resilience(upstream_url, "[upstream.retry]\nhedge = true\n", "");
     let error = Config::from_toml(&unknown).unwrap_err().to_string();
     assert!(error.contains("hedge"), "{error}");
+}
+
+#[tokio::test]
+async fn a_held_body_that_stalls_or_breaks_off_is_the_clients_fault_and_never_sent() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = MockUpstream::start().await;
+    let mut config = config(&upstream, FAST_RETRIES, "");
+    config.server.body_read_timeout = Duration::from_millis(300);
+    let gateway = TestGateway::start(config).await;
+    let auth = format!("Authorization: Bearer {TOKEN_DESIGN_GENERATE}");
+    let head = common::raw::post_head(&[auth.as_bytes()], Some(100));
+
+    // Stalls: 408 after body_read_timeout.
+    let mut stream = common::raw::connect(gateway.proxy_addr()).await;
+    stream.write_all(&head).await.unwrap();
+    stream.write_all(b"{\"prompt\"").await.unwrap();
+    let outcome = common::raw::read_response(&mut stream).await;
+    assert_eq!(outcome.response().status, 408);
+    assert_eq!(outcome.response().body_text(), REQUEST_TIMEOUT_BODY);
+
+    // Breaks off: 400, not a 502 blamed on the upstream.
+    let mut request = head.clone();
+    request.extend_from_slice(b"{\"prompt\"");
+    let outcome = common::raw::exchange_then_close(gateway.proxy_addr(), &request).await;
+    if let Some(status) = outcome.status() {
+        assert_eq!(status, 400, "{}", outcome.response().body_text());
+    }
+
+    assert_eq!(
+        upstream.count(),
+        0,
+        "a held body goes out only when complete"
+    );
+    gateway.wait_team_used("design", 0).await;
+    gateway.shutdown().await;
 }

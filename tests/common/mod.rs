@@ -87,7 +87,8 @@ pub const TIGHT_KEY_RPM: u64 = 3;
 
 /// Retries and the circuit breaker off: most tests are about one request meeting one
 /// fault, and count exactly what the upstream received. tests/resilience.rs turns them on.
-pub const HARNESS_RESILIENCE: &str = "[upstream.retry]\nattempts = 1\n[upstream.circuit]\nenabled = false\n";
+pub const HARNESS_RESILIENCE: &str =
+    "[upstream.retry]\nattempts = 1\n[upstream.circuit]\nenabled = false\n";
 
 /// The standard config: teams `design` (pro) and `marketing` (free), routes for
 /// text-to-image (generate) and `/v1/` (read), memory store, no retries and no circuit
@@ -494,6 +495,9 @@ pub const PAYLOAD_TOO_LARGE_BODY: &str =
 pub const RATE_LIMITED_BODY: &str = r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit exceeded. Please try again later."}}"#;
 pub const BAD_GATEWAY_BODY: &str =
     r#"{"error":{"code":"bad_gateway","message":"Upstream service unreachable"}}"#;
+pub const SERVICE_UNAVAILABLE_BODY: &str = r#"{"error":{"code":"service_unavailable","message":"Service temporarily unavailable. Please try again later."}}"#;
+pub const REQUEST_TIMEOUT_BODY: &str =
+    r#"{"error":{"code":"request_timeout","message":"Request body not received in time"}}"#;
 pub const GATEWAY_TIMEOUT_BODY: &str =
     r#"{"error":{"code":"gateway_timeout","message":"Upstream service timed out"}}"#;
 
