@@ -67,7 +67,6 @@ const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
 pub struct RedisKeyStore {
     url: StoreUrl,
     connection: ArcSwap<SharedRedis>,
-    cluster: bool,
     script: Script,
     timeout: Duration,
     reopened: Mutex<Instant>,
@@ -99,7 +98,6 @@ impl RedisKeyStore {
             SharedRedis::open(url)?.ok_or_else(|| "memory:// is not a Redis URL".to_string())?;
         Ok(Self {
             url: url.clone(),
-            cluster: connection.is_cluster(),
             connection: ArcSwap::from_pointee(connection),
             script: Script::new(SCRIPT),
             timeout,
@@ -140,6 +138,12 @@ impl RedisKeyStore {
             Ok(None) => {}
             Err(error) => tracing::warn!(%error, "cannot reopen the admin key store connection"),
         }
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        let mut connection = self.connection();
+        self.bounded(async move { cmd.query_async(&mut connection).await })
+            .await
     }
 
     async fn write(&self, verb: Write, id: &str, record: &str) -> Result<bool, StoreError> {
@@ -192,25 +196,23 @@ fn parse_records(fields: Vec<(String, String)>) -> Vec<StoredKey> {
 impl KeyStore for RedisKeyStore {
     fn list(&self) -> StoreFuture<'_, Vec<StoredKey>> {
         Box::pin(async move {
-            let mut connection = self.connection();
-            let fields: Vec<(String, String)> = self
-                .bounded(async move {
-                    redis::cmd("HGETALL")
-                        .arg(KEYS_HASH)
-                        .query_async(&mut connection)
-                        .await
-                })
-                .await?;
+            let fields = self.query(redis::cmd("HGETALL").arg(KEYS_HASH)).await?;
             Ok(parse_records(fields))
         })
     }
 
     fn create(&self, key: StoredKey) -> StoreFuture<'_, bool> {
-        Box::pin(async move { self.write(Write::Create, &key.id, &record_json(&key)?).await })
+        Box::pin(async move {
+            self.write(Write::Create, &key.id, &record_json(&key)?)
+                .await
+        })
     }
 
     fn replace(&self, key: StoredKey) -> StoreFuture<'_, bool> {
-        Box::pin(async move { self.write(Write::Replace, &key.id, &record_json(&key)?).await })
+        Box::pin(async move {
+            self.write(Write::Replace, &key.id, &record_json(&key)?)
+                .await
+        })
     }
 
     fn delete<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool> {
@@ -219,25 +221,13 @@ impl KeyStore for RedisKeyStore {
 
     fn version(&self) -> StoreFuture<'_, u64> {
         Box::pin(async move {
-            let mut connection = self.connection();
-            let version: Option<u64> = self
-                .bounded(async move {
-                    redis::cmd("GET")
-                        .arg(VERSION_KEY)
-                        .query_async(&mut connection)
-                        .await
-                })
-                .await?;
+            let version: Option<u64> = self.query(redis::cmd("GET").arg(VERSION_KEY)).await?;
             Ok(version.unwrap_or(0))
         })
     }
 
     fn kind(&self) -> &'static str {
-        if self.cluster {
-            "redis-cluster"
-        } else {
-            "redis"
-        }
+        self.connection.load().kind()
     }
 }
 

@@ -3,6 +3,7 @@
 //! fails a test when a secret shows up in any log line.
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod canary;
 pub mod h2c;
 pub mod logs;
@@ -483,6 +484,7 @@ pub const PAYLOAD_TOO_LARGE_BODY: &str =
 pub const RATE_LIMITED_BODY: &str = r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit exceeded. Please try again later."}}"#;
 pub const BAD_GATEWAY_BODY: &str =
     r#"{"error":{"code":"bad_gateway","message":"Upstream service unreachable"}}"#;
+pub const SERVICE_UNAVAILABLE_BODY: &str = r#"{"error":{"code":"service_unavailable","message":"Service temporarily unavailable. Please try again later."}}"#;
 pub const GATEWAY_TIMEOUT_BODY: &str =
     r#"{"error":{"code":"gateway_timeout","message":"Upstream service timed out"}}"#;
 
