@@ -119,6 +119,10 @@ async fn list_keys(gateway: &TestGateway) -> (serde_json::Value, String) {
     (serde_json::from_str(&text).expect("JSON"), text)
 }
 
+fn listed_entry<'a>(listed: &'a serde_json::Value, id: &str) -> Option<&'a serde_json::Value> {
+    listed["keys"].as_array()?.iter().find(|k| k["id"] == id)
+}
+
 #[tokio::test]
 async fn create_list_and_revoke_on_a_reach_b_within_a_second() {
     let redis = RedisServer::start();
@@ -136,12 +140,7 @@ async fn create_list_and_revoke_on_a_reach_b_within_a_second() {
     );
 
     let (listed, text) = list_keys(&b).await;
-    let entry = listed["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["id"] == "fleet-ci")
-        .expect("B lists the key created on A");
+    let entry = listed_entry(&listed, "fleet-ci").expect("B lists the key created on A");
     assert_eq!(entry["origin"], "admin");
     assert_eq!(entry["team"], "design");
     assert_eq!(entry["scopes"], json!(["generate"]));
@@ -155,23 +154,11 @@ async fn create_list_and_revoke_on_a_reach_b_within_a_second() {
         .expect("redis-cli");
     assert!(stored.contains(&hash(&token)) && !stored.contains(&token));
 
-    let deleted = admin(
-        &a,
-        reqwest::Method::DELETE,
-        "/admin/keys/fleet-ci",
-        TOKEN_ADMIN,
-        None,
-    )
-    .await;
-    assert_eq!(deleted.status(), 200);
+    assert_eq!(revoke(&a, "fleet-ci").await.status(), 200);
     let body = await_status(&b, &token, 401, "B refuses a key revoked on A").await;
     assert_eq!(body, UNAUTHORIZED_BODY);
     let (listed, _) = list_keys(&b).await;
-    assert!(!listed["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|k| k["id"] == "fleet-ci"));
+    assert!(listed_entry(&listed, "fleet-ci").is_none());
 
     a.shutdown().await;
     b.shutdown().await;
@@ -333,10 +320,16 @@ async fn the_store_takes_one_create_per_id_and_bumps_the_version_once_per_write(
     for _ in 0..2 {
         redis.cli(&["FLUSHALL"]).expect("FLUSHALL");
         assert_eq!(stores[1].version().await.unwrap(), 0);
-        assert!(stores[1].create(stored_key("one", &"e".repeat(64))).await.unwrap());
+        assert!(stores[1]
+            .create(stored_key("one", &"e".repeat(64)))
+            .await
+            .unwrap());
         seen.push(stores[0].version().await.unwrap());
     }
-    assert_ne!(seen[0], seen[1], "the counter repeated itself after a data loss");
+    assert_ne!(
+        seen[0], seen[1],
+        "the counter repeated itself after a data loss"
+    );
 }
 
 #[tokio::test]
@@ -346,25 +339,13 @@ async fn create_on_a_is_used_on_b_on_a_redis_cluster() {
     let token = create_token(&a, "cluster-ci").await;
     await_status(&b, &token, 200, "B admits a key created on A (cluster)").await;
     let (listed, _) = list_keys(&b).await;
-    assert!(listed["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|k| k["id"] == "cluster-ci"));
+    assert!(listed_entry(&listed, "cluster-ci").is_some());
     // Hash and counter share a slot: both on the node that holds the tag.
     let node = cluster.node_for("kg:keys:{admin}");
     assert_eq!(node.cli(&["HLEN", "kg:keys:{admin}"]).unwrap().trim(), "1");
     assert_ne!(node.cli(&["GET", "kg:keys:{admin}:v"]).unwrap().trim(), "");
 
-    let deleted = admin(
-        &a,
-        reqwest::Method::DELETE,
-        "/admin/keys/cluster-ci",
-        TOKEN_ADMIN,
-        None,
-    )
-    .await;
-    assert_eq!(deleted.status(), 200);
+    assert_eq!(revoke(&a, "cluster-ci").await.status(), 200);
     let body = await_status(&b, &token, 401, "B refuses a key revoked on A (cluster)").await;
     assert_eq!(body, UNAUTHORIZED_BODY);
     a.shutdown().await;

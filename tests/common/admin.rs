@@ -59,3 +59,9 @@ pub async fn create(
         serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
     (status, json, text)
 }
+
+/// `DELETE /admin/keys/{id}` as the admin.
+pub async fn revoke(gateway: &TestGateway, id: &str) -> reqwest::Response {
+    let path = format!("/admin/keys/{id}");
+    admin(gateway, reqwest::Method::DELETE, &path, TOKEN_ADMIN, None).await
+}
