@@ -3,6 +3,7 @@
 //! fails a test when a secret shows up in any log line.
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod canary;
 pub mod h2c;
 pub mod logs;
