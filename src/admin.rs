@@ -1,5 +1,6 @@
 //! Owns the admin listener's routes: `/healthz` (alive), `/readyz` (config loaded,
-//! store reachable or degraded, an upstream key readable for every env) and `/metrics`
+//! store reachable or degraded, an upstream key readable for every env, the upstream
+//! circuit's state) and `/metrics`
 //! (Prometheus text).
 
 use std::sync::Arc;
@@ -60,9 +61,17 @@ fn readiness(gateway: &Gateway) -> Response<ResponseBody> {
             OnStoreError::Closed => "store unreachable: requests are refused with 503",
         });
     }
+    // An open circuit does not make a replica unready: the upstream is down for every
+    // replica alike, and a load balancer with no ready replica has nowhere better to send.
+    let circuit = &gateway.circuit;
+    let mut upstream_circuit = json!({ "state": circuit.state().as_str() });
+    if let Some(open_for) = circuit.open_for() {
+        upstream_circuit["open_for_ms"] = json!(open_for.as_millis() as u64);
+    }
     let body = json!({
         "status": status,
         "store": store,
+        "upstream_circuit": upstream_circuit,
         "upstream_keys": key_problems
             .iter()
             .map(|(env, problem)| json!({ "env": env, "problem": problem }))

@@ -62,6 +62,13 @@ pub enum AlertEvent {
         down_for: Duration,
     },
     Anomaly(Finding),
+    /// The upstream answered 401 for one of its real keys: revoked or rotated at the
+    /// upstream. Named by env and position in its source, never by value.
+    UpstreamKeyRejected {
+        env: String,
+        key_index: usize,
+        rested_for: Duration,
+    },
 }
 
 impl AlertEvent {
@@ -71,6 +78,7 @@ impl AlertEvent {
             AlertEvent::StoreDegraded { .. } => AlertKind::StoreDegraded,
             AlertEvent::StoreRecovered { .. } => AlertKind::StoreRecovered,
             AlertEvent::Anomaly(_) => AlertKind::Anomaly,
+            AlertEvent::UpstreamKeyRejected { .. } => AlertKind::UpstreamKeyRejected,
         }
     }
 
@@ -104,6 +112,14 @@ impl AlertEvent {
                 mode.as_str()
             ),
             AlertEvent::Anomaly(finding) => finding.summary(),
+            AlertEvent::UpstreamKeyRejected {
+                env,
+                key_index,
+                rested_for,
+            } => format!(
+                "keygate: the upstream refused {env} key #{key_index} (401); it is out of turn for {}s and requests use the other {env} keys. Replace or remove it.",
+                rested_for.as_secs()
+            ),
         }
     }
 
@@ -143,6 +159,15 @@ impl AlertEvent {
                 "observed": f.observed,
                 "baseline": f.baseline,
                 "client_ip": f.client_ip,
+            }),
+            AlertEvent::UpstreamKeyRejected {
+                env,
+                key_index,
+                rested_for,
+            } => json!({
+                "env": env,
+                "key_index": key_index,
+                "rested_for": rested_for.as_secs_f64(),
             }),
         };
         if let (Value::Object(body), Value::Object(fields)) = (&mut body, fields) {

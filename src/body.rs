@@ -159,6 +159,73 @@ impl Body for InboundBody {
     }
 }
 
+/// The body of one upstream call: the client's stream, sent once, or a copy held in
+/// memory so a retry can send it again.
+pub enum UpstreamBody {
+    Streamed(InboundBody),
+    Held(Option<Bytes>),
+}
+
+impl UpstreamBody {
+    /// A held copy of `bytes`, for one more try.
+    pub fn held(bytes: &Bytes) -> Self {
+        UpstreamBody::Held((!bytes.is_empty()).then(|| bytes.clone()))
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Streamed(body) => Pin::new(body).poll_frame(cx),
+            UpstreamBody::Held(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Streamed(body) => body.is_end_stream(),
+            UpstreamBody::Held(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Streamed(body) => body.size_hint(),
+            UpstreamBody::Held(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
+    }
+}
+
+impl InboundBody {
+    /// The length hyper read from the request's framing (Content-Length, or no body at
+    /// all); `None` for a chunked or HTTP/2 body of unknown length.
+    pub fn known_length(&self) -> Option<u64> {
+        if self.inner.is_end_stream() {
+            return Some(0);
+        }
+        self.inner.size_hint().exact()
+    }
+
+    /// Reads the whole body into memory, with the same limits and stall timer as when it
+    /// streams. Only for bodies of a known, small length.
+    pub async fn hold(self) -> Result<Bytes, InboundFailure> {
+        use http_body_util::BodyExt;
+        let progress = self.progress.clone();
+        match self.collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(_) => Err(progress.failure().unwrap_or(InboundFailure::Malformed)),
+        }
+    }
+}
+
 /// Called once when a response body is finished or dropped, with the bytes sent and
 /// whether the stream completed.
 pub trait OnFinish: Send + 'static {

@@ -59,6 +59,29 @@ struct RawUpstream {
     #[serde(default)]
     keys: BTreeMap<String, RawKeySource>,
     limits: Option<RawLimits>,
+    #[serde(default)]
+    retry: RawRetry,
+    #[serde(default)]
+    circuit: RawCircuit,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    attempts: Option<u32>,
+    base: Option<String>,
+    cap: Option<String>,
+    budget: Option<String>,
+    max_replay_bytes: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCircuit {
+    enabled: Option<bool>,
+    failures: Option<u32>,
+    cooldown: Option<String>,
+    probes: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,6 +239,61 @@ pub struct UpstreamConfig {
     pub keys: BTreeMap<String, KeySource>,
     /// The upstream key's own plan, over all teams and replicas.
     pub limits: Option<Limits>,
+    pub retry: RetryPolicy,
+    pub circuit: CircuitPolicy,
+}
+
+/// `[upstream.retry]`: how the upstream's 429 / 503 and failed connects are retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Tries in all, the first included: 1 turns retries off.
+    pub attempts: u32,
+    /// Backoff before retry n is a random wait in [0, min(cap, base × 2^(n-1))].
+    pub base: Duration,
+    pub cap: Duration,
+    /// No retry starts once this much time has passed since the first try, and no wait
+    /// (a Retry-After included) may end past it.
+    pub budget: Duration,
+    /// Bodies up to this size (known from Content-Length) are held so they can be sent
+    /// again; larger or chunked bodies stream once and are never retried.
+    pub max_replay_bytes: u64,
+}
+
+impl Default for RetryPolicy {
+    /// Image generation takes seconds per call and the upstream asks for backoff on 429:
+    /// two retries, waits from a few hundred ms up to 8 s, never more than 20 s in all.
+    fn default() -> Self {
+        Self {
+            attempts: 3,
+            base: Duration::from_millis(500),
+            cap: Duration::from_secs(8),
+            budget: Duration::from_secs(20),
+            max_replay_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// `[upstream.circuit]`: when to stop sending requests to a failing upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitPolicy {
+    pub enabled: bool,
+    /// Consecutive failed upstream calls (connect errors, timeouts, 5xx) that open it.
+    pub failures: u32,
+    /// How long it stays open, answering 503 at once.
+    pub cooldown: Duration,
+    /// Calls let through at once to probe an upstream after the cool-down.
+    pub probes: u32,
+}
+
+impl Default for CircuitPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            failures: 10,
+            cooldown: Duration::from_secs(10),
+            probes: 1,
+        }
+    }
 }
 
 /// Where a real upstream key comes from.
@@ -1081,6 +1159,80 @@ fn validate_upstream(
             .map(|p| existing_file(base_dir, &p, "upstream.ca_file", problems)),
         keys,
         limits,
+        retry: validate_retry(raw.retry, problems),
+        circuit: validate_circuit(raw.circuit, problems),
+    }
+}
+
+fn validate_retry(raw: RawRetry, problems: &mut Problems) -> RetryPolicy {
+    let defaults = RetryPolicy::default();
+    let attempts = raw.attempts.unwrap_or(defaults.attempts);
+    if !(1..=10).contains(&attempts) {
+        problems.add(
+            "upstream.retry.attempts",
+            format!("{attempts} is out of range (1 to 10; 1 turns retries off)"),
+        );
+    }
+    let base = duration_field(
+        raw.base.as_deref(),
+        defaults.base,
+        "upstream.retry.base",
+        problems,
+    );
+    let cap = duration_field(
+        raw.cap.as_deref(),
+        defaults.cap,
+        "upstream.retry.cap",
+        problems,
+    );
+    if cap < base {
+        problems.add(
+            "upstream.retry.cap",
+            format!("{cap:?} is shorter than upstream.retry.base ({base:?})"),
+        );
+    }
+    let budget = duration_field(
+        raw.budget.as_deref(),
+        defaults.budget,
+        "upstream.retry.budget",
+        problems,
+    );
+    let max_replay_bytes = raw.max_replay_bytes.unwrap_or(defaults.max_replay_bytes);
+    if max_replay_bytes > 64 * 1024 * 1024 {
+        problems.add(
+            "upstream.retry.max_replay_bytes",
+            format!("{max_replay_bytes} is out of range (0 to 67108864): each held body stays in memory"),
+        );
+    }
+    RetryPolicy {
+        attempts: attempts.clamp(1, 10),
+        base,
+        cap,
+        budget,
+        max_replay_bytes,
+    }
+}
+
+fn validate_circuit(raw: RawCircuit, problems: &mut Problems) -> CircuitPolicy {
+    let defaults = CircuitPolicy::default();
+    let failures = raw.failures.unwrap_or(defaults.failures);
+    if failures == 0 {
+        problems.add("upstream.circuit.failures", "must be at least 1");
+    }
+    let probes = raw.probes.unwrap_or(defaults.probes);
+    if probes == 0 {
+        problems.add("upstream.circuit.probes", "must be at least 1");
+    }
+    CircuitPolicy {
+        enabled: raw.enabled.unwrap_or(defaults.enabled),
+        failures: failures.max(1),
+        cooldown: duration_field(
+            raw.cooldown.as_deref(),
+            defaults.cooldown,
+            "upstream.circuit.cooldown",
+            problems,
+        ),
+        probes: probes.max(1),
     }
 }
 

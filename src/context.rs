@@ -78,10 +78,12 @@ pub enum Rejection {
     StoreUnavailable,
     NoUpstreamKey,
     Overloaded,
+    /// The upstream circuit is open: keygate answered 503 without calling the upstream.
+    UpstreamCircuitOpen,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 13] = [
+    pub const ALL: [Rejection; 14] = [
         Rejection::BadRequest,
         Rejection::PayloadTooLarge,
         Rejection::RequestTimeout,
@@ -95,6 +97,7 @@ impl Rejection {
         Rejection::StoreUnavailable,
         Rejection::NoUpstreamKey,
         Rejection::Overloaded,
+        Rejection::UpstreamCircuitOpen,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -112,6 +115,7 @@ impl Rejection {
             Rejection::StoreUnavailable => "store_unavailable",
             Rejection::NoUpstreamKey => "no_upstream_key",
             Rejection::Overloaded => "overloaded",
+            Rejection::UpstreamCircuitOpen => "upstream_circuit_open",
         }
     }
 }
@@ -140,6 +144,8 @@ pub struct RequestContext {
     /// The quota decision admitted and charged this request.
     pub admitted: bool,
     pub upstream_latency: Option<Duration>,
+    /// Upstream calls sent again after a 429, a 503 or a failed connect.
+    pub upstream_retries: u32,
     pub bytes_in: Arc<AtomicU64>,
     pub bytes_out: u64,
     /// The team's own usage after the decision (first subject).
@@ -167,6 +173,7 @@ impl RequestContext {
             auth_failure: None,
             admitted: false,
             upstream_latency: None,
+            upstream_retries: 0,
             bytes_in: Arc::new(AtomicU64::new(0)),
             bytes_out: 0,
             team_usage: None,

@@ -99,6 +99,9 @@ pub enum GatewayError {
     UpstreamKeyUnavailable(String),
     #[error("too many connections")]
     Overloaded,
+    /// The upstream failed again and again; its circuit is open for the cool-down.
+    #[error("upstream circuit open")]
+    UpstreamCircuitOpen { retry_after_secs: u64 },
     /// An admin API request that does not validate; the message names what is wrong.
     #[error("invalid admin request: {0}")]
     InvalidRequest(String),
@@ -160,7 +163,8 @@ impl GatewayError {
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::StoreUnavailable(_)
             | GatewayError::UpstreamKeyUnavailable(_)
-            | GatewayError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            | GatewayError::Overloaded
+            | GatewayError::UpstreamCircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -181,7 +185,8 @@ impl GatewayError {
             GatewayError::UpstreamTimeout(_) => "gateway_timeout",
             GatewayError::StoreUnavailable(_)
             | GatewayError::UpstreamKeyUnavailable(_)
-            | GatewayError::Overloaded => "service_unavailable",
+            | GatewayError::Overloaded
+            | GatewayError::UpstreamCircuitOpen { .. } => "service_unavailable",
         }
     }
 
@@ -207,7 +212,8 @@ impl GatewayError {
             GatewayError::UpstreamTimeout(_) => GATEWAY_TIMEOUT,
             GatewayError::StoreUnavailable(_)
             | GatewayError::UpstreamKeyUnavailable(_)
-            | GatewayError::Overloaded => SERVICE_UNAVAILABLE,
+            | GatewayError::Overloaded
+            | GatewayError::UpstreamCircuitOpen { .. } => SERVICE_UNAVAILABLE,
         };
         std::borrow::Cow::Borrowed(fixed)
     }
@@ -242,6 +248,7 @@ impl GatewayError {
             GatewayError::StoreUnavailable(_) => Rejection::StoreUnavailable,
             GatewayError::UpstreamKeyUnavailable(_) => Rejection::NoUpstreamKey,
             GatewayError::Overloaded => Rejection::Overloaded,
+            GatewayError::UpstreamCircuitOpen { .. } => Rejection::UpstreamCircuitOpen,
             GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamTimeout(_) => return None,
         })
     }
@@ -264,7 +271,8 @@ impl GatewayError {
             GatewayError::UpstreamTimeout(_) => Outcome::UpstreamTimeout,
             GatewayError::StoreUnavailable(_)
             | GatewayError::UpstreamKeyUnavailable(_)
-            | GatewayError::Overloaded => Outcome::Unavailable,
+            | GatewayError::Overloaded
+            | GatewayError::UpstreamCircuitOpen { .. } => Outcome::Unavailable,
         }
     }
 }
@@ -309,6 +317,9 @@ mod tests {
             GatewayError::StoreUnavailable("down".into()),
             GatewayError::UpstreamKeyUnavailable("prod".into()),
             GatewayError::Overloaded,
+            GatewayError::UpstreamCircuitOpen {
+                retry_after_secs: 3,
+            },
             GatewayError::InvalidRequest("scopes: unknown scope \"x\"".into()),
             GatewayError::Conflict("id taken".into()),
         ];

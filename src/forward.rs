@@ -14,10 +14,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::InboundBody;
+use crate::body::UpstreamBody;
 use crate::config::UpstreamConfig;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// How many times keygate sent the request upstream again (absent when it did not).
+pub const X_KEYGATE_RETRIES: HeaderName = HeaderName::from_static("x-keygate-retries");
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the ones a
 /// client could use to talk to a proxy along the way. `Expect` is answered by keygate on
@@ -106,7 +108,7 @@ pub enum ForwardError {
     Failed(String),
 }
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, InboundBody>;
+type HttpsClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
 /// The upstream: its pinned origin and the connection pool to it.
 #[derive(Clone)]
@@ -183,7 +185,7 @@ impl Upstream {
     /// Returns the response and how long the upstream took to answer.
     pub async fn send(
         &self,
-        mut request: Request<InboundBody>,
+        mut request: Request<UpstreamBody>,
         client_body: &crate::body::InboundProgress,
     ) -> Result<(Response<Incoming>, Duration), ForwardError> {
         // The pool picks HTTP/1.1 or HTTP/2 per connection; an inbound HTTP/2 version
@@ -244,17 +246,16 @@ pub fn https_connector(
         .wrap_connector(http))
 }
 
-/// Builds the upstream request's headers from the client's: the real key in, everything
-/// the client must not control out, forwarding headers rebuilt.
+/// Builds the upstream request's headers from the client's: everything the client must
+/// not control out (its token included), forwarding headers rebuilt. Each upstream try
+/// adds the real key it goes out with.
 pub fn rewrite_request_headers(
     headers: &mut HeaderMap,
-    upstream_authorization: HeaderValue,
     forwarded_for: HeaderValue,
     request_id: &HeaderValue,
 ) {
     strip_hop_by_hop(headers);
     strip_client_controlled(headers);
-    headers.insert(header::AUTHORIZATION, upstream_authorization);
     headers.insert(crate::client_addr::X_FORWARDED_FOR, forwarded_for);
     headers.insert(X_REQUEST_ID, request_id.clone());
 }
@@ -295,19 +296,16 @@ mod tests {
                 HeaderValue::from_static(value),
             );
         }
-        let mut key = HeaderValue::from_static("Bearer sk-real");
-        key.set_sensitive(true);
         rewrite_request_headers(
             &mut headers,
-            key,
             HeaderValue::from_static("127.0.0.1"),
             &HeaderValue::from_static("req-1"),
         );
-        assert_eq!(headers["authorization"], "Bearer sk-real");
         assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
         assert_eq!(headers["x-request-id"], "req-1");
         assert_eq!(headers["content-type"], "application/json");
         for gone in [
+            "authorization",
             "host",
             "connection",
             "x-secret-hop",

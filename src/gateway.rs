@@ -233,6 +233,9 @@ pub struct Gateway {
     pub key_store: Arc<dyn KeyStore>,
     pub upstream: Upstream,
     pub upstream_keys: UpstreamKeys,
+    /// `[upstream.retry]`, fixed at start like the rest of the upstream connection.
+    pub retry: crate::config::RetryPolicy,
+    pub circuit: Arc<crate::circuit::CircuitBreaker>,
     pub clock: Arc<dyn Clock>,
     pub edge: EdgeSettings,
     pub request_ids: RequestIds,
@@ -275,6 +278,11 @@ impl Gateway {
         } else {
             0
         });
+        let retry = config.upstream.retry;
+        let circuit = Arc::new(crate::circuit::CircuitBreaker::new(
+            config.upstream.circuit,
+            observer.metrics.clone(),
+        ));
         Ok(Self {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config.clone(), &admin_keys, None)),
             sources: Mutex::new((config, admin_keys)),
@@ -283,6 +291,8 @@ impl Gateway {
             key_store,
             upstream,
             upstream_keys,
+            retry,
+            circuit,
             clock,
             edge,
             request_ids: RequestIds::default(),

@@ -5,8 +5,11 @@
 //! [`KeyStore::version`]): one tiny read per interval, no subscription to lose, and the
 //! same mechanism works on a single Redis and on Redis Cluster.
 
+pub mod redis;
+
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +42,13 @@ pub struct PreviousToken {
     pub token_sha256: String,
     /// RFC 3339: the end of the rotation's grace period.
     pub until: String,
+}
+
+/// How long one key store call may take: admin calls and the replicas' follower are off the
+/// request path, so a busy Redis gets at least a second rather than a decision's tight
+/// `store.timeout`.
+pub fn call_timeout(store_timeout: Duration) -> Duration {
+    store_timeout.max(Duration::from_secs(1))
 }
 
 pub trait KeyStore: Send + Sync + 'static {

@@ -26,7 +26,9 @@
 //!   [`scope`]: permission levels; [`client_addr`]: who the client is.
 //! - [`quota`]: the store trait, window arithmetic, the memory and Redis stores, the
 //!   outage modes, quota headers; [`shared_redis`]: the connection to a fleet's Redis.
-//! - [`forward`]: the upstream client and header rewrite; [`upstream_keys`]: real keys.
+//! - [`forward`]: the upstream client and header rewrite; [`upstream_keys`]: real keys;
+//!   [`retry`]: retries of 429 / 503 / failed connects with backoff and key failover;
+//!   [`circuit`]: the breaker that answers 503 at once while the upstream is down.
 //! - [`context`], [`observe`], [`request_id`], [`telemetry`]: what is recorded;
 //!   [`metrics`]: the Prometheus series; [`usage_log`]: one JSON line per request;
 //!   [`alerts`]: quota, store and anomaly alerts to webhooks; [`anomaly`]: the detectors,
@@ -39,6 +41,7 @@ pub mod alerts;
 pub mod anomaly;
 pub mod auth;
 pub mod body;
+pub mod circuit;
 pub mod cli;
 pub mod client_addr;
 pub mod clock;
@@ -57,6 +60,7 @@ pub mod pipeline;
 pub mod quota;
 pub mod reload;
 pub mod request_id;
+pub mod retry;
 pub mod routing;
 pub mod scope;
 pub mod secret;

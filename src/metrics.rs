@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use hashbrown::{DefaultHashBuilder, Equivalent, HashTable};
 
+use crate::circuit::CircuitState;
 use crate::context::{Outcome, Rejection, RequestContext};
 use crate::error::AuthFailure;
 
@@ -33,14 +34,16 @@ pub enum AlertKind {
     StoreDegraded,
     StoreRecovered,
     Anomaly,
+    UpstreamKeyRejected,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 4] = [
+    pub const ALL: [AlertKind; 5] = [
         AlertKind::QuotaWarning,
         AlertKind::StoreDegraded,
         AlertKind::StoreRecovered,
         AlertKind::Anomaly,
+        AlertKind::UpstreamKeyRejected,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +52,7 @@ impl AlertKind {
             AlertKind::StoreDegraded => "store_degraded",
             AlertKind::StoreRecovered => "store_recovered",
             AlertKind::Anomaly => "anomaly",
+            AlertKind::UpstreamKeyRejected => "upstream_key_rejected",
         }
     }
 }
@@ -315,6 +319,9 @@ pub struct Metrics {
     alert_deliveries_failed: AtomicU64,
     alerts_dropped: AtomicU64,
     upstream_retries: AtomicU64,
+    /// [`CircuitState::gauge`] of the upstream circuit.
+    circuit_state: std::sync::atomic::AtomicU8,
+    circuit_opened: AtomicU64,
     usage_log_dropped: [AtomicU64; UsageDrop::ALL.len()],
     /// The `"-"` label, allocated once.
     none: Arc<str>,
@@ -338,6 +345,8 @@ impl Metrics {
             alert_deliveries_failed: AtomicU64::new(0),
             alerts_dropped: AtomicU64::new(0),
             upstream_retries: AtomicU64::new(0),
+            circuit_state: Default::default(),
+            circuit_opened: AtomicU64::new(0),
             usage_log_dropped: Default::default(),
             none: NONE_LABEL.into(),
         }
@@ -378,6 +387,10 @@ impl Metrics {
                 }
             },
         );
+        if ctx.upstream_retries > 0 {
+            self.upstream_retries
+                .fetch_add(u64::from(ctx.upstream_retries), Ordering::Relaxed);
+        }
         if let Some(rejection) = ctx.rejection {
             self.rejections[rejection as usize].fetch_add(1, Ordering::Relaxed);
         }
@@ -422,8 +435,12 @@ impl Metrics {
         self.alerts_dropped.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn upstream_retry(&self) {
-        self.upstream_retries.fetch_add(1, Ordering::Relaxed);
+    pub fn set_circuit_state(&self, state: CircuitState) {
+        self.circuit_state.store(state.gauge(), Ordering::Relaxed);
+    }
+
+    pub fn circuit_opened(&self) {
+        self.circuit_opened.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn usage_line_dropped(&self, why: UsageDrop) {
@@ -664,6 +681,28 @@ impl Metrics {
             out,
             "keygate_upstream_retries_total {}",
             self.upstream_retries.load(Ordering::Relaxed)
+        );
+        family(
+            &mut out,
+            "keygate_upstream_circuit_state",
+            "gauge",
+            "The upstream circuit: 0 closed, 1 open (answering 503 at once), 2 half-open (probing).",
+        );
+        let _ = writeln!(
+            out,
+            "keygate_upstream_circuit_state {}",
+            self.circuit_state.load(Ordering::Relaxed)
+        );
+        family(
+            &mut out,
+            "keygate_upstream_circuit_opened_total",
+            "counter",
+            "Times the upstream circuit opened after a run of failed upstream calls.",
+        );
+        let _ = writeln!(
+            out,
+            "keygate_upstream_circuit_opened_total {}",
+            self.circuit_opened.load(Ordering::Relaxed)
         );
         family(
             &mut out,

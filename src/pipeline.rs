@@ -16,9 +16,10 @@ use crate::body::{BodyEnd, InboundBody, InboundFailure, InboundProgress, OnFinis
 use crate::config::OnStoreError;
 use crate::context::{Outcome, RequestContext};
 use crate::error::{Forbidden, GatewayError, RateLimitSubject};
-use crate::forward::{self, ForwardError, X_REQUEST_ID};
+use crate::forward::{self, ForwardError, X_KEYGATE_RETRIES, X_REQUEST_ID};
 use crate::gateway::{Gateway, Snapshot};
 use crate::quota::{report, Admission, Decision, SubjectKind};
+use crate::retry::{self, Exchange, Outgoing, OutgoingBody};
 use crate::routing::{self, Route};
 use crate::upstream_keys::UpstreamCredential;
 
@@ -53,6 +54,11 @@ pub async fn handle(
     };
     let (mut parts, body) = response.into_parts();
     parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
+    if ctx.upstream_retries > 0 {
+        parts
+            .headers
+            .insert(X_KEYGATE_RETRIES, HeaderValue::from(ctx.upstream_retries));
+    }
     ctx.status = parts.status.as_u16();
     let finish = Box::new(Finish { gateway, ctx });
     Response::from_parts(parts, body.with_finish(finish))
@@ -265,8 +271,10 @@ async fn quota(
     })
 }
 
-/// Step 5 — forward: rewrite the request for the upstream and stream both bodies.
-/// Upstream failures (connect error, timeout, 5xx) give the admission back.
+/// Step 5 — forward: rewrite the request for the upstream and stream both bodies, through
+/// the circuit breaker and the retry policy ([`retry::exchange`]). A small body of known
+/// length is held so it can be sent again; anything else streams once. The admission is
+/// charged once, whatever the retries, and given back when the upstream failed.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     gateway: &Gateway,
@@ -286,42 +294,54 @@ async fn forward(
         .map_err(|_| GatewayError::BadRequest("query cannot be forwarded"))?;
     let forwarded_for =
         crate::client_addr::forwarded_for(peer.ip(), &parts.headers, &gateway.edge.trusted_proxies);
-    forward::rewrite_request_headers(
-        &mut parts.headers,
-        credential.authorization.clone(),
-        forwarded_for,
-        &ctx.request_id,
-    );
-    parts.uri = uri;
-    let client_body = Arc::new(InboundProgress::default());
+    forward::rewrite_request_headers(&mut parts.headers, forwarded_for, &ctx.request_id);
+    let progress = Arc::new(InboundProgress::default());
     let body = InboundBody::new(
         body,
         ctx.bytes_in.clone(),
         gateway.edge.max_body_bytes,
         gateway.edge.body_read_timeout,
-        client_body.clone(),
+        progress.clone(),
     );
-    let sent = gateway
-        .upstream
-        .send(Request::from_parts(parts, body), &client_body)
-        .await;
-    let (response, upstream_latency) = match sent {
-        Ok(answer) => answer,
-        Err(error) => {
+    let replayable = gateway.retry.attempts > 1
+        && body
+            .known_length()
+            .is_some_and(|length| length <= gateway.retry.max_replay_bytes);
+    let body = if replayable {
+        match body.hold().await {
+            Ok(bytes) => OutgoingBody::Held(bytes),
+            Err(failure) => {
+                refund(gateway, key, admission);
+                return Err(client_body_error(gateway, failure));
+            }
+        }
+    } else {
+        OutgoingBody::Stream(Some(body))
+    };
+    let outgoing = Outgoing {
+        method: parts.method,
+        uri,
+        headers: parts.headers,
+        body,
+        progress,
+    };
+    let (exchange, retries) = retry::exchange(gateway, outgoing, credential).await;
+    ctx.upstream_retries = retries;
+    let (response, upstream_latency, credential) = match exchange {
+        Exchange::Answered {
+            response,
+            latency,
+            credential,
+        } => (response, latency, credential),
+        Exchange::CircuitOpen { retry_after_secs } => {
+            refund(gateway, key, admission);
+            return Err(GatewayError::UpstreamCircuitOpen { retry_after_secs });
+        }
+        Exchange::Failed(error) => {
             refund(gateway, key, admission);
             return Err(match error {
                 ForwardError::Timeout(after) => GatewayError::UpstreamTimeout(after),
-                ForwardError::ClientBody(InboundFailure::TooLarge) => {
-                    GatewayError::PayloadTooLarge {
-                        limit: gateway.edge.max_body_bytes,
-                    }
-                }
-                ForwardError::ClientBody(InboundFailure::Malformed) => {
-                    GatewayError::BadRequest("request body malformed or cut off")
-                }
-                ForwardError::ClientBody(InboundFailure::Stalled) => {
-                    GatewayError::RequestTimeout(gateway.edge.body_read_timeout)
-                }
+                ForwardError::ClientBody(failure) => client_body_error(gateway, failure),
                 ForwardError::Connect(cause) | ForwardError::Failed(cause) => {
                     GatewayError::UpstreamUnreachable(cause)
                 }
@@ -332,17 +352,6 @@ async fn forward(
     let status = response.status();
     ctx.upstream_status = Some(status.as_u16());
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::TOO_MANY_REQUESTS {
-        let retry_after = response
-            .headers()
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(std::time::Duration::from_secs);
-        credential.rest_after(
-            status.as_u16(),
-            retry_after,
-            gateway.clock.now().as_millisecond(),
-        );
         refund(gateway, key, admission);
     }
     // The upstream refusing the real key is the gateway's problem, not the client's: its
@@ -363,6 +372,17 @@ async fn forward(
         report.write_headers(&mut parts.headers);
     }
     Ok(Response::from_parts(parts, ResponseBody::upstream(body)))
+}
+
+/// A client body that failed on its way in is the client's fault: a 4xx, never a 5xx.
+fn client_body_error(gateway: &Gateway, failure: InboundFailure) -> GatewayError {
+    match failure {
+        InboundFailure::TooLarge => GatewayError::PayloadTooLarge {
+            limit: gateway.edge.max_body_bytes,
+        },
+        InboundFailure::Malformed => GatewayError::BadRequest("request body malformed or cut off"),
+        InboundFailure::Stalled => GatewayError::RequestTimeout(gateway.edge.body_read_timeout),
+    }
 }
 
 /// Gives an admission back off the request path: the client's answer does not wait for it.
@@ -402,6 +422,9 @@ fn error_response(ctx: &mut RequestContext, error: GatewayError) -> Response<Res
         if let Some(report) = report {
             report.write_headers(headers);
         }
+        report::write_retry_after(headers, *retry_after_secs);
+    }
+    if let GatewayError::UpstreamCircuitOpen { retry_after_secs } = &error {
         report::write_retry_after(headers, *retry_after_secs);
     }
     response

@@ -75,6 +75,11 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
     {
         changed.push("upstream (url, timeouts, ca_file)");
     }
+    if current.upstream.retry != next.upstream.retry
+        || current.upstream.circuit != next.upstream.circuit
+    {
+        changed.push("upstream.retry / upstream.circuit");
+    }
     if differs(&current.store, &next.store) {
         changed.push("store");
     }
@@ -102,18 +107,19 @@ pub fn spawn(
     tasks.spawn(watch_files(gateway, config_path, shutdown));
 }
 
-/// Polls the key store's version and re-reads the keys when it moved.
+/// Polls the key store's version and re-reads the keys when it moved. While the store does
+/// not answer, the keys last read stay in force: an outage must not revoke every key.
 async fn follow_key_store(gateway: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
     let mut seen: Option<u64> = None;
     let mut failing = false;
     let mut ticker = tokio::time::interval(KEY_POLL_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let timeout = crate::key_store::call_timeout(gateway.edge.store_timeout);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let timeout = gateway.edge.store_timeout * 4;
         let version = match tokio::time::timeout(timeout, gateway.key_store.version()).await {
             Ok(Ok(version)) => version,
             Ok(Err(e)) => {
@@ -132,7 +138,18 @@ async fn follow_key_store(gateway: Arc<Gateway>, mut shutdown: watch::Receiver<b
             }
         };
         if seen == Some(version) {
+            if failing {
+                tracing::info!("admin key store answers again; no change meanwhile");
+                failing = false;
+            }
             continue;
+        }
+        if version == 0 && seen.is_some_and(|v| v != 0) {
+            tracing::warn!(
+                store = gateway.key_store.kind(),
+                "the admin key store is empty again (a Redis restarted without persistence?): \
+                 admin-made keys are gone on every replica"
+            );
         }
         match tokio::time::timeout(timeout, gateway.refresh_admin_keys()).await {
             Ok(Ok(())) => {
@@ -142,7 +159,18 @@ async fn follow_key_store(gateway: Arc<Gateway>, mut shutdown: watch::Receiver<b
                 failing = false;
                 seen = Some(version);
             }
-            _ => failing = true,
+            Ok(Err(e)) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot read admin keys from the store; keeping the last known keys");
+                }
+                failing = true;
+            }
+            Err(_) => {
+                if !failing {
+                    tracing::warn!("admin key store timed out; keeping the last known keys");
+                }
+                failing = true;
+            }
         }
     }
 }

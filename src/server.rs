@@ -28,7 +28,8 @@ use crate::usage_log::UsageConsumer;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ServerConfig, StoreUrl};
 use crate::gateway::Gateway;
-use crate::key_store::{KeyStore, MemoryKeyStore};
+use crate::key_store::redis::RedisKeyStore;
+use crate::key_store::{self, KeyStore, MemoryKeyStore};
 use crate::observe::Observer;
 use crate::quota::calendar::DayCalendar;
 use crate::quota::memory::MemoryStore;
@@ -120,6 +121,17 @@ pub fn build_store(
     }
 }
 
+/// Where admin-made keys live: with the quota store, so a fleet on Redis shares them.
+pub fn build_key_store(config: &Config) -> Result<Arc<dyn KeyStore>, StartError> {
+    match &config.store.url {
+        StoreUrl::Memory => Ok(Arc::new(MemoryKeyStore::default())),
+        url @ (StoreUrl::Redis(_) | StoreUrl::Cluster(_)) => Ok(Arc::new(
+            RedisKeyStore::open(url, key_store::call_timeout(config.store.timeout))
+                .map_err(StartError::Store)?,
+        )),
+    }
+}
+
 /// Binds both listeners and starts serving.
 pub async fn start(config: Config, options: StartOptions) -> Result<RunningGateway, StartError> {
     let config = Arc::new(config);
@@ -127,9 +139,10 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
         Some(store) => store,
         None => build_store(&config, options.clock.clone())?,
     };
-    let key_store = options
-        .key_store
-        .unwrap_or_else(|| Arc::new(MemoryKeyStore::default()));
+    let key_store = match options.key_store {
+        Some(key_store) => key_store,
+        None => build_key_store(&config)?,
+    };
     // Alert claims and the usage stream get their own connection to the shared Redis, so
     // neither ever queues behind (or ahead of) a quota decision.
     let redis = SharedRedis::open(&config.store.url).map_err(StartError::Store)?;

@@ -46,7 +46,7 @@ pub fn read_source(source: &KeySource) -> Result<Vec<Secret>, String> {
 
 /// How long a key the upstream answered 401 for sits out: long enough not to burn requests
 /// on a revoked key, short enough to notice an upstream that recovered.
-const REJECTED_REST: Duration = Duration::from_secs(300);
+pub const REJECTED_REST: Duration = Duration::from_secs(300);
 /// How long a key the upstream answered 429 for sits out when no Retry-After says.
 const THROTTLED_REST: Duration = Duration::from_secs(30);
 const MAX_REST: Duration = Duration::from_secs(600);
@@ -91,34 +91,54 @@ pub struct UpstreamCredential {
     pub authorization: HeaderValue,
     pub env: Arc<str>,
     pub index: usize,
+    /// Unix ms until which this key sits out (0: in turn). Non-zero only when every key
+    /// of the env rests and this one is back first.
+    pub rested_until_ms: i64,
     keys: Arc<EnvKeys>,
 }
 
 impl UpstreamCredential {
     /// Takes this key out of turn after the upstream refused it: 401 (revoked or rotated at
     /// the upstream) or 429 (its own rate limit; `retry_after` when the upstream said).
-    pub fn rest_after(&self, status: u16, retry_after: Option<Duration>, now_ms: i64) {
+    /// Returns the rest when the key was in turn until now, so a caller alerts once per
+    /// rest, not once per request that raced into the same refusal.
+    pub fn rest_after(
+        &self,
+        status: u16,
+        retry_after: Option<Duration>,
+        now_ms: i64,
+    ) -> Option<Duration> {
         let rest = match status {
             401 => REJECTED_REST,
             429 => retry_after.unwrap_or(THROTTLED_REST).min(MAX_REST),
-            _ => return,
+            _ => return None,
         };
         let loaded = self.keys.keys.load();
-        let Ok(loaded) = &**loaded else { return };
+        let Ok(loaded) = &**loaded else { return None };
         // Only the same key list: a reload may have replaced it since.
         if loaded.headers.get(self.index) != Some(&self.authorization) {
-            return;
+            return None;
         }
-        loaded.rested_until_ms[self.index]
-            .store(now_ms + rest.as_millis() as i64, Ordering::Relaxed);
+        let until = now_ms + rest.as_millis() as i64;
+        let before = loaded.rested_until_ms[self.index].fetch_max(until, Ordering::Relaxed);
+        if before > now_ms {
+            return None;
+        }
         tracing::warn!(env = %self.env, key_index = self.index, status, rest_secs = rest.as_secs(), "upstream refused a key; it sits out for a while");
+        Some(rest)
+    }
+
+    /// How long this key still rests, from `now_ms`.
+    pub fn rests_for(&self, now_ms: i64) -> Option<Duration> {
+        (self.rested_until_ms > now_ms)
+            .then(|| Duration::from_millis((self.rested_until_ms - now_ms) as u64))
     }
 }
 
 impl EnvKeys {
     /// The next key in turn, skipping rested ones; when every key rests, the one whose rest
     /// ends first.
-    fn pick(&self, now_ms: i64) -> Result<(usize, HeaderValue), String> {
+    fn pick(&self, now_ms: i64) -> Result<(usize, HeaderValue, i64), String> {
         let loaded = self.keys.load();
         let loaded = match &**loaded {
             Ok(loaded) if !loaded.headers.is_empty() => loaded,
@@ -132,13 +152,13 @@ impl EnvKeys {
             let i = (start + step) % n;
             let until = loaded.rested_until_ms[i].load(Ordering::Relaxed);
             if until <= now_ms {
-                return Ok((i, loaded.headers[i].clone()));
+                return Ok((i, loaded.headers[i].clone(), 0));
             }
             if until < soonest.0 {
                 soonest = (until, i);
             }
         }
-        Ok((soonest.1, loaded.headers[soonest.1].clone()))
+        Ok((soonest.1, loaded.headers[soonest.1].clone(), soonest.0))
     }
 }
 
@@ -180,11 +200,13 @@ impl UpstreamKeys {
             .get(&**env)
             .ok_or_else(|| format!("no upstream key configured for env {env:?}"))?
             .clone();
-        let (index, authorization) = keys.pick(now_ms).map_err(|e| format!("env {env:?}: {e}"))?;
+        let (index, authorization, rested_until_ms) =
+            keys.pick(now_ms).map_err(|e| format!("env {env:?}: {e}"))?;
         Ok(UpstreamCredential {
             authorization,
             env: env.clone(),
             index,
+            rested_until_ms,
             keys,
         })
     }

@@ -6,25 +6,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::admin::*;
 use common::*;
 use keygate::clock::ManualClock;
 use serde_json::json;
-
-const TOKEN_ADMIN: &str = "kg_prod_platform_admin_token_00000000000000099";
-
-fn admin_extra() -> String {
-    format!(
-        r#"
-[[keys]]
-id = "platform-admin"
-team = "design"
-token_sha256 = "{}"
-scopes = ["admin"]
-env = "prod"
-"#,
-        hash(TOKEN_ADMIN)
-    )
-}
 
 async fn start(clock: Option<Arc<ManualClock>>) -> (MockUpstream, TestGateway) {
     let upstream = MockUpstream::start().await;
@@ -34,44 +19,6 @@ async fn start(clock: Option<Arc<ManualClock>>) -> (MockUpstream, TestGateway) {
         None => TestGateway::start(config).await,
     };
     (upstream, gateway)
-}
-
-async fn admin(
-    gateway: &TestGateway,
-    method: reqwest::Method,
-    path: &str,
-    token: &str,
-    body: Option<serde_json::Value>,
-) -> reqwest::Response {
-    let mut request = gateway
-        .client
-        .request(method, format!("{}{path}", gateway.admin))
-        .bearer_auth(token);
-    if let Some(body) = body {
-        request = request
-            .header("content-type", "application/json")
-            .body(body.to_string());
-    }
-    request.send().await.expect("admin request")
-}
-
-async fn create(
-    gateway: &TestGateway,
-    body: serde_json::Value,
-) -> (u16, serde_json::Value, String) {
-    let response = admin(
-        gateway,
-        reqwest::Method::POST,
-        "/admin/keys",
-        TOKEN_ADMIN,
-        Some(body),
-    )
-    .await;
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
-    let json: serde_json::Value =
-        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
-    (status, json, text)
 }
 
 #[tokio::test]

@@ -27,9 +27,6 @@ fn post_head(gw: std::net::SocketAddr, extra: &str) -> String {
     )
 }
 
-const REQUEST_TIMEOUT_BODY: &str =
-    r#"{"error":{"code":"request_timeout","message":"Request body not received in time"}}"#;
-
 #[tokio::test]
 async fn request_heads_over_the_limit_answer_431() {
     let upstream = MockUpstream::start().await;

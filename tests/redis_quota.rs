@@ -14,8 +14,6 @@ use keygate::config::Config;
 use common::redis::RedisServer;
 use common::*;
 
-const SERVICE_UNAVAILABLE_BODY: &str = r#"{"error":{"code":"service_unavailable","message":"Service temporarily unavailable. Please try again later."}}"#;
-
 /// A team on a plan with a tiny day, for the day boundary.
 const TOKEN_NIGHTLY: &str = "kg_prod_nightly_generate_token_0000000000000007";
 

@@ -453,7 +453,9 @@ fn escape(name: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
-fn store_error(error: RedisError) -> StoreError {
+/// Sorts a Redis failure into "did not reach Redis" (degraded mode, reconnect) and "Redis
+/// answered something unusable".
+pub(crate) fn store_error(error: RedisError) -> StoreError {
     if error.is_timeout() {
         StoreError::Unreachable(format!("timed out: {error}"))
     } else if error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal()

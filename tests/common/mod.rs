@@ -3,6 +3,7 @@
 //! fails a test when a secret shows up in any log line.
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod canary;
 pub mod h2c;
 pub mod logs;
@@ -85,9 +86,20 @@ pub const MARKETING_RPM: u64 = 10;
 pub const MARKETING_RPD: u64 = 100;
 pub const TIGHT_KEY_RPM: u64 = 3;
 
+/// Retries and the circuit breaker off: most tests are about one request meeting one
+/// fault, and count exactly what the upstream received. tests/resilience.rs turns them on.
+pub const HARNESS_RESILIENCE: &str =
+    "[upstream.retry]\nattempts = 1\n[upstream.circuit]\nenabled = false\n";
+
 /// The standard config: teams `design` (pro) and `marketing` (free), routes for
-/// text-to-image (generate) and `/v1/` (read), memory store. `extra` is appended verbatim.
+/// text-to-image (generate) and `/v1/` (read), memory store, no retries and no circuit
+/// breaker. `extra` is appended verbatim.
 pub fn standard_config_text(upstream_url: &str, extra: &str) -> String {
+    config_text_with_resilience(upstream_url, HARNESS_RESILIENCE, extra)
+}
+
+/// The standard config with its own `[upstream.retry]` / `[upstream.circuit]` tables.
+pub fn config_text_with_resilience(upstream_url: &str, resilience: &str, extra: &str) -> String {
     format!(
         r#"
 [server]
@@ -103,6 +115,7 @@ connect_timeout = "1s"
 env = "KEYGATE_TEST_UNUSED_PROD"
 [upstream.keys.dev]
 env = "KEYGATE_TEST_UNUSED_DEV"
+{resilience}
 
 [plans]
 free = {{ rpm = {MARKETING_RPM}, rpd = {MARKETING_RPD} }}
@@ -483,6 +496,9 @@ pub const PAYLOAD_TOO_LARGE_BODY: &str =
 pub const RATE_LIMITED_BODY: &str = r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit exceeded. Please try again later."}}"#;
 pub const BAD_GATEWAY_BODY: &str =
     r#"{"error":{"code":"bad_gateway","message":"Upstream service unreachable"}}"#;
+pub const SERVICE_UNAVAILABLE_BODY: &str = r#"{"error":{"code":"service_unavailable","message":"Service temporarily unavailable. Please try again later."}}"#;
+pub const REQUEST_TIMEOUT_BODY: &str =
+    r#"{"error":{"code":"request_timeout","message":"Request body not received in time"}}"#;
 pub const GATEWAY_TIMEOUT_BODY: &str =
     r#"{"error":{"code":"gateway_timeout","message":"Upstream service timed out"}}"#;
 

@@ -33,6 +33,8 @@ pub struct Received {
     pub body_sha256: String,
     /// False when the body broke off (the sender aborted it).
     pub body_complete: bool,
+    /// When its head arrived.
+    pub at: std::time::Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -49,12 +51,16 @@ pub enum Reply {
     Drop,
     /// 200 with the standard JSON and these extra response headers.
     WithHeaders(Vec<(&'static str, &'static str)>),
+    /// Status with a small JSON body and these extra response headers.
+    JsonWith(u16, &'static str, Vec<(&'static str, &'static str)>),
 }
 
 pub const OK_JSON: &str = r#"{"id":"img_123","created":1764201600,"model":"imagen-v2","data":[{"url":"https://cdn.example/img_123.png"}]}"#;
 
 struct Shared {
     reply: Mutex<Reply>,
+    /// Replies used one each, in order, before `reply`.
+    script: Mutex<std::collections::VecDeque<Reply>>,
     /// Real keys the upstream refuses, with the status it answers them.
     refused_keys: Mutex<Vec<(String, u16)>>,
     received: Mutex<Vec<Received>>,
@@ -118,6 +124,7 @@ impl MockUpstream {
         let (count, _) = watch::channel(0usize);
         let shared = Arc::new(Shared {
             reply: Mutex::new(Reply::Json(200, OK_JSON)),
+            script: Mutex::new(Default::default()),
             refused_keys: Mutex::new(Vec::new()),
             received: Mutex::new(Vec::new()),
             count,
@@ -168,6 +175,11 @@ impl MockUpstream {
         *self.shared.reply.lock().unwrap() = reply;
     }
 
+    /// The next requests get these replies, one each, before the standing reply.
+    pub fn script(&self, replies: Vec<Reply>) {
+        self.shared.script.lock().unwrap().extend(replies);
+    }
+
     /// Answers `status` (401 or 429) to requests carrying this real key.
     pub fn refuse_key(&self, key: &str, status: u16) {
         self.shared
@@ -211,6 +223,7 @@ async fn handle(
     shared: Arc<Shared>,
     request: Request<Incoming>,
 ) -> Result<Response<MockBody>, MockError> {
+    let at = std::time::Instant::now();
     let (parts, mut body) = request.into_parts();
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     let mut kept = Vec::new();
@@ -257,6 +270,7 @@ async fn handle(
         body_len: len,
         body_sha256,
         body_complete,
+        at,
     });
     shared.count.send_modify(|c| *c += 1);
 
@@ -280,7 +294,10 @@ async fn handle(
             status,
             r#"{"error":{"code":"unauthorized","message":"Invalid API key"}}"#,
         ),
-        None => shared.reply.lock().unwrap().clone(),
+        None => {
+            let scripted = shared.script.lock().unwrap().pop_front();
+            scripted.unwrap_or_else(|| shared.reply.lock().unwrap().clone())
+        }
     };
     let mut extra_headers = Vec::new();
     let (status, body): (u16, MockBody) = match reply {
@@ -288,6 +305,10 @@ async fn handle(
         Reply::WithHeaders(headers) => {
             extra_headers = headers;
             (200, full(OK_JSON))
+        }
+        Reply::JsonWith(status, text, headers) => {
+            extra_headers = headers;
+            (status, full(text))
         }
         Reply::Sized(status, size) => (status, sized_body(size)),
         Reply::Delayed(delay) => {
