@@ -168,8 +168,6 @@ fn client_headers() -> HeaderMap {
 }
 
 fn header_rewrite(c: &mut Criterion) {
-    let mut upstream_key = HeaderValue::from_static("Bearer sk-upstream-REAL-0123456789");
-    upstream_key.set_sensitive(true);
     let request_id = HeaderValue::from_static("0123456789abcdef-42");
     let peer: std::net::IpAddr = "127.0.0.1".parse().unwrap();
     let template = client_headers();
@@ -179,12 +177,7 @@ fn header_rewrite(c: &mut Criterion) {
             || template.clone(),
             |headers| {
                 let forwarded_for = keygate::client_addr::forwarded_for(peer, headers, &[]);
-                keygate::forward::rewrite_request_headers(
-                    headers,
-                    upstream_key.clone(),
-                    forwarded_for,
-                    &request_id,
-                );
+                keygate::forward::rewrite_request_headers(headers, forwarded_for, &request_id);
             },
             criterion::BatchSize::SmallInput,
         )

@@ -6,6 +6,8 @@
 #
 # Usage: benches/load/profile.sh [requests] [connections]   (defaults: 20000, 16)
 # Env:   KEYGATE_BIN, PORT_BASE (default 28180), OUT (the callgrind file)
+#        PROFILER=perf  sample wall-clock CPU instead (perf record -e cpu-clock -g; for
+#                       machines without hardware counters), report in $OUT.perf.txt
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -54,9 +56,13 @@ scope = "generate"
 [usage_log]
 path = "$work/usage.log"
 EOF
+if [ "${PROFILER:-callgrind}" = perf ]; then
+  profiler=(perf record -e cpu-clock -F 2000 -g -o "$out.perf")
+else
+  profiler=(valgrind --tool=callgrind --callgrind-out-file="$out" --dump-instr=no)
+fi
 BENCH_UPSTREAM_KEY=sk-upstream-REAL-0123456789 KEYGATE_LOG=warn \
-  valgrind --tool=callgrind --callgrind-out-file="$out" --dump-instr=no \
-  "$bin" serve --config "$work/keygate.toml" > "$work/keygate.out" 2>&1 &
+  "${profiler[@]}" "$bin" serve --config "$work/keygate.toml" > "$work/keygate.out" 2>&1 &
 echo $! > "$work/keygate.pid"
 for _ in $(seq 600); do
   curl -fsS "http://127.0.0.1:$kg_admin/readyz" >/dev/null 2>&1 && break
@@ -64,9 +70,15 @@ for _ in $(seq 600); do
 done
 WRK_AUTH="Bearer kg_team_alpha_secret_token_0001" N=$n \
   wrk -t1 -c"$conns" -d600s -s "$here/post-n.lua" "http://127.0.0.1:$kg/v1/text-to-image" | grep -E 'requests in|Non-2xx' || true
-kill -TERM "$(cat "$work/keygate.pid")"
+kill -INT "$(cat "$work/keygate.pid")"
 for _ in $(seq 100); do kill -0 "$(cat "$work/keygate.pid")" 2>/dev/null || break; sleep 0.2; done
 rm -f "$work/keygate.pid"
-callgrind_annotate --inclusive=yes "$out" 2>/dev/null | head -70
-echo "# exclusive"
-callgrind_annotate "$out" 2>/dev/null | head -45
+if [ "${PROFILER:-callgrind}" = perf ]; then
+  perf report -i "$out.perf" --no-children --sort dso,symbol --stdio 2>/dev/null | grep -v '^$' | head -60 > "$out.perf.txt"
+  perf report -i "$out.perf" --no-children --sort dso --stdio 2>/dev/null | grep '%' | head -12 >> "$out.perf.txt"
+  cat "$out.perf.txt"
+else
+  callgrind_annotate --inclusive=yes "$out" 2>/dev/null | head -70
+  echo "# exclusive"
+  callgrind_annotate "$out" 2>/dev/null | head -45
+fi
