@@ -242,6 +242,8 @@ pub struct Gateway {
     pub observer: Observer,
     pub throttle: AddressThrottle,
     pub reload_stats: crate::reload::ReloadStats,
+    /// Whether the admin-made keys this replica serves are current with the key store.
+    pub key_sync: crate::reload::KeySyncHealth,
 }
 
 impl Gateway {
@@ -299,6 +301,7 @@ impl Gateway {
             throttle,
             observer,
             reload_stats: Default::default(),
+            key_sync: Default::default(),
         })
     }
 
@@ -327,11 +330,11 @@ impl Gateway {
         self.snapshot.store(Arc::new(next));
     }
 
-    /// Re-reads the admin-made keys from the key store now.
-    pub async fn refresh_admin_keys(&self) -> Result<(), crate::quota::StoreError> {
-        let keys = self.key_store.list().await?;
+    /// Re-reads the admin-made keys from the key store now; returns the version they are at.
+    pub async fn refresh_admin_keys(&self) -> Result<u64, crate::quota::StoreError> {
+        let (version, keys) = self.key_store.load().await?;
         self.apply_admin_keys(keys);
-        Ok(())
+        Ok(version)
     }
 
     /// The team subjects of the current config, for reading usage without charging.
