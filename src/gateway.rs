@@ -218,6 +218,8 @@ pub struct EdgeSettings {
     pub max_body_bytes: u64,
     /// Longest pause between two pieces of a request body.
     pub body_read_timeout: std::time::Duration,
+    /// Least average rate of a request body while keygate waits on the client (0: off).
+    pub body_min_rate: u64,
     pub on_store_error: OnStoreError,
     pub store_timeout: std::time::Duration,
 }
@@ -263,6 +265,7 @@ impl Gateway {
             trusted_proxies: config.server.trusted_proxies.clone(),
             max_body_bytes: config.server.max_body_bytes,
             body_read_timeout: config.server.body_read_timeout,
+            body_min_rate: config.server.body_min_rate,
             on_store_error: config.store.on_error,
             store_timeout: config.store.timeout,
         };
