@@ -481,6 +481,27 @@ async fn connections_over_the_cap_get_a_clean_503_and_a_freed_slot_is_reused() {
     logs::assert_clean(ALL_SECRETS);
 }
 
+/// With `max_connections = 1` taken by a stuck connection: polls with fresh requests (503
+/// while the slot is taken) until one gets 200, failing when the slot never comes back.
+async fn await_slot_freed(gw: std::net::SocketAddr, holder: &str) {
+    let good = format!(
+        "GET /v1/models HTTP/1.1\r\nHost: {gw}\r\nAuthorization: Bearer {TOKEN_DESIGN_GENERATE}\r\nConnection: close\r\n\r\n"
+    );
+    let started = Instant::now();
+    loop {
+        let outcome = raw::exchange(gw, good.as_bytes()).await;
+        if outcome.status() == Some(200) {
+            return;
+        }
+        assert_eq!(outcome.status(), Some(503));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{holder} was never cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_client_that_stops_reading_its_answer_is_cut_off_after_the_idle_timeout() {
     let upstream = MockUpstream::start().await;
@@ -503,23 +524,46 @@ async fn a_client_that_stops_reading_its_answer_is_cut_off_after_the_idle_timeou
     upstream.set_reply(Reply::Json(200, common::upstream::OK_JSON));
 
     // The unread answer holds the only connection slot until the gateway gives up on it.
-    let good = format!(
-        "GET /v1/models HTTP/1.1\r\nHost: {gw}\r\nAuthorization: Bearer {TOKEN_DESIGN_GENERATE}\r\nConnection: close\r\n\r\n"
-    );
-    let started = Instant::now();
-    loop {
-        let outcome = raw::exchange(gw, good.as_bytes()).await;
-        if outcome.status() == Some(200) {
-            break;
-        }
-        assert_eq!(outcome.status(), Some(503));
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the connection that stopped reading was never cut off"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    await_slot_freed(gw, "the connection that stopped reading").await;
     drop(stalled);
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+#[tokio::test]
+async fn an_http2_client_that_grants_no_window_is_cut_off_after_the_idle_timeout() {
+    let upstream = MockUpstream::start().await;
+    upstream.set_reply(Reply::Sized(200, 16 * 1024 * 1024));
+    let gateway = gateway(&upstream, |c| {
+        c.server.max_connections = 1;
+        c.server.idle_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let gw = gateway.proxy_addr();
+
+    // The client keeps its connection alive (its task reads every frame) but never gives
+    // back flow-control window: the server's writes never block, the answer never moves.
+    let mut client = h2c::connect(gw).await;
+    let (response, _) = client
+        .send_request(
+            h2c::get(
+                http::Method::GET,
+                &format!("http://{gw}/v1/models"),
+                TOKEN_DESIGN_GENERATE,
+            ),
+            true,
+        )
+        .unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = body.data().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    upstream.set_reply(Reply::Json(200, common::upstream::OK_JSON));
+
+    // The untaken answer holds the only connection slot until the gateway gives up on it.
+    await_slot_freed(gw, "the HTTP/2 connection that granted no window").await;
+    drop(body);
     gateway.shutdown().await;
     logs::assert_clean(ALL_SECRETS);
 }
