@@ -1,6 +1,6 @@
 //! Owns the admin listener's routes: `/healthz` (alive), `/readyz` (config loaded,
 //! store reachable or degraded, an upstream key readable for every env, the upstream
-//! circuit's state) and `/metrics`
+//! circuit's state, whether admin-made keys are current) and `/metrics`
 //! (Prometheus text).
 
 use std::sync::Arc;
@@ -68,9 +68,18 @@ fn readiness(gateway: &Gateway) -> Response<ResponseBody> {
     if let Some(open_for) = circuit.open_for() {
         upstream_circuit["open_for_ms"] = json!(open_for.as_millis() as u64);
     }
+    // Stale admin keys do not make a replica unready: it serves the last keys it read,
+    // which is what every replica does while the store is away.
+    let mut admin_keys = json!({ "store": gateway.key_store.kind(), "state": "current" });
+    if let Some((since, error)) = gateway.key_sync.stale() {
+        admin_keys["state"] = json!("stale");
+        admin_keys["since"] = json!(since.to_string());
+        admin_keys["last_error"] = json!(error);
+    }
     let body = json!({
         "status": status,
         "store": store,
+        "admin_keys": admin_keys,
         "upstream_circuit": upstream_circuit,
         "upstream_keys": key_problems
             .iter()

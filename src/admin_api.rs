@@ -348,7 +348,7 @@ fn valid_id(id: &str) -> bool {
 }
 
 fn store_error(e: crate::quota::StoreError) -> GatewayError {
-    GatewayError::StoreUnavailable(e.to_string())
+    GatewayError::KeyStoreUnavailable(e.to_string())
 }
 
 /// `POST /admin/keys`: validates everything at once, then stores the hash of a new token.
@@ -413,7 +413,7 @@ async fn create_key(
             request.id
         )));
     }
-    let token = new_token(&request.env).map_err(GatewayError::StoreUnavailable)?;
+    let token = new_token(&request.env).map_err(GatewayError::Internal)?;
     let mut scopes: Vec<String> = request.scopes.clone();
     scopes.sort();
     scopes.dedup();
@@ -519,7 +519,7 @@ async fn rotate_key(
     let until = now
         .checked_add(jiff::SignedDuration::try_from(grace).unwrap_or_default())
         .unwrap_or(now);
-    let token = new_token(&stored.env).map_err(GatewayError::StoreUnavailable)?;
+    let token = new_token(&stored.env).map_err(GatewayError::Internal)?;
     stored.previous = (!grace.is_zero()).then(|| PreviousToken {
         token_sha256: stored.token_sha256.clone(),
         until: until.to_string(),

@@ -64,15 +64,33 @@ impl InboundProgress {
     }
 }
 
+/// What a request body must keep to: `server.max_body_bytes`, `body_read_timeout` and
+/// `body_min_rate`.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    pub max_bytes: u64,
+    pub stall_timeout: Duration,
+    /// Bytes per second over the time spent waiting on the client (0: no minimum).
+    pub min_rate: u64,
+}
+
 /// The client's request body on its way upstream: streamed frame by frame, counted, cut
-/// off with an error once it passes the configured maximum or pauses longer than the
-/// stall timeout (a slow-body attack would otherwise hold an upstream connection).
+/// off with an error once it passes the configured maximum, pauses longer than the stall
+/// timeout, or trickles in below the minimum rate (slow-body attacks would otherwise hold
+/// an upstream connection).
+///
+/// The rate counts only the time keygate was waiting on the client (a read that found
+/// nothing), never the time the upstream took to take what was read: a client held back by
+/// a slow upstream is not a slow client.
 pub struct InboundBody {
     inner: Incoming,
     seen: Arc<AtomicU64>,
-    limit: u64,
-    stall_timeout: Duration,
+    limits: BodyLimits,
     stall: Option<Pin<Box<Sleep>>>,
+    /// Since when the current read has been waiting on the client.
+    waiting_since: Option<Instant>,
+    /// Time spent waiting on the client so far.
+    waited: Duration,
     progress: Arc<InboundProgress>,
 }
 
@@ -80,18 +98,27 @@ impl InboundBody {
     pub fn new(
         inner: Incoming,
         seen: Arc<AtomicU64>,
-        limit: u64,
-        stall_timeout: Duration,
+        limits: BodyLimits,
         progress: Arc<InboundProgress>,
     ) -> Self {
         Self {
             inner,
             seen,
-            limit,
-            stall_timeout,
+            limits,
             stall: None,
+            waiting_since: None,
+            waited: Duration::ZERO,
             progress,
         }
+    }
+
+    /// Whether the body has trickled in slower than the minimum rate, judged once the
+    /// client has been waited on for longer than the stall timeout.
+    fn too_slow(&self, total: u64) -> bool {
+        let min_rate = self.limits.min_rate;
+        min_rate > 0
+            && self.waited > self.limits.stall_timeout
+            && (total as f64) < min_rate as f64 * self.waited.as_secs_f64()
     }
 
     fn fail(&mut self, failure: InboundFailure) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -118,10 +145,17 @@ impl Body for InboundBody {
                 this.progress
                     .waiting_on_client
                     .store(true, Ordering::Relaxed);
-                let deadline = Instant::now() + this.stall_timeout;
-                let stall = this
-                    .stall
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if this.waiting_since.is_none() {
+                    // A new wait on the client: the pause limit counts from now.
+                    let now = Instant::now();
+                    this.waiting_since = Some(now);
+                    let deadline = now + this.limits.stall_timeout;
+                    match this.stall.as_mut() {
+                        Some(stall) => stall.as_mut().reset(deadline),
+                        None => this.stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
+                }
+                let stall = this.stall.as_mut().expect("armed above");
                 if stall.as_mut().poll(cx).is_ready() {
                     return this.fail(InboundFailure::Stalled);
                 }
@@ -131,16 +165,19 @@ impl Body for InboundBody {
         this.progress
             .waiting_on_client
             .store(false, Ordering::Relaxed);
-        if let Some(stall) = this.stall.as_mut() {
-            stall.as_mut().reset(Instant::now() + this.stall_timeout);
+        if let Some(since) = this.waiting_since.take() {
+            this.waited += since.elapsed();
         }
         match frame {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     let total = this.seen.fetch_add(data.len() as u64, Ordering::Relaxed)
                         + data.len() as u64;
-                    if total > this.limit {
+                    if total > this.limits.max_bytes {
                         return this.fail(InboundFailure::TooLarge);
+                    }
+                    if this.too_slow(total) {
+                        return this.fail(InboundFailure::Stalled);
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))

@@ -44,6 +44,7 @@ struct RawServer {
     max_body_bytes: Option<u64>,
     header_read_timeout: Option<String>,
     body_read_timeout: Option<String>,
+    body_min_rate: Option<u64>,
     idle_timeout: Option<String>,
     max_connections: Option<u64>,
     http2_max_concurrent_streams: Option<u32>,
@@ -217,6 +218,10 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Longest pause between two pieces of a request body (slow-body attacks): 408.
     pub body_read_timeout: Duration,
+    /// Bytes per second a request body must average over the time keygate waited on the
+    /// client for it, once that time passes `body_read_timeout` (trickle attacks that stay
+    /// just under the pause limit): 408. 0 turns it off.
+    pub body_min_rate: u64,
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub http2_max_concurrent_streams: u32,
@@ -1084,6 +1089,8 @@ fn validate_server(
             "server.body_read_timeout",
             problems,
         ),
+        // Slow mobile uplinks manage tens of KiB/s; a trickle sends a byte now and then.
+        body_min_rate: raw.body_min_rate.unwrap_or(1024),
         // Longer than the 60 s idle timeout of common load balancers, so they close an idle
         // connection first and never reuse one keygate has just closed.
         idle_timeout: duration_field(

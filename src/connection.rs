@@ -4,6 +4,12 @@
 //! its answer unread that long) and the graceful close on shutdown. Requests learn the
 //! address they arrived on through [`LocalAddr`].
 //!
+//! An unread answer shows in two ways. Over HTTP/1 the socket's writes block (see
+//! [`WriteStall`]). Over HTTP/2 a client can keep reading frames and simply never grant
+//! flow-control window: writes never block, but hyper stops asking the response body for
+//! more. So each response body records when it last handed hyper something (or was
+//! ready) without being asked again; the connection is cut when one waits that long.
+//!
 //! Why not hyper's own `header_read_timeout`: hyper 1.x starts that timer as soon as a
 //! keep-alive connection waits for its next request, so it doubles as an HTTP/1 idle
 //! timeout equal to the header timeout (10 s by default). A load balancer that keeps idle
@@ -74,10 +80,7 @@ pub async fn serve<IO, F, Fut, B>(
         let answer = service(peer, request);
         async move {
             let response = answer.await?;
-            Ok::<_, Infallible>(response.map(|body| Guarded {
-                body,
-                _guard: guard,
-            }))
+            Ok::<_, Infallible>(response.map(|body| Guarded::new(body, guard)))
         }
     });
     let conn = builder.serve_connection(io, svc);
@@ -113,6 +116,10 @@ pub async fn serve<IO, F, Fut, B>(
                     tracing::debug!(%peer, "closed: did not finish closing in time");
                     return;
                 }
+                Expiry::AnswerUntaken => {
+                    tracing::debug!(%peer, timeout = ?timeouts.idle, "closed: the client left an answer untaken (no flow-control window)");
+                    return;
+                }
             }
         }
     }
@@ -122,6 +129,9 @@ pub async fn serve<IO, F, Fut, B>(
 enum Expiry {
     HeaderTimeout,
     Idle,
+    /// A response body has had something for the client for `idle` without being asked
+    /// for it.
+    AnswerUntaken,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -144,6 +154,10 @@ struct State {
     /// When the pending request head began: accept for the first request, its first byte
     /// for the next ones on a keep-alive connection.
     head_started: Option<Instant>,
+    /// Response bodies waiting for hyper to ask for their next frame, by id, since when.
+    /// Few at a time (one per open stream at most), so a vector.
+    untaken: Vec<(u64, Instant)>,
+    next_body: u64,
 }
 
 /// What a connection is doing, shared by its I/O, its requests and its watchdog.
@@ -161,6 +175,8 @@ impl Activity {
                 in_flight: 0,
                 idle_since: now,
                 head_started: Some(now),
+                untaken: Vec::new(),
+                next_body: 0,
             }),
             changed: Notify::new(),
         }
@@ -229,6 +245,32 @@ impl Activity {
         self.changed.notify_one();
     }
 
+    fn body_id(&self) -> u64 {
+        let mut state = self.lock();
+        state.next_body += 1;
+        state.next_body
+    }
+
+    /// A response body has something for the client (its head, or a frame it just handed
+    /// over) and waits to be asked for more.
+    fn answer_waiting(&self, body: u64) {
+        let mut state = self.lock();
+        let first = state.untaken.is_empty();
+        state.untaken.push((body, Instant::now()));
+        drop(state);
+        // Only the first wait can move the watchdog's deadline earlier.
+        if first {
+            self.changed.notify_one();
+        }
+    }
+
+    fn answer_taken(&self, body: u64) {
+        let mut state = self.lock();
+        if let Some(at) = state.untaken.iter().position(|(id, _)| *id == body) {
+            state.untaken.swap_remove(at);
+        }
+    }
+
     fn start_draining(&self) {
         let mut state = self.lock();
         state.idle_since = Instant::now();
@@ -245,7 +287,12 @@ impl Activity {
             let deadline = {
                 let state = self.lock();
                 if state.in_flight > 0 {
-                    None
+                    state
+                        .untaken
+                        .iter()
+                        .map(|(_, since)| *since)
+                        .min()
+                        .map(|since| (since + timeouts.idle, Expiry::AnswerUntaken))
                 } else if let Some(started) = state.head_started {
                     Some((started + timeouts.header_read, Expiry::HeaderTimeout))
                 } else if draining {
@@ -280,10 +327,42 @@ impl Drop for RequestGuard {
     }
 }
 
-/// A response body that keeps its request counted as in flight until hyper drops it.
+/// A response body that keeps its request counted as in flight until hyper drops it, and
+/// tells the connection while it waits for hyper to ask for more.
 struct Guarded<B> {
     body: B,
-    _guard: RequestGuard,
+    guard: RequestGuard,
+    id: u64,
+    waiting: bool,
+}
+
+impl<B: Body + Unpin> Guarded<B> {
+    fn new(body: B, guard: RequestGuard) -> Self {
+        let id = guard.activity.body_id();
+        let mut guarded = Self {
+            body,
+            guard,
+            id,
+            waiting: false,
+        };
+        if !guarded.body.is_end_stream() {
+            guarded.wait();
+        }
+        guarded
+    }
+
+    fn wait(&mut self) {
+        self.guard.activity.answer_waiting(self.id);
+        self.waiting = true;
+    }
+}
+
+impl<B> Drop for Guarded<B> {
+    fn drop(&mut self) {
+        if self.waiting {
+            self.guard.activity.answer_taken(self.id);
+        }
+    }
 }
 
 impl<B: Body + Unpin> Body for Guarded<B> {
@@ -294,7 +373,18 @@ impl<B: Body + Unpin> Body for Guarded<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let this = &mut *self;
+        if this.waiting {
+            this.guard.activity.answer_taken(this.id);
+            this.waiting = false;
+        }
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            if !this.body.is_end_stream() {
+                this.wait();
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -477,5 +567,26 @@ mod tests {
         assert_eq!(activity.next_expiry(timeouts, false).await, Expiry::Idle);
         assert_eq!(started.elapsed(), Duration::from_secs(375));
         released.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_left_untaken_expires_after_the_idle_timeout() {
+        let timeouts = Timeouts {
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(75),
+        };
+        let activity = Arc::new(Activity::new());
+        let _guard = activity.request_started();
+        let (taken, left) = (activity.body_id(), activity.body_id());
+        activity.answer_waiting(taken);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        activity.answer_waiting(left);
+        activity.answer_taken(taken);
+        let started = Instant::now();
+        assert_eq!(
+            activity.next_expiry(timeouts, false).await,
+            Expiry::AnswerUntaken
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(75));
     }
 }

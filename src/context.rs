@@ -25,7 +25,8 @@ pub enum Outcome {
     Forbidden,
     RateLimited,
     BadRequest,
-    /// The store was closed (`on_error = "closed"`) or no upstream key was readable.
+    /// The store was closed (`on_error = "closed"`), no upstream key was readable, or the
+    /// upstream circuit was open.
     Unavailable,
     /// The client went away before the answer was complete.
     ClientClosed,

@@ -95,6 +95,12 @@ pub enum GatewayError {
     UpstreamTimeout(std::time::Duration),
     #[error("quota store unavailable: {0}")]
     StoreUnavailable(String),
+    /// The admin key store (admin API only) did not answer.
+    #[error("admin key store unavailable: {0}")]
+    KeyStoreUnavailable(String),
+    /// keygate itself failed (the system random generator, say): 500, cause in the log.
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("no upstream key available for env {0:?}")]
     UpstreamKeyUnavailable(String),
     #[error("too many connections")]
@@ -144,6 +150,7 @@ const SERVICE_UNAVAILABLE: &str = error_body!(
     "Service temporarily unavailable. Please try again later."
 );
 const GATEWAY_TIMEOUT: &str = error_body!("gateway_timeout", "Upstream service timed out");
+const INTERNAL_ERROR: &str = error_body!("internal_error", "Internal error");
 
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
@@ -162,9 +169,11 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::StoreUnavailable(_)
+            | GatewayError::KeyStoreUnavailable(_)
             | GatewayError::UpstreamKeyUnavailable(_)
             | GatewayError::Overloaded
             | GatewayError::UpstreamCircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -184,9 +193,11 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable(_) => "bad_gateway",
             GatewayError::UpstreamTimeout(_) => "gateway_timeout",
             GatewayError::StoreUnavailable(_)
+            | GatewayError::KeyStoreUnavailable(_)
             | GatewayError::UpstreamKeyUnavailable(_)
             | GatewayError::Overloaded
             | GatewayError::UpstreamCircuitOpen { .. } => "service_unavailable",
+            GatewayError::Internal(_) => "internal_error",
         }
     }
 
@@ -211,9 +222,11 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable(_) => BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) => GATEWAY_TIMEOUT,
             GatewayError::StoreUnavailable(_)
+            | GatewayError::KeyStoreUnavailable(_)
             | GatewayError::UpstreamKeyUnavailable(_)
             | GatewayError::Overloaded
             | GatewayError::UpstreamCircuitOpen { .. } => SERVICE_UNAVAILABLE,
+            GatewayError::Internal(_) => INTERNAL_ERROR,
         };
         std::borrow::Cow::Borrowed(fixed)
     }
@@ -245,11 +258,15 @@ impl GatewayError {
                 RateLimitSubject::Upstream => Rejection::RateLimitedUpstream,
                 RateLimitSubject::ClientAddress => Rejection::RateLimitedClientAddress,
             },
-            GatewayError::StoreUnavailable(_) => Rejection::StoreUnavailable,
+            GatewayError::StoreUnavailable(_) | GatewayError::KeyStoreUnavailable(_) => {
+                Rejection::StoreUnavailable
+            }
             GatewayError::UpstreamKeyUnavailable(_) => Rejection::NoUpstreamKey,
             GatewayError::Overloaded => Rejection::Overloaded,
             GatewayError::UpstreamCircuitOpen { .. } => Rejection::UpstreamCircuitOpen,
-            GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamTimeout(_) => return None,
+            GatewayError::UpstreamUnreachable(_)
+            | GatewayError::UpstreamTimeout(_)
+            | GatewayError::Internal(_) => return None,
         })
     }
 
@@ -270,9 +287,11 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable(_) => Outcome::UpstreamError,
             GatewayError::UpstreamTimeout(_) => Outcome::UpstreamTimeout,
             GatewayError::StoreUnavailable(_)
+            | GatewayError::KeyStoreUnavailable(_)
             | GatewayError::UpstreamKeyUnavailable(_)
             | GatewayError::Overloaded
-            | GatewayError::UpstreamCircuitOpen { .. } => Outcome::Unavailable,
+            | GatewayError::UpstreamCircuitOpen { .. }
+            | GatewayError::Internal(_) => Outcome::Unavailable,
         }
     }
 }
@@ -315,6 +334,8 @@ mod tests {
             GatewayError::UpstreamUnreachable("refused".into()),
             GatewayError::UpstreamTimeout(std::time::Duration::from_secs(1)),
             GatewayError::StoreUnavailable("down".into()),
+            GatewayError::KeyStoreUnavailable("down".into()),
+            GatewayError::Internal("refused".into()),
             GatewayError::UpstreamKeyUnavailable("prod".into()),
             GatewayError::Overloaded,
             GatewayError::UpstreamCircuitOpen {

@@ -218,6 +218,8 @@ pub struct EdgeSettings {
     pub max_body_bytes: u64,
     /// Longest pause between two pieces of a request body.
     pub body_read_timeout: std::time::Duration,
+    /// Least average rate of a request body while keygate waits on the client (0: off).
+    pub body_min_rate: u64,
     pub on_store_error: OnStoreError,
     pub store_timeout: std::time::Duration,
 }
@@ -242,6 +244,8 @@ pub struct Gateway {
     pub observer: Observer,
     pub throttle: AddressThrottle,
     pub reload_stats: crate::reload::ReloadStats,
+    /// Whether the admin-made keys this replica serves are current with the key store.
+    pub key_sync: crate::reload::KeySyncHealth,
 }
 
 impl Gateway {
@@ -261,6 +265,7 @@ impl Gateway {
             trusted_proxies: config.server.trusted_proxies.clone(),
             max_body_bytes: config.server.max_body_bytes,
             body_read_timeout: config.server.body_read_timeout,
+            body_min_rate: config.server.body_min_rate,
             on_store_error: config.store.on_error,
             store_timeout: config.store.timeout,
         };
@@ -299,6 +304,7 @@ impl Gateway {
             throttle,
             observer,
             reload_stats: Default::default(),
+            key_sync: Default::default(),
         })
     }
 
@@ -327,11 +333,11 @@ impl Gateway {
         self.snapshot.store(Arc::new(next));
     }
 
-    /// Re-reads the admin-made keys from the key store now.
-    pub async fn refresh_admin_keys(&self) -> Result<(), crate::quota::StoreError> {
-        let keys = self.key_store.list().await?;
+    /// Re-reads the admin-made keys from the key store now; returns the version they are at.
+    pub async fn refresh_admin_keys(&self) -> Result<u64, crate::quota::StoreError> {
+        let (version, keys) = self.key_store.load().await?;
         self.apply_admin_keys(keys);
-        Ok(())
+        Ok(version)
     }
 
     /// The team subjects of the current config, for reading usage without charging.

@@ -52,8 +52,14 @@ pub fn call_timeout(store_timeout: Duration) -> Duration {
 }
 
 pub trait KeyStore: Send + Sync + 'static {
+    /// Every stored key and the version they are at, read together: a replica that took
+    /// the version from a separate read could hold keys newer than the version it noted,
+    /// and miss a later return to that version (a Redis restarted empty).
+    fn load(&self) -> StoreFuture<'_, (u64, Vec<StoredKey>)>;
     /// Every stored key.
-    fn list(&self) -> StoreFuture<'_, Vec<StoredKey>>;
+    fn list(&self) -> StoreFuture<'_, Vec<StoredKey>> {
+        Box::pin(async move { self.load().await.map(|(_, keys)| keys) })
+    }
     /// Stores a new key; `false` when the id is taken.
     fn create(&self, key: StoredKey) -> StoreFuture<'_, bool>;
     /// Replaces an existing key; `false` when there is none with that id.
@@ -80,9 +86,9 @@ impl MemoryKeyStore {
 }
 
 impl KeyStore for MemoryKeyStore {
-    fn list(&self) -> StoreFuture<'_, Vec<StoredKey>> {
-        let keys = self.with(|_, keys| keys.values().cloned().collect());
-        Box::pin(std::future::ready(Ok(keys)))
+    fn load(&self) -> StoreFuture<'_, (u64, Vec<StoredKey>)> {
+        let loaded = self.with(|version, keys| (*version, keys.values().cloned().collect()));
+        Box::pin(std::future::ready(Ok(loaded)))
     }
 
     fn create(&self, key: StoredKey) -> StoreFuture<'_, bool> {

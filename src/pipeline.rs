@@ -12,7 +12,9 @@ use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
 use crate::auth::{self, ApiKey};
-use crate::body::{BodyEnd, InboundBody, InboundFailure, InboundProgress, OnFinish, ResponseBody};
+use crate::body::{
+    BodyEnd, BodyLimits, InboundBody, InboundFailure, InboundProgress, OnFinish, ResponseBody,
+};
 use crate::config::OnStoreError;
 use crate::context::{Outcome, RequestContext};
 use crate::error::{Forbidden, GatewayError, RateLimitSubject};
@@ -299,8 +301,11 @@ async fn forward(
     let body = InboundBody::new(
         body,
         ctx.bytes_in.clone(),
-        gateway.edge.max_body_bytes,
-        gateway.edge.body_read_timeout,
+        BodyLimits {
+            max_bytes: gateway.edge.max_body_bytes,
+            stall_timeout: gateway.edge.body_read_timeout,
+            min_rate: gateway.edge.body_min_rate,
+        },
         progress.clone(),
     );
     let replayable = gateway.retry.attempts > 1

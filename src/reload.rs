@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
@@ -111,10 +111,10 @@ pub fn spawn(
 /// not answer, the keys last read stay in force: an outage must not revoke every key.
 async fn follow_key_store(gateway: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
     let mut seen: Option<u64> = None;
-    let mut failing = false;
     let mut ticker = tokio::time::interval(KEY_POLL_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let timeout = crate::key_store::call_timeout(gateway.edge.store_timeout);
+    let sync = &gateway.key_sync;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -123,25 +123,17 @@ async fn follow_key_store(gateway: Arc<Gateway>, mut shutdown: watch::Receiver<b
         let version = match tokio::time::timeout(timeout, gateway.key_store.version()).await {
             Ok(Ok(version)) => version,
             Ok(Err(e)) => {
-                if !failing {
-                    tracing::warn!(error = %e, "cannot read admin keys from the store; keeping the last known keys");
-                }
-                failing = true;
+                sync.failed(e.to_string());
                 continue;
             }
             Err(_) => {
-                if !failing {
-                    tracing::warn!("admin key store timed out; keeping the last known keys");
-                }
-                failing = true;
+                sync.failed(format!("no answer within {timeout:?}"));
                 continue;
             }
         };
-        if seen == Some(version) {
-            if failing {
-                tracing::info!("admin key store answers again; no change meanwhile");
-                failing = false;
-            }
+        // After an outage the keys are read again whatever the counter says: the store
+        // may have restarted in between.
+        if seen == Some(version) && !sync.is_stale() {
             continue;
         }
         if version == 0 && seen.is_some_and(|v| v != 0) {
@@ -152,26 +144,59 @@ async fn follow_key_store(gateway: Arc<Gateway>, mut shutdown: watch::Receiver<b
             );
         }
         match tokio::time::timeout(timeout, gateway.refresh_admin_keys()).await {
-            Ok(Ok(())) => {
-                if failing {
-                    tracing::info!("admin keys readable again");
-                }
-                failing = false;
-                seen = Some(version);
+            Ok(Ok(loaded)) => {
+                sync.synced();
+                seen = Some(loaded);
             }
-            Ok(Err(e)) => {
-                if !failing {
-                    tracing::warn!(error = %e, "cannot read admin keys from the store; keeping the last known keys");
-                }
-                failing = true;
-            }
-            Err(_) => {
-                if !failing {
-                    tracing::warn!("admin key store timed out; keeping the last known keys");
-                }
-                failing = true;
+            Ok(Err(e)) => sync.failed(e.to_string()),
+            Err(_) => sync.failed(format!("no answer within {timeout:?}")),
+        }
+    }
+}
+
+/// Whether this replica's copy of the admin-made keys is current, for `/readyz`. Logs each
+/// change of state once, not every poll.
+#[derive(Debug, Default)]
+pub struct KeySyncHealth {
+    stale_since: Mutex<Option<(jiff::Timestamp, String)>>,
+}
+
+impl KeySyncHealth {
+    fn failed(&self, error: String) {
+        let mut stale = self.stale_since.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *stale {
+            Some((_, last)) => *last = error,
+            None => {
+                tracing::warn!(%error, "cannot read admin keys from the store; keeping the last known keys");
+                *stale = Some((jiff::Timestamp::now(), error));
             }
         }
+    }
+
+    fn synced(&self) {
+        let mut stale = self.stale_since.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((since, _)) = stale.take() {
+            let stale_for = jiff::Timestamp::now().duration_since(since);
+            tracing::info!(
+                stale_for_ms = stale_for.as_millis() as i64,
+                "admin keys readable again"
+            );
+        }
+    }
+
+    pub fn is_stale(&self) -> bool {
+        self.stale_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Since when and why the admin keys could not be read; `None` while current.
+    pub fn stale(&self) -> Option<(jiff::Timestamp, String)> {
+        self.stale_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

@@ -297,3 +297,101 @@ async fn expired_admin_keys_answer_401() {
     assert_eq!(gateway.generate(&token).await.status(), 401);
     gateway.shutdown().await;
 }
+
+/// A key store whose writer and restart land between a replica's reads: the first counter
+/// read sees the store empty, a key is written before the keys are read, and the store
+/// restarts empty right after. Models the race of a replica polling a Redis.
+struct RacingStore {
+    step: std::sync::atomic::AtomicUsize,
+    key: keygate::key_store::StoredKey,
+}
+
+impl keygate::key_store::KeyStore for RacingStore {
+    fn load(&self) -> keygate::quota::StoreFuture<'_, (u64, Vec<keygate::key_store::StoredKey>)> {
+        use std::sync::atomic::Ordering;
+        // Step 1: the key was written since the counter was read; then the store restarts.
+        let loaded = match self
+            .step
+            .compare_exchange(1, 2, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => (1, vec![self.key.clone()]),
+            Err(_) => (0, Vec::new()),
+        };
+        Box::pin(std::future::ready(Ok(loaded)))
+    }
+
+    fn version(&self) -> keygate::quota::StoreFuture<'_, u64> {
+        let _ = self.step.compare_exchange(
+            0,
+            1,
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        Box::pin(std::future::ready(Ok(0)))
+    }
+
+    fn create(&self, _: keygate::key_store::StoredKey) -> keygate::quota::StoreFuture<'_, bool> {
+        Box::pin(std::future::ready(Ok(false)))
+    }
+
+    fn replace(&self, _: keygate::key_store::StoredKey) -> keygate::quota::StoreFuture<'_, bool> {
+        Box::pin(std::future::ready(Ok(false)))
+    }
+
+    fn delete<'a>(&'a self, _: &'a str) -> keygate::quota::StoreFuture<'a, bool> {
+        Box::pin(std::future::ready(Ok(false)))
+    }
+
+    fn kind(&self) -> &'static str {
+        "racing"
+    }
+}
+
+#[tokio::test]
+async fn a_replica_notes_the_version_its_keys_were_read_at() {
+    const TOKEN: &str = "kg_prod_racing_store_token_0000000000000000099";
+    let upstream = MockUpstream::start().await;
+    let config = config_from(&standard_config_text(&upstream.url(), &admin_extra()));
+    let store = Arc::new(RacingStore {
+        step: Default::default(),
+        key: keygate::key_store::StoredKey {
+            id: "raced".into(),
+            team: "design".into(),
+            scopes: vec!["generate".into()],
+            env: "prod".into(),
+            token_sha256: hash(TOKEN),
+            created: "2026-11-27T00:00:00Z".into(),
+            expires: None,
+            rpm: None,
+            rpd: None,
+            previous: None,
+        },
+    });
+    let gateway = TestGateway::start_with_options(
+        config,
+        keygate::server::StartOptions {
+            key_store: Some(store),
+            ..Default::default()
+        },
+    )
+    .await;
+    // The key read in the race is served, then dropped once the store is seen empty: a
+    // replica that noted the counter read before the keys (0) would keep it for good.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut served = false;
+    loop {
+        match gateway.generate(TOKEN).await.status().as_u16() {
+            // 429: the key is known, the team's minute spent by this polling.
+            200 | 429 => served = true,
+            401 if served => break,
+            401 => {}
+            other => panic!("unexpected {other}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "served: {served}; the key outlived the store's restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gateway.shutdown().await;
+}

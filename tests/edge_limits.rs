@@ -287,6 +287,86 @@ async fn a_stalled_request_body_answers_408_even_when_the_upstream_timeout_is_sh
     logs::assert_clean(ALL_SECRETS);
 }
 
+/// Sends `head`, then `parts` one every `pace`, while reading the answer.
+async fn paced_exchange(
+    gw: std::net::SocketAddr,
+    head: String,
+    parts: Vec<Vec<u8>>,
+    pace: Duration,
+) -> raw::RawOutcome {
+    let (mut reader, mut writer) = raw::connect(gw).await.into_split();
+    let sender = tokio::spawn(async move {
+        if writer.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        for part in parts {
+            tokio::time::sleep(pace).await;
+            if writer.write_all(&part).await.is_err() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await;
+    });
+    let outcome = raw::read_response(&mut reader).await;
+    sender.abort();
+    outcome
+}
+
+/// A gateway asking 1000 B/s of request bodies, with the given pause limit, and the
+/// answer to a body of `parts` sent one every `pace`.
+async fn upload_at_pace(
+    pause_limit: Duration,
+    parts: Vec<Vec<u8>>,
+    pace: Duration,
+) -> (MockUpstream, TestGateway, raw::RawOutcome) {
+    let upstream = MockUpstream::start().await;
+    let gateway = gateway(&upstream, |c| {
+        c.server.body_read_timeout = pause_limit;
+        c.server.body_min_rate = 1000;
+    })
+    .await;
+    let gw = gateway.proxy_addr();
+    let length: usize = parts.iter().map(Vec::len).sum();
+    let head = post_head(gw, &format!("Content-Length: {length}\r\n"));
+    let outcome = paced_exchange(gw, head, parts, pace).await;
+    (upstream, gateway, outcome)
+}
+
+#[tokio::test]
+async fn a_body_trickling_in_under_the_pause_limit_answers_408() {
+    // 5 bytes every 250 ms: every pause is under the limit, the rate far below it.
+    let (upstream, gateway, outcome) = upload_at_pace(
+        Duration::from_millis(400),
+        vec![b"{\"pro".to_vec(); 20],
+        Duration::from_millis(250),
+    )
+    .await;
+    assert_eq!(outcome.response().status, 408);
+    assert_eq!(outcome.response().body_text(), REQUEST_TIMEOUT_BODY);
+    assert!(upstream.received().iter().all(|r| !r.body_complete));
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+#[tokio::test]
+async fn a_steady_upload_above_the_minimum_rate_goes_through() {
+    // 600 bytes every 150 ms (4000 B/s) for longer than the pause limit.
+    let (upstream, gateway, outcome) = upload_at_pace(
+        Duration::from_millis(300),
+        vec![vec![b' '; 600]; 6],
+        Duration::from_millis(150),
+    )
+    .await;
+    assert_eq!(
+        outcome.response().status,
+        200,
+        "{}",
+        outcome.response().body_text()
+    );
+    assert_eq!(upstream.received()[0].body_len, 3600);
+    gateway.shutdown().await;
+}
+
 #[tokio::test]
 async fn upstream_response_timeout_answers_504() {
     let upstream = MockUpstream::start().await;
@@ -401,6 +481,27 @@ async fn connections_over_the_cap_get_a_clean_503_and_a_freed_slot_is_reused() {
     logs::assert_clean(ALL_SECRETS);
 }
 
+/// With `max_connections = 1` taken by a stuck connection: polls with fresh requests (503
+/// while the slot is taken) until one gets 200, failing when the slot never comes back.
+async fn await_slot_freed(gw: std::net::SocketAddr, holder: &str) {
+    let good = format!(
+        "GET /v1/models HTTP/1.1\r\nHost: {gw}\r\nAuthorization: Bearer {TOKEN_DESIGN_GENERATE}\r\nConnection: close\r\n\r\n"
+    );
+    let started = Instant::now();
+    loop {
+        let outcome = raw::exchange(gw, good.as_bytes()).await;
+        if outcome.status() == Some(200) {
+            return;
+        }
+        assert_eq!(outcome.status(), Some(503));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{holder} was never cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_client_that_stops_reading_its_answer_is_cut_off_after_the_idle_timeout() {
     let upstream = MockUpstream::start().await;
@@ -423,23 +524,46 @@ async fn a_client_that_stops_reading_its_answer_is_cut_off_after_the_idle_timeou
     upstream.set_reply(Reply::Json(200, common::upstream::OK_JSON));
 
     // The unread answer holds the only connection slot until the gateway gives up on it.
-    let good = format!(
-        "GET /v1/models HTTP/1.1\r\nHost: {gw}\r\nAuthorization: Bearer {TOKEN_DESIGN_GENERATE}\r\nConnection: close\r\n\r\n"
-    );
-    let started = Instant::now();
-    loop {
-        let outcome = raw::exchange(gw, good.as_bytes()).await;
-        if outcome.status() == Some(200) {
-            break;
-        }
-        assert_eq!(outcome.status(), Some(503));
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the connection that stopped reading was never cut off"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    await_slot_freed(gw, "the connection that stopped reading").await;
     drop(stalled);
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+#[tokio::test]
+async fn an_http2_client_that_grants_no_window_is_cut_off_after_the_idle_timeout() {
+    let upstream = MockUpstream::start().await;
+    upstream.set_reply(Reply::Sized(200, 16 * 1024 * 1024));
+    let gateway = gateway(&upstream, |c| {
+        c.server.max_connections = 1;
+        c.server.idle_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let gw = gateway.proxy_addr();
+
+    // The client keeps its connection alive (its task reads every frame) but never gives
+    // back flow-control window: the server's writes never block, the answer never moves.
+    let mut client = h2c::connect(gw).await;
+    let (response, _) = client
+        .send_request(
+            h2c::get(
+                http::Method::GET,
+                &format!("http://{gw}/v1/models"),
+                TOKEN_DESIGN_GENERATE,
+            ),
+            true,
+        )
+        .unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = body.data().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    upstream.set_reply(Reply::Json(200, common::upstream::OK_JSON));
+
+    // The untaken answer holds the only connection slot until the gateway gives up on it.
+    await_slot_freed(gw, "the HTTP/2 connection that granted no window").await;
+    drop(body);
     gateway.shutdown().await;
     logs::assert_clean(ALL_SECRETS);
 }

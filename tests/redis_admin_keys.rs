@@ -362,16 +362,19 @@ async fn a_replica_keeps_its_keys_while_redis_is_down_and_follows_again_after() 
     await_status(&b, &known, 200, "B admits the key created on A").await;
 
     redis.kill();
-    await_within(
-        "the replicas log that they keep their keys",
+    let (stale, _) = await_within(
+        "B reports stale admin keys on /readyz",
         Duration::from_secs(5),
         || async {
-            logs::captured()
-                .contains("keeping the last known keys")
-                .then_some(())
+            let (status, ready) = b.readyz().await;
+            (ready["admin_keys"]["state"] == "stale").then_some((status, ready))
         },
     )
     .await;
+    assert_eq!(stale.0, 200, "stale keys still serve: {}", stale.1);
+    assert_eq!(stale.1["admin_keys"]["store"], "redis");
+    assert!(stale.1["admin_keys"]["last_error"].is_string());
+    assert!(logs::captured().contains("keeping the last known keys"));
     for _ in 0..3 {
         assert_eq!(b.generate(&known).await.status(), 200, "B forgot a key");
     }
@@ -416,6 +419,8 @@ async fn a_replica_keeps_its_keys_while_redis_is_down_and_follows_again_after() 
     .await;
     await_status(&b, &fresh, 200, "B admits a key created after the restart").await;
     assert!(logs::captured().contains("admin keys readable again"));
+    let (_, ready) = b.readyz().await;
+    assert_eq!(ready["admin_keys"]["state"], "current", "{ready}");
     a.shutdown().await;
     b.shutdown().await;
     logs::assert_clean(&[&known, &fresh, TOKEN_ADMIN]);

@@ -61,6 +61,12 @@ redis.call('INCR', KEYS[2])
 return 1
 "#;
 
+/// KEYS: the hash, the counter. Answers the counter (0 when missing) and the hash's
+/// fields and values, read in one step so they belong together.
+const LOAD_SCRIPT: &str = r#"
+return {tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('HGETALL', KEYS[1])}
+"#;
+
 /// At most one fresh connection per this interval, however often calls fail.
 const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -68,6 +74,7 @@ pub struct RedisKeyStore {
     url: StoreUrl,
     connection: ArcSwap<SharedRedis>,
     script: Script,
+    load_script: Script,
     timeout: Duration,
     reopened: Mutex<Instant>,
 }
@@ -100,6 +107,7 @@ impl RedisKeyStore {
             url: url.clone(),
             connection: ArcSwap::from_pointee(connection),
             script: Script::new(SCRIPT),
+            load_script: Script::new(LOAD_SCRIPT),
             timeout,
             reopened: Mutex::new(Instant::now()),
         })
@@ -194,10 +202,15 @@ fn parse_records(fields: Vec<(String, String)>) -> Vec<StoredKey> {
 }
 
 impl KeyStore for RedisKeyStore {
-    fn list(&self) -> StoreFuture<'_, Vec<StoredKey>> {
+    fn load(&self) -> StoreFuture<'_, (u64, Vec<StoredKey>)> {
         Box::pin(async move {
-            let fields = self.query(redis::cmd("HGETALL").arg(KEYS_HASH)).await?;
-            Ok(parse_records(fields))
+            let mut connection = self.connection();
+            let mut invocation = self.load_script.prepare_invoke();
+            invocation.key(KEYS_HASH).key(VERSION_KEY);
+            let (version, fields): (u64, Vec<(String, String)>) = self
+                .bounded(async move { invocation.invoke_async(&mut connection).await })
+                .await?;
+            Ok((version, parse_records(fields)))
         })
     }
 
