@@ -209,6 +209,12 @@ fn quota_decision(c: &mut Criterion) {
         })
     });
     group.finish();
+    let (calls, decisions) = redis.batch_stats();
+    println!(
+        "coalescing over the whole bench: {decisions} decisions in {calls} script calls \
+         ({:.1} per call)",
+        decisions as f64 / calls.max(1) as f64
+    );
 }
 
 criterion_group! {

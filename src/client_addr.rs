@@ -97,18 +97,42 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
 /// or `unknown`) plus the peer, or just the peer.
 pub fn forwarded_for(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> HeaderValue {
     let peer = canonical_ip(peer);
+    if !is_trusted(peer, trusted) {
+        return peer_only(peer);
+    }
     let mut value = String::new();
-    if is_trusted(peer, trusted) {
-        for hop in claimed_chain(headers) {
-            match hop {
-                Some(ip) => value.push_str(&ip.to_string()),
-                None => value.push_str("unknown"),
-            }
-            value.push_str(", ");
+    for hop in claimed_chain(headers) {
+        match hop {
+            Some(ip) => value.push_str(&ip.to_string()),
+            None => value.push_str("unknown"),
         }
+        value.push_str(", ");
     }
     value.push_str(&peer.to_string());
     HeaderValue::from_str(&value).expect("addresses and commas are a valid header value")
+}
+
+thread_local! {
+    /// The last untrusted peer's `X-Forwarded-For` on this thread. Requests come in runs
+    /// from one address (a connection's, a load balancer's), and formatting the address
+    /// for each of them showed in profiles.
+    static LAST_PEER: std::cell::RefCell<Option<(IpAddr, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn peer_only(peer: IpAddr) -> HeaderValue {
+    LAST_PEER.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((ip, value)) if *ip == peer => value.clone(),
+            _ => {
+                let value = HeaderValue::from_str(&peer.to_string())
+                    .expect("an address is a valid header value");
+                *last = Some((peer, value.clone()));
+                value
+            }
+        }
+    })
 }
 
 #[cfg(test)]

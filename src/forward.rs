@@ -68,30 +68,45 @@ const CLIENT_CONTROLLED: [HeaderName; 22] = [
 
 /// Removes hop-by-hop headers and every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    strip(headers, false);
+}
+
+/// Removes what the client must not choose for the upstream (see [`CLIENT_CONTROLLED`])
+/// and anything in keygate's own `X-Keygate-*` namespace.
+pub fn strip_client_controlled(headers: &mut HeaderMap) {
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_client_controlled(name))
+        .cloned()
+        .collect();
+    for name in &doomed {
+        headers.remove(name);
+    }
+}
+
+fn is_client_controlled(name: &HeaderName) -> bool {
+    CLIENT_CONTROLLED.contains(name) || name.as_str().starts_with("x-keygate-")
+}
+
+/// One pass over the names a request has (a handful) instead of a removal per name that
+/// could be there (32): every removal hashes its name.
+fn strip(headers: &mut HeaderMap, client_controlled: bool) {
+    let mut doomed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
-}
-
-/// Removes what the client must not choose for the upstream (see [`CLIENT_CONTROLLED`])
-/// and anything in keygate's own `X-Keygate-*` namespace.
-pub fn strip_client_controlled(headers: &mut HeaderMap) {
-    for name in &CLIENT_CONTROLLED {
-        headers.remove(name);
-    }
-    let ours: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().starts_with("x-keygate-"))
-        .cloned()
-        .collect();
-    for name in ours {
+    doomed.extend(
+        headers
+            .keys()
+            .filter(|name| {
+                HOP_BY_HOP.contains(name) || (client_controlled && is_client_controlled(name))
+            })
+            .cloned(),
+    );
+    for name in &doomed {
         headers.remove(name);
     }
 }
@@ -254,8 +269,7 @@ pub fn rewrite_request_headers(
     forwarded_for: HeaderValue,
     request_id: &HeaderValue,
 ) {
-    strip_hop_by_hop(headers);
-    strip_client_controlled(headers);
+    strip(headers, true);
     headers.insert(crate::client_addr::X_FORWARDED_FOR, forwarded_for);
     headers.insert(X_REQUEST_ID, request_id.clone());
 }

@@ -200,6 +200,22 @@ impl KeySyncHealth {
     }
 }
 
+/// What the watched files hold now, one digest each (`None`: unreadable). The directories
+/// watched may hold busy neighbours (a usage log next to the config writes many times a
+/// second): only a change of these contents is worth a reload.
+fn fingerprint(config_path: Option<&Path>, gateway: &Gateway) -> Vec<Option<[u8; 32]>> {
+    config_path
+        .map(Path::to_path_buf)
+        .into_iter()
+        .chain(gateway.upstream_keys.files())
+        .map(|path| {
+            std::fs::read(path)
+                .ok()
+                .map(|bytes| crate::auth::sha256(&bytes))
+        })
+        .collect()
+}
+
 fn watched_dirs(config_path: Option<&Path>, gateway: &Gateway) -> BTreeSet<PathBuf> {
     let parent = |p: &Path| {
         let dir = p.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -259,6 +275,7 @@ async fn watch_files(
 
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut seen = fingerprint(config_path.as_deref(), &gateway);
     loop {
         #[cfg(unix)]
         let sighup = async {
@@ -276,10 +293,15 @@ async fn watch_files(
                 // Editors write in several steps: let the burst settle, then read once.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 while rx.try_recv().is_ok() {}
+                if fingerprint(config_path.as_deref(), &gateway) == seen {
+                    continue;
+                }
             }
             _ = sighup => tracing::info!("SIGHUP: reloading"),
             _ = shutdown.changed() => return,
         }
+        // Taken before reading: an edit landing meanwhile differs from it and is read next.
+        seen = fingerprint(config_path.as_deref(), &gateway);
         match &config_path {
             Some(path) => {
                 let _ = reload_config(&gateway, path);

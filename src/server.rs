@@ -274,9 +274,25 @@ fn reopen_usage_log_on_hangup(
     let _ = (gateway, tasks, shutdown);
 }
 
+/// Connections the kernel may hold for the accept loop. Tokio's default (1024) overflows
+/// when thousands of clients connect at once (slow image requests pile up), and each
+/// overflow costs the client a SYN retransmit, a second or more; the kernel caps this at
+/// `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 8192;
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    };
+    // SO_REUSEADDR as std's bind sets it: a restart can listen while old connections linger.
+    socket
+        .and_then(|socket| {
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            socket.listen(LISTEN_BACKLOG)
+        })
         .map_err(|source| StartError::Bind { addr, source })
 }
 

@@ -24,6 +24,9 @@ pub const QUEUE_CAPACITY: usize = 8192;
 
 /// Lines written between flushes when the queue never runs dry.
 const MAX_BATCH: usize = 1024;
+/// How long the writer lets lines gather once it has caught up; the queue holds far more
+/// than arrive meanwhile.
+const GATHER: Duration = Duration::from_millis(20);
 
 /// One request, exactly SPEC §5's fields; `null` where the request never got that far.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -276,11 +279,19 @@ impl Writer {
         while let Ok(first) = receiver.recv() {
             self.reopen_if_needed();
             self.write(first);
+            let mut written = 1;
             for next in receiver.try_iter().take(MAX_BATCH - 1) {
                 self.write(next);
+                written += 1;
             }
             if let Err(e) = self.out.flush() {
                 self.write_failed(&e);
+            }
+            if written < MAX_BATCH {
+                // Caught up: let lines gather instead of being woken for each one. A wake
+                // per request (a futex call on the request path, a write and an inotify
+                // event in the log's directory) cost more than the line itself.
+                std::thread::sleep(GATHER);
             }
         }
         let _ = self.out.flush();

@@ -415,3 +415,144 @@ async fn a_redis_clock_stepping_back_does_not_reopen_the_window() {
         "room when the 10:05:00 bucket leaves"
     );
 }
+
+/// Decisions of three replicas (stores) fired at once: each store coalesces what arrives
+/// while its call is in flight into one script call, and under excess demand exactly the
+/// limit is admitted, all-or-nothing over team and ceiling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_decisions_under_concurrency_stay_exact() {
+    let server = RedisServer::start();
+    let stores: Vec<Arc<RedisStore>> = (0..3)
+        .map(|_| {
+            Arc::new(redis_store(
+                &server,
+                Arc::new(OffsetClock::new()),
+                DayCalendar::utc(),
+            ))
+        })
+        .collect();
+    let ceiling = subject(SubjectKind::Upstream, "upstream", 70, 1000);
+    let teams = [
+        Arc::new([
+            subject(SubjectKind::Team, "design", 50, 1000),
+            ceiling.clone(),
+        ]),
+        Arc::new([subject(SubjectKind::Team, "research", 50, 1000), ceiling]),
+    ];
+    let mut tasks = Vec::new();
+    for (s, store) in stores.iter().enumerate() {
+        for i in 0..80 {
+            let store = store.clone();
+            let subjects = teams[(s + i) % 2].clone();
+            tasks.push(tokio::spawn(async move {
+                let decision = store.decide(&subjects[..]).await.unwrap();
+                (subjects[0].id.clone(), decision.admitted())
+            }));
+        }
+    }
+    let mut admitted = std::collections::HashMap::new();
+    for task in tasks {
+        let (team, yes) = task.await.unwrap();
+        *admitted.entry(team.to_string()).or_insert(0u64) += u64::from(yes);
+    }
+    let (design, research) = (admitted["design"], admitted["research"]);
+    assert_eq!(
+        design + research,
+        70,
+        "the ceiling admits exactly its limit"
+    );
+    assert!(design <= 50 && research <= 50, "{design} {research}");
+    let field = |key: &str, field: &str| -> u64 {
+        server
+            .cli(&["HGET", key, field])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(field("kg:q:{upstream}", "n"), 70);
+    assert_eq!(field("kg:q:{upstream}", "dn"), 70);
+    assert_eq!(
+        field("kg:q:{t:design}", "n"),
+        design,
+        "nothing charged on a refusal"
+    );
+    assert_eq!(field("kg:q:{t:research}", "dn"), research);
+    let (calls, decisions) = stores
+        .iter()
+        .map(|s| s.batch_stats())
+        .fold((0, 0), |(c, d), (c2, d2)| (c + c2, d + d2));
+    assert_eq!(decisions, 240);
+    assert!(
+        calls < decisions,
+        "{calls} calls for {decisions} decisions: nothing coalesced"
+    );
+}
+
+/// Redis stalls with a batch in flight and more decisions queued behind it: every one of
+/// them is answered by `store.on_error` once `store.timeout` passes (local: from this
+/// replica's memory; closed: an error), none waits for Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_call_times_out_follows_on_error_for_every_member() {
+    use keygate::config::{OnStoreError, StoreConfig};
+    use keygate::quota::failover::FailoverStore;
+    let server = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let team = Arc::new([subject(SubjectKind::Team, "design", 1000, 10_000)]);
+    let failover = |mode| {
+        let clock: Arc<dyn Clock> = Arc::new(OffsetClock::new());
+        let shared = Arc::new(redis_store(&server, clock.clone(), DayCalendar::utc()));
+        let settings = StoreConfig {
+            url: StoreUrl::Redis(server.url()),
+            on_error: mode,
+            timeout: std::time::Duration::from_millis(150),
+            expected_replicas: 1,
+        };
+        Arc::new(FailoverStore::new(
+            shared,
+            &settings,
+            clock,
+            DayCalendar::utc(),
+        ))
+    };
+    let local = failover(OnStoreError::Local);
+    let closed = failover(OnStoreError::Closed);
+    for store in [&local, &closed] {
+        assert!(
+            !store
+                .decide(&team[..])
+                .await
+                .unwrap()
+                .admission
+                .unwrap()
+                .local_fallback
+        );
+    }
+    let sleeper = server.sleep_in_background(2);
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for (mode, store) in [("local", &local), ("closed", &closed)] {
+        for _ in 0..20 {
+            let store = store.clone();
+            let team = team.clone();
+            tasks.push(tokio::spawn(async move {
+                (mode, store.decide(&team[..]).await)
+            }));
+        }
+    }
+    for task in tasks {
+        match task.await.unwrap() {
+            ("local", Ok(decision)) => {
+                assert!(decision.admission.expect("admitted locally").local_fallback);
+            }
+            ("closed", Err(_)) => {}
+            (mode, other) => panic!("{mode}: {other:?}"),
+        }
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "waited {:?} for a sleeping Redis",
+        started.elapsed()
+    );
+    assert!(local.health().is_degraded() && closed.health().is_degraded());
+    sleeper.join().unwrap();
+}

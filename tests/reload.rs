@@ -263,3 +263,33 @@ async fn a_key_the_upstream_refuses_sits_out_and_traffic_moves_to_the_next() {
     gateway.shutdown().await;
     logs::assert_clean(&[FILE_KEY_ONE, FILE_KEY_TWO]);
 }
+
+/// A busy neighbour in the config's directory (a usage log written many times a second)
+/// fires the directory watch but is not an edit: nothing is reloaded for it, and a real
+/// edit afterwards still is.
+#[tokio::test]
+async fn writes_next_to_the_config_do_not_reload_it() {
+    let upstream = MockUpstream::start().await;
+    let running = start_from_file(&upstream, "").await;
+    let gw = running.gateway.running.as_ref().unwrap().gateway.clone();
+    let applied_before = gw.reload_stats.applied.load(Ordering::Relaxed);
+    let neighbour = running.config_path.with_file_name("usage.log");
+    for i in 0..20 {
+        std::fs::write(&neighbour, format!("line {i}\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Past the watcher's 50 ms settling time.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        gw.reload_stats.applied.load(Ordering::Relaxed),
+        applied_before,
+        "a neighbour's writes reloaded the config"
+    );
+    let text = std::fs::read_to_string(&running.config_path).unwrap();
+    replace_file(&running.config_path, &(text + &new_key_stanza()));
+    let gateway = &running.gateway;
+    eventually("the added key works", || async {
+        gateway.generate(NEW_TOKEN).await.status() == 200
+    })
+    .await;
+}

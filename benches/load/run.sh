@@ -75,7 +75,9 @@ scope = "generate"
 [usage_log]
 path = "$work/$1-usage.log"
 EOF
+  # The allocator settings of deploy/systemd and deploy/docker.
   BENCH_UPSTREAM_KEY=sk-upstream-REAL-0123456789 KEYGATE_LOG=warn \
+    MIMALLOC_PURGE_DELAY=0 MIMALLOC_ARENA_EAGER_COMMIT=0 \
     "$bin" serve --config "$work/$1.toml" > "$work/$1.out" 2>&1 &
   echo $! > "$work/$1.pid"
   for _ in $(seq 100); do

@@ -2,11 +2,19 @@
 //! atomically inside Redis so N replicas on one Redis (or one Redis Cluster) never admit
 //! more than a limit, and under excess demand admit exactly the limit.
 //!
-//! # One script, one round trip
+//! # One script, less than one round trip
 //!
-//! A decision is one `EVALSHA` of `redis_quota.lua`: it reads every subject's rolling
-//! minute and calendar day, and either charges all of them or none. Redis runs a script
-//! alone, so concurrent decisions from any number of replicas are serialised there. The
+//! A decision is one decision of an `EVALSHA` of `redis_quota.lua`: it reads every subject's
+//! rolling minute and calendar day, and either charges all of them or none. Redis runs a
+//! script alone, so concurrent decisions from any number of replicas are serialised there.
+//!
+//! Decisions do not each pay a round trip: on a single Redis, decisions that arrive while
+//! a call is in flight wait and then go out together as one call (a [`Batcher`] per store).
+//! The script runs them one after the other, each seeing the charges of those before it, so
+//! the answers are those of as many calls in a row: exactly the limit is admitted under
+//! excess demand, never more. A batch only forms under load, so an idle gateway still sends
+//! each decision at once; a decision whose caller gave up (`store.timeout`) before its batch
+//! left is dropped from it rather than charged behind the caller's back. The
 //! script replicates `memory.rs` exactly: 61 one-second buckets (the current second and the
 //! 60 before it), refusal order (subject by subject, minute before day), `Retry-After` and
 //! the reset of each window. Refunds and `usage()` are the same script with another verb.
@@ -61,11 +69,12 @@
 //! gateway in-process (tests) can hand it an [`crate::clock::OffsetClock`]. With it, tests
 //! cross minute and day boundaries against a real Redis without sleeping.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use redis::{RedisError, Script};
+use redis::{RedisError, Script, ScriptInvocation};
+use tokio::sync::oneshot;
 
 use super::calendar::{CalendarDay, DayCalendar};
 use super::window::ceil_secs;
@@ -83,11 +92,20 @@ const SCRIPT: &str = include_str!("redis_quota.lua");
 /// replica whose clock is off near midnight, once more if midnight passes in between.
 const DAY_ATTEMPTS: usize = 3;
 
+/// Batch calls in flight at once per store: one, so every decision that arrives meanwhile
+/// joins the next call.
+const CALLS_IN_FLIGHT: usize = 1;
+/// Most decisions in one call: bounds how long one script holds Redis (~5 µs each).
+const MAX_BATCH: usize = 128;
+
 pub struct RedisStore {
     url: StoreUrl,
-    connection: ArcSwap<SharedRedis>,
+    connection: Arc<ArcSwap<SharedRedis>>,
     cluster: bool,
     script: Arc<Script>,
+    /// Coalesces decisions on a single Redis; `None` on Cluster, where a call may only touch
+    /// one slot.
+    batcher: Option<Arc<Batcher>>,
     clock: Arc<dyn Clock>,
     calendar: DayCalendar,
     /// Redis's time minus this replica's, learned from every answer.
@@ -143,11 +161,24 @@ impl RedisStore {
     ) -> Result<Self, String> {
         let connection =
             SharedRedis::open(url)?.ok_or_else(|| "memory:// is not a Redis URL".to_string())?;
+        let cluster = connection.is_cluster();
+        let connection = Arc::new(ArcSwap::from_pointee(connection));
+        let script = Arc::new(Script::new(SCRIPT));
+        let batcher = (!cluster).then(|| {
+            Arc::new(Batcher {
+                connection: connection.clone(),
+                script: script.clone(),
+                state: Mutex::new(BatchState::default()),
+                calls: AtomicU64::new(0),
+                decisions: AtomicU64::new(0),
+            })
+        });
         Ok(Self {
             url: url.clone(),
-            cluster: connection.is_cluster(),
-            connection: ArcSwap::from_pointee(connection),
-            script: Arc::new(Script::new(SCRIPT)),
+            cluster,
+            connection,
+            script,
+            batcher,
             clock,
             calendar,
             skew_ms: AtomicI64::new(0),
@@ -157,6 +188,17 @@ impl RedisStore {
 
     fn connection(&self) -> SharedRedis {
         SharedRedis::clone(&self.connection.load())
+    }
+
+    /// Script calls that carried decisions, and the decisions they carried, since the store
+    /// opened (coalescing on a single Redis; both stay 0 on Cluster).
+    pub fn batch_stats(&self) -> (u64, u64) {
+        self.batcher.as_ref().map_or((0, 0), |b| {
+            (
+                b.calls.load(Ordering::Relaxed),
+                b.decisions.load(Ordering::Relaxed),
+            )
+        })
     }
 
     /// The day at Redis's time as far as this replica knows it.
@@ -205,27 +247,35 @@ impl RedisStore {
         all: &[Subject],
     ) -> Result<Answer, StoreError> {
         let keys: Vec<String> = group.iter().map(|(_, s)| redis_key(s, all)).collect();
+        let limits: Vec<(u64, u64)> = group
+            .iter()
+            .map(|(_, s)| (s.limits.rpm, s.limits.rpd))
+            .collect();
         let offset = self.clock.offset_from_wall_ms();
         let mut day = self.expected_day();
         for _ in 0..DAY_ATTEMPTS {
-            let mut invocation = self.script.prepare_invoke();
-            for key in &keys {
-                invocation.key(key);
-            }
-            invocation
-                .arg(verb.as_str())
-                .arg(offset)
-                .arg(day.id)
-                .arg(day.start_ms)
-                .arg(day.end_ms);
-            for (_, subject) in group {
-                invocation.arg(subject.limits.rpm).arg(subject.limits.rpd);
-            }
-            let mut connection = self.connection();
-            let raw: Vec<i64> = invocation
-                .invoke_async(&mut connection)
-                .await
-                .map_err(store_error)?;
+            let raw = match (&self.batcher, verb) {
+                (Some(batcher), Verb::Decide) => {
+                    batcher
+                        .submit(keys.clone(), limits.clone(), offset, day)
+                        .await?
+                }
+                _ => {
+                    let mut invocation = self.script.prepare_invoke();
+                    for key in &keys {
+                        invocation.key(key);
+                    }
+                    invocation.arg(verb.as_str()).arg(1);
+                    add_decision(&mut invocation, offset, day, 1..=keys.len(), &limits);
+                    let mut connection = self.connection();
+                    let text: Vec<u8> = invocation
+                        .invoke_async(&mut connection)
+                        .await
+                        .map_err(store_error)?;
+                    let mut answers = parse_answers(&text, 1)?;
+                    answers.swap_remove(0)
+                }
+            };
             let (&status, rest) = raw
                 .split_first()
                 .ok_or_else(|| StoreError::Protocol("empty script answer".into()))?;
@@ -340,6 +390,193 @@ impl RedisStore {
             });
         }
     }
+}
+
+/// Appends one decision to a script call: its clock offset and day, then each subject's
+/// index in KEYS (1-based) with its limits.
+fn add_decision(
+    invocation: &mut ScriptInvocation,
+    offset: i64,
+    day: CalendarDay,
+    key_indexes: impl IntoIterator<Item = usize>,
+    limits: &[(u64, u64)],
+) {
+    invocation
+        .arg(offset)
+        .arg(day.id)
+        .arg(day.start_ms)
+        .arg(day.end_ms)
+        .arg(limits.len());
+    for (index, (rpm, rpd)) in key_indexes.into_iter().zip(limits) {
+        invocation.arg(index).arg(rpm).arg(rpd);
+    }
+}
+
+/// One decision waiting for a call.
+struct Job {
+    keys: Vec<String>,
+    limits: Vec<(u64, u64)>,
+    offset: i64,
+    day: CalendarDay,
+    reply: oneshot::Sender<Result<Vec<i64>, StoreError>>,
+}
+
+#[derive(Default)]
+struct BatchState {
+    queue: Vec<Job>,
+    calls_in_flight: usize,
+}
+
+impl BatchState {
+    fn take(&mut self) -> Vec<Job> {
+        let n = self.queue.len().min(MAX_BATCH);
+        self.queue.drain(..n).collect()
+    }
+}
+
+/// Coalesces the decisions of one store: while a call is in flight, new decisions queue and
+/// then leave together as one script call. The call runs in its own task, so a caller that
+/// stops waiting (`store.timeout`) never strands the decisions queued behind it.
+struct Batcher {
+    connection: Arc<ArcSwap<SharedRedis>>,
+    script: Arc<Script>,
+    state: Mutex<BatchState>,
+    calls: AtomicU64,
+    decisions: AtomicU64,
+}
+
+impl Batcher {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BatchState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a decision and waits for its raw script answer.
+    async fn submit(
+        self: &Arc<Self>,
+        keys: Vec<String>,
+        limits: Vec<(u64, u64)>,
+        offset: i64,
+        day: CalendarDay,
+    ) -> Result<Vec<i64>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            keys,
+            limits,
+            offset,
+            day,
+            reply,
+        };
+        let start = {
+            let mut state = self.lock();
+            state.queue.push(job);
+            if state.calls_in_flight < CALLS_IN_FLIGHT {
+                state.calls_in_flight += 1;
+                Some(state.take())
+            } else {
+                None
+            }
+        };
+        if let Some(jobs) = start {
+            tokio::spawn(self.clone().drive(jobs));
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(StoreError::Unreachable(
+                "the decision's batch call ended without an answer".into(),
+            ))
+        })
+    }
+
+    /// Sends batches until the queue is empty.
+    async fn drive(self: Arc<Self>, mut jobs: Vec<Job>) {
+        loop {
+            // A caller that gave up has already decided by `store.on_error`: charging it in
+            // Redis too would count a request twice.
+            jobs.retain(|job| !job.reply.is_closed());
+            if !jobs.is_empty() {
+                self.calls.fetch_add(1, Ordering::Relaxed);
+                self.decisions
+                    .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+                match self.call(&jobs).await {
+                    Ok(answers) => {
+                        for (job, answer) in jobs.drain(..).zip(answers) {
+                            let _ = job.reply.send(Ok(answer));
+                        }
+                    }
+                    Err(error) => {
+                        for job in jobs.drain(..) {
+                            let _ = job.reply.send(Err(error.clone()));
+                        }
+                    }
+                }
+            }
+            let mut state = self.lock();
+            if state.queue.is_empty() {
+                state.calls_in_flight -= 1;
+                return;
+            }
+            jobs = state.take();
+        }
+    }
+
+    /// One script call for every decision in `jobs`, keys shared between them sent once.
+    async fn call(&self, jobs: &[Job]) -> Result<Vec<Vec<i64>>, StoreError> {
+        let mut invocation = self.script.prepare_invoke();
+        let mut indexes: hashbrown::HashMap<&str, usize> = hashbrown::HashMap::new();
+        let mut job_indexes: Vec<usize> = Vec::with_capacity(jobs.len() * 2);
+        for job in jobs {
+            for key in &job.keys {
+                let next = indexes.len() + 1;
+                let index = *indexes.entry(key.as_str()).or_insert_with(|| {
+                    invocation.key(key);
+                    next
+                });
+                job_indexes.push(index);
+            }
+        }
+        invocation.arg(Verb::Decide.as_str()).arg(jobs.len());
+        let mut at = 0;
+        for job in jobs {
+            let indexes = job_indexes[at..at + job.keys.len()].iter().copied();
+            add_decision(&mut invocation, job.offset, job.day, indexes, &job.limits);
+            at += job.keys.len();
+        }
+        let mut connection = SharedRedis::clone(&self.connection.load());
+        let text: Vec<u8> = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(store_error)?;
+        parse_answers(&text, jobs.len())
+    }
+}
+
+/// Splits the script's answer (`;` between decisions, `,` between integers) into
+/// `expected` decisions.
+fn parse_answers(text: &[u8], expected: usize) -> Result<Vec<Vec<i64>>, StoreError> {
+    let malformed = || {
+        StoreError::Protocol(format!(
+            "unexpected script answer {:?}",
+            String::from_utf8_lossy(text)
+        ))
+    };
+    let text = std::str::from_utf8(text).map_err(|_| malformed())?;
+    let answers = text
+        .split(';')
+        .map(|answer| {
+            answer
+                .split(',')
+                .map(|n| n.parse::<i64>())
+                .collect::<Result<Vec<i64>, _>>()
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| malformed())?;
+    if answers.len() != expected {
+        return Err(StoreError::Protocol(format!(
+            "{} answers to {} decisions",
+            answers.len(),
+            expected
+        )));
+    }
+    Ok(answers)
 }
 
 async fn refund_keys(

@@ -1,6 +1,6 @@
--- keygate quota windows, one atomic call per decision (the design is in src/quota/redis.rs).
--- The semantics are src/quota/memory.rs and src/quota/window.rs; tests/redis_store.rs checks
--- that both stores give the same answers.
+-- keygate quota windows: every decision atomic, several decisions per call (the design is in
+-- src/quota/redis.rs). The semantics are src/quota/memory.rs and src/quota/window.rs;
+-- tests/redis_store.rs checks that both stores give the same answers.
 --
 -- KEYS: one hash per subject. Fields:
 --   "<unix second>"  requests charged in that second (present only while > 0)
@@ -13,23 +13,30 @@
 -- O(1) per decision, plus the buckets that left the window since the last one.
 --
 -- ARGV[1] = "decide" | "usage" | "refund"
--- ARGV[2] = milliseconds added to the server's TIME: always 0 in production (see
---           Clock::offset_from_wall_ms); tests move the windows with it.
--- decide, usage: ARGV[3] day id, ARGV[4] day start ms, ARGV[5] day end ms (the calendar day
---           in quotas.day_tz that the caller believes is current), then rpm, rpd per key.
--- refund:   ARGV[3] second, ARGV[4] day id of the admission.
+-- decide, usage: ARGV[2] = the number of decisions in this call, then per decision:
+--   offset (milliseconds added to the server's TIME: always 0 in production, see
+--   Clock::offset_from_wall_ms; tests move the windows with it), day id, day start ms, day
+--   end ms (the calendar day in quotas.day_tz that the caller believes is current), the
+--   number of subjects, then per subject: its index in KEYS, rpm, rpd.
+-- refund: KEYS the hashes charged, ARGV[2] unused (offset), ARGV[3] second, ARGV[4] day id.
 --
--- decide/usage answer {status, now_ms, retry_ms, denied_index, denied_window,
---   then per key: minute_used, minute_reset_ms, day_used}
+-- decide/usage answer one string: the decisions in order, separated by ';', each the
+--   comma-separated integers status, now_ms, retry_ms, denied_index, denied_window, then
+--   per subject: minute_used, minute_reset_ms, day_used. One string rather than nested
+--   arrays: parsing a reply value costs the client far more than a byte of it. (Lua
+--   writes numbers with 14 significant digits: every value here, milliseconds since 1970
+--   included, is an integer below 10^14, so exact.)
 --   status 1 = admitted and charged, 0 = refused (nothing charged), 2 = usage only,
 --   -1 = the day sent is not the day at the server's time: {-1, now_ms}, ask again.
 --   denied_window 1 = minute, 2 = day.
+-- Decisions of one call run in order, each seeing the charges of those before it: the same
+-- answers as that many calls in a row, for one round trip.
 
 local BUCKETS = 61
 
 local op = ARGV[1]
 local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local function range(first, last)
   local fields = {}
@@ -90,143 +97,188 @@ if op == 'refund' then
   return 1
 end
 
-local day_id = ARGV[3]
-local day_start = tonumber(ARGV[4])
-local day_end = tonumber(ARGV[5])
-local count = #KEYS
+-- decide/usage: every decision of the batch in turn, exactly as if each were its own call
+-- made at the same instant; the state of a hash is read once and written back once.
+local decisions = tonumber(ARGV[2])
+local base_ms = now_ms
+local cache = {}
 
--- Read every subject first: time never goes back for counters that have seen a later
--- second (a server clock stepped back must not reopen a window).
-local now_s = math.floor(now_ms / 1000)
-local state = {}
-for i = 1, count do
-  local f = redis.call('HMGET', KEYS[i], 'e', 'n', 'o', 'd', 'dn')
-  local e = tonumber(f[1])
-  state[i] = { e = e, n = tonumber(f[2]) or 0, o = tonumber(f[3]), d = f[4], dn = tonumber(f[5]) or 0 }
-  if e and e + BUCKETS > now_s then
-    now_s = e + BUCKETS
-    now_ms = now_s * 1000
+local function load(key)
+  local s = cache[key]
+  if not s then
+    local f = redis.call('HMGET', key, 'e', 'n', 'o', 'd', 'dn')
+    s = { e = tonumber(f[1]), n = tonumber(f[2]) or 0, o = tonumber(f[3]), d = f[4], dn = tonumber(f[5]) or 0,
+      dirty = false, ttl = nil }
+    cache[key] = s
   end
+  return s
 end
 
-if now_ms < day_start or now_ms >= day_end then
-  return { -1, now_ms }
-end
+-- One decision: `keys` its hashes, `limits` rpm/rpd pairs per key. Returns its answer.
+local function decide_one(keys, limits, offset, day_id, day_start, day_end)
+  local count = #keys
+  local now_ms = base_ms + offset
+  -- Time never goes back for counters that have seen a later second (a server clock
+  -- stepped back must not reopen a window).
+  local now_s = math.floor(now_ms / 1000)
+  local state = {}
+  for i = 1, count do
+    local s = load(keys[i])
+    state[i] = s
+    if s.e and s.e + BUCKETS > now_s then
+      now_s = s.e + BUCKETS
+      now_ms = now_s * 1000
+    end
+  end
 
--- The window is the current second and the 60 before it: buckets up to `target` left it.
-local target = now_s - BUCKETS
-for i = 1, count do
-  local s = state[i]
-  if s.e and s.e < target then
-    if s.n > 0 then
-      local o = s.o or (s.e + 1)
-      if o <= target then
-        local dead = range(o, math.min(target, s.e + BUCKETS))
-        local values = redis.call('HMGET', KEYS[i], unpack(dead))
-        local gone = 0
-        for j = 1, #values do
-          gone = gone + (tonumber(values[j]) or 0)
-        end
-        redis.call('HDEL', KEYS[i], unpack(dead))
-        s.n = math.max(s.n - gone, 0)
-        if s.n > 0 then
-          s.o = oldest_in(KEYS[i], target + 1, s.e + BUCKETS)
-          if not s.o then
-            s.n = 0
+  if now_ms < day_start or now_ms >= day_end then
+    return { -1, now_ms }
+  end
+
+  -- The window is the current second and the 60 before it: buckets up to `target` left it.
+  local target = now_s - BUCKETS
+  for i = 1, count do
+    local s = state[i]
+    if s.e and s.e < target then
+      if s.n > 0 then
+        local o = s.o or (s.e + 1)
+        if o <= target then
+          local dead = range(o, math.min(target, s.e + BUCKETS))
+          local values = redis.call('HMGET', keys[i], unpack(dead))
+          local gone = 0
+          for j = 1, #values do
+            gone = gone + (tonumber(values[j]) or 0)
+          end
+          redis.call('HDEL', keys[i], unpack(dead))
+          s.n = math.max(s.n - gone, 0)
+          if s.n > 0 then
+            s.o = oldest_in(keys[i], target + 1, s.e + BUCKETS)
+            if not s.o then
+              s.n = 0
+            end
           end
         end
       end
-    end
-    s.e = target
-    s.moved = true
-  end
-end
-
--- Bucket `second` stops counting at the start of second + 61.
-local function expiry_ms(second)
-  return (second + BUCKETS) * 1000 - now_ms
-end
-
--- How long until fewer than `rpm` requests are in the window.
-local function room_ms(key, s, rpm)
-  local oldest = tonumber(redis.call('HGET', key, tostring(s.o))) or 0
-  if s.n - oldest < rpm then
-    return expiry_ms(s.o)
-  end
-  local used = s.n
-  local values = redis.call('HMGET', key, unpack(range(s.o, now_s)))
-  for j = 1, #values do
-    local c = tonumber(values[j]) or 0
-    used = used - c
-    if c > 0 and used < rpm then
-      return expiry_ms(s.o + j - 1)
+      -- Evictions made by a refusal or a usage read are kept, so the next call starts there.
+      s.e = target
+      s.dirty = true
     end
   end
-  return BUCKETS * 1000
-end
 
-local denied_index, denied_window, retry_ms = 0, 0, 0
-for i = 1, count do
-  local s = state[i]
-  local rpm = tonumber(ARGV[4 + 2 * i])
-  local rpd = tonumber(ARGV[5 + 2 * i])
-  if s.d ~= day_id then
-    s.dn = 0
+  -- Bucket `second` stops counting at the start of second + 61.
+  local function expiry_ms(second)
+    return (second + BUCKETS) * 1000 - now_ms
   end
-  if s.n >= rpm then
-    if denied_index == 0 then
-      denied_index, denied_window = i, 1
-    end
-    retry_ms = math.max(retry_ms, room_ms(KEYS[i], s, rpm))
-  end
-  if s.dn >= rpd then
-    if denied_index == 0 then
-      denied_index, denied_window = i, 2
-    end
-    retry_ms = math.max(retry_ms, day_end - now_ms)
-  end
-end
 
-local status = 2
-if op == 'decide' then
-  status = 0
-  if denied_index == 0 then
-    status = 1
-    local second = tostring(now_s)
-    -- The hash must outlive the day counter (until the day ends) and the newest bucket.
-    local ttl = math.max(day_end - now_ms, BUCKETS * 1000) + 60000
-    for i = 1, count do
-      local s = state[i]
-      redis.call('HINCRBY', KEYS[i], second, 1)
-      if s.n == 0 then
-        s.o = now_s
+  -- How long until fewer than `rpm` requests are in the window.
+  local function room_ms(key, s, rpm)
+    local oldest = tonumber(redis.call('HGET', key, tostring(s.o))) or 0
+    if s.n - oldest < rpm then
+      return expiry_ms(s.o)
+    end
+    local used = s.n
+    local values = redis.call('HMGET', key, unpack(range(s.o, now_s)))
+    for j = 1, #values do
+      local c = tonumber(values[j]) or 0
+      used = used - c
+      if c > 0 and used < rpm then
+        return expiry_ms(s.o + j - 1)
       end
-      s.n = s.n + 1
-      s.dn = s.dn + 1
-      redis.call('HSET', KEYS[i], 'e', tostring(target), 'n', tostring(s.n), 'o', tostring(s.o),
-        'd', day_id, 'dn', tostring(s.dn))
-      redis.call('PEXPIRE', KEYS[i], ttl)
-      s.moved = false
+    end
+    return BUCKETS * 1000
+  end
+
+  local denied_index, denied_window, retry_ms = 0, 0, 0
+  local dn = {}
+  for i = 1, count do
+    local s = state[i]
+    local rpm = limits[2 * i - 1]
+    local rpd = limits[2 * i]
+    dn[i] = s.dn
+    if s.d ~= day_id then
+      dn[i] = 0
+    end
+    if s.n >= rpm then
+      if denied_index == 0 then
+        denied_index, denied_window = i, 1
+      end
+      retry_ms = math.max(retry_ms, room_ms(keys[i], s, rpm))
+    end
+    if dn[i] >= rpd then
+      if denied_index == 0 then
+        denied_index, denied_window = i, 2
+      end
+      retry_ms = math.max(retry_ms, day_end - now_ms)
+    end
+  end
+
+  local status = 2
+  if op == 'decide' then
+    status = 0
+    if denied_index == 0 then
+      status = 1
+      local second = tostring(now_s)
+      -- The hash must outlive the day counter (until the day ends) and the newest bucket.
+      local ttl = math.max(day_end - now_ms, BUCKETS * 1000) + 60000
+      for i = 1, count do
+        local s = state[i]
+        redis.call('HINCRBY', keys[i], second, 1)
+        if s.n == 0 then
+          s.o = now_s
+        end
+        s.n = s.n + 1
+        dn[i] = dn[i] + 1
+        s.dn = dn[i]
+        s.d = day_id
+        s.e = target
+        s.dirty = true
+        s.ttl = ttl
+      end
+    end
+  end
+
+  local answer = { status, now_ms, retry_ms, denied_index, denied_window }
+  for i = 1, count do
+    local s = state[i]
+    local reset = 60000
+    if s.n > 0 then
+      reset = expiry_ms(s.o)
+    end
+    answer[#answer + 1] = s.n
+    answer[#answer + 1] = reset
+    answer[#answer + 1] = dn[i]
+  end
+  return answer
+end
+
+local answers = {}
+local at = 3
+for _ = 1, decisions do
+  local offset = tonumber(ARGV[at])
+  local day_id = ARGV[at + 1]
+  local day_start = tonumber(ARGV[at + 2])
+  local day_end = tonumber(ARGV[at + 3])
+  local count = tonumber(ARGV[at + 4])
+  at = at + 5
+  local keys, limits = {}, {}
+  for i = 1, count do
+    keys[i] = KEYS[tonumber(ARGV[at])]
+    limits[2 * i - 1] = tonumber(ARGV[at + 1])
+    limits[2 * i] = tonumber(ARGV[at + 2])
+    at = at + 3
+  end
+  answers[#answers + 1] = table.concat(decide_one(keys, limits, offset, day_id, day_start, day_end), ',')
+end
+
+for key, s in pairs(cache) do
+  if s.dirty then
+    if s.ttl then
+      redis.call('HSET', key, 'e', tostring(s.e), 'n', tostring(s.n), 'o', tostring(s.o),
+        'd', s.d, 'dn', tostring(s.dn))
+      redis.call('PEXPIRE', key, s.ttl)
+    else
+      redis.call('HSET', key, 'e', tostring(s.e), 'n', tostring(s.n), 'o', tostring(s.o or s.e))
     end
   end
 end
--- Evictions made by a refusal or a usage read are kept, so the next call starts there.
-for i = 1, count do
-  local s = state[i]
-  if s.moved then
-    redis.call('HSET', KEYS[i], 'e', tostring(s.e), 'n', tostring(s.n), 'o', tostring(s.o or s.e))
-  end
-end
-
-local answer = { status, now_ms, retry_ms, denied_index, denied_window }
-for i = 1, count do
-  local s = state[i]
-  local reset = 60000
-  if s.n > 0 then
-    reset = expiry_ms(s.o)
-  end
-  answer[#answer + 1] = s.n
-  answer[#answer + 1] = reset
-  answer[#answer + 1] = s.dn
-end
-return answer
+return table.concat(answers, ';')
