@@ -68,8 +68,16 @@ for _ in $(seq 600); do
   curl -fsS "http://127.0.0.1:$kg_admin/readyz" >/dev/null 2>&1 && break
   sleep 0.2
 done
+# wrk's thread:stop() does not always end wrk: stop it once the usage log shows n requests.
 WRK_AUTH="Bearer kg_team_alpha_secret_token_0001" N=$n \
-  wrk -t1 -c"$conns" -d600s -s "$here/post-n.lua" "http://127.0.0.1:$kg/v1/text-to-image" | grep -E 'requests in|Non-2xx' || true
+  wrk -t1 -c"$conns" -d600s -s "$here/post-n.lua" "http://127.0.0.1:$kg/v1/text-to-image" > "$work/wrk.out" &
+wrk_pid=$!
+while kill -0 "$wrk_pid" 2>/dev/null && [ "$(wc -l < "$work/usage.log" 2>/dev/null || echo 0)" -lt "$n" ]; do
+  sleep 0.5
+done
+kill "$wrk_pid" 2>/dev/null || true
+wait "$wrk_pid" 2>/dev/null || true
+echo "# requests logged: $(wc -l < "$work/usage.log")"
 kill -INT "$(cat "$work/keygate.pid")"
 for _ in $(seq 100); do kill -0 "$(cat "$work/keygate.pid")" 2>/dev/null || break; sleep 0.2; done
 rm -f "$work/keygate.pid"

@@ -7,6 +7,8 @@
 #
 # Usage: benches/load/run.sh [seconds] [rounds]      (defaults: 8 s, 2 rounds)
 # Env:   KEYGATE_BIN   the binary (default: $CARGO_TARGET_DIR/release/keygate, built if missing)
+#        KEYGATE_BIN_B another keygate binary (e.g. main's, before a change) loaded in the
+#                      same rounds as "keygate-b": a before/after comparison from one run
 #        INFLIGHT      connections for the in-flight test (default 5000; 0 skips it)
 #        PORT_BASE     first of the ports used (default 28080; the shared harness uses 18xxx)
 # Needs: nginx libnginx-mod-http-lua lua-nginx-redis wrk redis-server (Debian packages).
@@ -18,6 +20,7 @@ conns=64
 inflight=${INFLIGHT:-5000}
 base=${PORT_BASE:-28080}
 up=$base; swap=$((base + 1)); lua=$((base + 2)); kg=$((base + 3)); kg_admin=$((base + 4))
+kg_b=$((base + 5)); kg_b_admin=$((base + 6))
 slow=$((base + 10)); swap_slow=$((base + 11)); kg_slow=$((base + 13)); kg_slow_admin=$((base + 14))
 redis_lua=$((base + 20)); redis_kg=$((base + 21))
 bin=${KEYGATE_BIN:-${CARGO_TARGET_DIR:-$repo/target}/release/keygate}
@@ -44,7 +47,7 @@ nginx_up() { # conf
     -e "s#SLOWSECS#2#g" "$here/$1.conf" > "$work/$1.conf"
   nginx -c "$work/$1.conf" -p "$work" -e "$work/$1.err"
 }
-keygate_up() { # name listen admin upstream_port
+keygate_up() { # name listen admin upstream_port [binary]
   cat > "$work/$1.toml" <<EOF
 [server]
 listen = "127.0.0.1:$2"
@@ -78,7 +81,7 @@ EOF
   # The allocator settings of deploy/systemd and deploy/docker.
   BENCH_UPSTREAM_KEY=sk-upstream-REAL-0123456789 KEYGATE_LOG=warn \
     MIMALLOC_PURGE_DELAY=0 MIMALLOC_ARENA_EAGER_COMMIT=0 \
-    "$bin" serve --config "$work/$1.toml" > "$work/$1.out" 2>&1 &
+    "${5:-$bin}" serve --config "$work/$1.toml" > "$work/$1.out" 2>&1 &
   echo $! > "$work/$1.pid"
   for _ in $(seq 100); do
     curl -fsS "http://127.0.0.1:$3/readyz" >/dev/null 2>&1 && return
@@ -91,8 +94,13 @@ hwm_kb() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 redis_up "$redis_lua"; redis_up "$redis_kg"
 for c in upstream nginx-swap nginx-lua-redis; do nginx_up "$c"; done
 keygate_up keygate "$kg" "$kg_admin" "$up"
+targets="direct:$up nginx-swap:$swap nginx-lua-redis:$lua keygate:$kg"
+if [ -n "${KEYGATE_BIN_B:-}" ]; then
+  keygate_up keygate-b "$kg_b" "$kg_b_admin" "$up" "$KEYGATE_BIN_B"
+  targets="$targets keygate-b:$kg_b"
+fi
 alpha="Bearer kg_team_alpha_secret_token_0001"
-for port in $swap $lua $kg; do
+for port in $swap $lua $kg ${KEYGATE_BIN_B:+$kg_b}; do
   curl -fsS -X POST -H "Authorization: $alpha" "http://127.0.0.1:$port/v1/text-to-image" >/dev/null
 done
 
@@ -101,10 +109,10 @@ echo "# wrk -t1 -c$conns -d${secs}s, POST text-to-image (post.lua), $rounds roun
 declare -A sum_rps
 results="$work/results"
 for r in $(seq 1 "$rounds"); do
-  for t in direct:$up nginx-swap:$swap nginx-lua-redis:$lua keygate:$kg; do
+  for t in $targets; do
     name=${t%%:*}; port=${t##*:}
     auth=$alpha; [ "$name" = direct ] && auth="Bearer sk-upstream-REAL-0123456789"
-    [ "$name" = keygate ] && redis-cli -p "$redis_kg" CONFIG RESETSTAT >/dev/null
+    case $name in keygate*) redis-cli -p "$redis_kg" CONFIG RESETSTAT >/dev/null ;; esac
     out=$(WRK_AUTH="$auth" wrk -t1 -c$conns -d"${secs}s" --latency -s "$here/post.lua" \
       "http://127.0.0.1:$port/v1/text-to-image")
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
@@ -112,7 +120,7 @@ for r in $(seq 1 "$rounds"); do
     p50=$(echo "$out" | awk '$1=="50%" {print $2}'); p99=$(echo "$out" | awk '$1=="99%" {print $2}')
     non2xx=$(echo "$out" | awk '/Non-2xx/ {print $5}'); errs=$(echo "$out" | awk '/Socket errors/ {print $0}')
     extra=""
-    if [ "$name" = keygate ]; then
+    if [ "$name" != "${name#keygate}" ]; then
       stats=$(redis-cli -p "$redis_kg" INFO commandstats | tr -d '\r')
       evalsha=$(echo "$stats" | awk -F'[:=,]' '/^cmdstat_evalsha:/ {print $3}')
       all=$(echo "$stats" | awk -F'[:=,]' '/^cmdstat_/ && !/cmdstat_(info|config)/ {s+=$3} END {print s+0}')
@@ -134,22 +142,31 @@ awk '
     printf "keygate / nginx-swap      = %.2f (goal >= 1.0)\n", k / (rps["nginx-swap"] / n["nginx-swap"])
     printf "keygate / nginx-lua-redis = %.2f (goal >= 2.5)\n", k / (rps["nginx-lua-redis"] / n["nginx-lua-redis"])
     printf "p99 keygate %.2f ms vs nginx-swap %.2f ms\n", p99["keygate"], p99["nginx-swap"]
+    if (n["keygate-b"]) {
+      b = rps["keygate-b"] / n["keygate-b"]
+      printf "keygate-b / nginx-swap    = %.2f, keygate-b / nginx-lua-redis = %.2f, keygate / keygate-b = %.2f\n", b / (rps["nginx-swap"] / n["nginx-swap"]), b / (rps["nginx-lua-redis"] / n["nginx-lua-redis"]), k / b
+    }
   }' "$results"
 echo "# keygate peak RSS after the throughput rounds: $(( $(hwm_kb "$(cat "$work/keygate.pid")") / 1024 )) MB"
 
 if [ "$inflight" -gt 0 ]; then
   nginx_up upstream-slow; nginx_up nginx-swap-slow
   keygate_up keygate-slow "$kg_slow" "$kg_slow_admin" "$slow"
+  slow_targets="nginx-swap:$swap_slow keygate:$kg_slow"
+  if [ -n "${KEYGATE_BIN_B:-}" ]; then
+    keygate_up keygate-b-slow $((base + 15)) $((base + 16)) "$slow" "$KEYGATE_BIN_B"
+    slow_targets="$slow_targets keygate-b:$((base + 15))"
+  fi
   echo "# in flight: wrk -t1 -c$inflight -d10s --timeout 10s, upstream answers after 2 s (fd hard limit $(ulimit -Hn))"
-  for t in nginx-swap:$swap_slow keygate:$kg_slow; do
+  for t in $slow_targets; do
     name=${t%%:*}; port=${t##*:}
     out=$(WRK_AUTH="$alpha" wrk -t1 -c"$inflight" -d10s --timeout 10s --latency -s "$here/post.lua" \
       "http://127.0.0.1:$port/v1/text-to-image")
     total=$(echo "$out" | awk '/requests in/ {print $1}')
     p99=$(echo "$out" | awk '$1=="99%" {print $2}')
     non2xx=$(echo "$out" | awk '/Non-2xx/ {print $5}'); errs=$(echo "$out" | awk '/Socket errors/ {print $0}')
-    if [ "$name" = keygate ]; then
-      rss="keygate VmHWM $(( $(hwm_kb "$(cat "$work/keygate-slow.pid")") / 1024 )) MB"
+    if [ "$name" != "${name#keygate}" ]; then
+      rss="$name VmHWM $(( $(hwm_kb "$(cat "$work/$name-slow.pid")") / 1024 )) MB"
     else
       rss="nginx workers VmHWM:"
       for w in $(pgrep -P "$(cat "$work/swap-slow.pid")"); do rss="$rss $(( $(hwm_kb "$w") / 1024 )) MB"; done

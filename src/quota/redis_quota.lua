@@ -98,7 +98,9 @@ if op == 'refund' then
 end
 
 -- decide/usage: every decision of the batch in turn, exactly as if each were its own call
--- made at the same instant; the state of a hash is read once and written back once.
+-- made at the same instant; the state of a hash is read once and written back once, and
+-- its bucket increments are added up and written once (each redis.call costs more than the
+-- Lua of a whole decision).
 local decisions = tonumber(ARGV[2])
 local base_ms = now_ms
 local cache = {}
@@ -108,10 +110,21 @@ local function load(key)
   if not s then
     local f = redis.call('HMGET', key, 'e', 'n', 'o', 'd', 'dn')
     s = { e = tonumber(f[1]), n = tonumber(f[2]) or 0, o = tonumber(f[3]), d = f[4], dn = tonumber(f[5]) or 0,
-      dirty = false, ttl = nil }
+      dirty = false, ttl = nil, pending = nil }
     cache[key] = s
   end
   return s
+end
+
+-- Writes the bucket increments held back for `key`: before anything reads its buckets,
+-- and at the end.
+local function flush(key, s)
+  if s.pending then
+    for second, count in pairs(s.pending) do
+      redis.call('HINCRBY', key, second, count)
+    end
+    s.pending = nil
+  end
 end
 
 -- One decision: `keys` its hashes, `limits` rpm/rpd pairs per key. Returns its answer.
@@ -140,6 +153,7 @@ local function decide_one(keys, limits, offset, day_id, day_start, day_end)
   for i = 1, count do
     local s = state[i]
     if s.e and s.e < target then
+      flush(keys[i], s)
       if s.n > 0 then
         local o = s.o or (s.e + 1)
         if o <= target then
@@ -172,6 +186,7 @@ local function decide_one(keys, limits, offset, day_id, day_start, day_end)
 
   -- How long until fewer than `rpm` requests are in the window.
   local function room_ms(key, s, rpm)
+    flush(key, s)
     local oldest = tonumber(redis.call('HGET', key, tostring(s.o))) or 0
     if s.n - oldest < rpm then
       return expiry_ms(s.o)
@@ -222,7 +237,8 @@ local function decide_one(keys, limits, offset, day_id, day_start, day_end)
       local ttl = math.max(day_end - now_ms, BUCKETS * 1000) + 60000
       for i = 1, count do
         local s = state[i]
-        redis.call('HINCRBY', keys[i], second, 1)
+        s.pending = s.pending or {}
+        s.pending[second] = (s.pending[second] or 0) + 1
         if s.n == 0 then
           s.o = now_s
         end
@@ -271,6 +287,7 @@ for _ = 1, decisions do
 end
 
 for key, s in pairs(cache) do
+  flush(key, s)
   if s.dirty then
     if s.ttl then
       redis.call('HSET', key, 'e', tostring(s.e), 'n', tostring(s.n), 'o', tostring(s.o),
