@@ -23,9 +23,8 @@
 -- decide/usage answer one string: the decisions in order, separated by ';', each the
 --   comma-separated integers status, now_ms, retry_ms, denied_index, denied_window, then
 --   per subject: minute_used, minute_reset_ms, day_used. One string rather than nested
---   arrays: parsing a reply value costs the client far more than a byte of it. (Lua
---   writes numbers with 14 significant digits: every value here, milliseconds since 1970
---   included, is an integer below 10^14, so exact.)
+--   arrays: parsing a reply value costs the client far more than a byte of it. (Values are
+--   integers written with '%d', exact for 64 bits.)
 --   status 1 = admitted and charged, 0 = refused (nothing charged), 2 = usage only,
 --   -1 = the day sent is not the day at the server's time: {-1, now_ms}, ask again.
 --   denied_window 1 = minute, 2 = day.
@@ -127,6 +126,30 @@ local function flush(key, s)
   end
 end
 
+-- Bucket `second` stops counting at the start of second + 61.
+local function expiry_ms(second, now_ms)
+  return (second + BUCKETS) * 1000 - now_ms
+end
+
+-- How long until fewer than `rpm` requests are in the window.
+local function room_ms(key, s, rpm, now_s, now_ms)
+  flush(key, s)
+  local oldest = tonumber(redis.call('HGET', key, tostring(s.o))) or 0
+  if s.n - oldest < rpm then
+    return expiry_ms(s.o, now_ms)
+  end
+  local used = s.n
+  local values = redis.call('HMGET', key, unpack(range(s.o, now_s)))
+  for j = 1, #values do
+    local c = tonumber(values[j]) or 0
+    used = used - c
+    if c > 0 and used < rpm then
+      return expiry_ms(s.o + j - 1, now_ms)
+    end
+  end
+  return BUCKETS * 1000
+end
+
 -- One decision: `keys` its hashes, `limits` rpm/rpd pairs per key. Returns its answer.
 local function decide_one(keys, limits, offset, day_id, day_start, day_end)
   local count = #keys
@@ -145,7 +168,7 @@ local function decide_one(keys, limits, offset, day_id, day_start, day_end)
   end
 
   if now_ms < day_start or now_ms >= day_end then
-    return { -1, now_ms }
+    return string.format('%d,%d', -1, now_ms)
   end
 
   -- The window is the current second and the 60 before it: buckets up to `target` left it.
@@ -179,30 +202,6 @@ local function decide_one(keys, limits, offset, day_id, day_start, day_end)
     end
   end
 
-  -- Bucket `second` stops counting at the start of second + 61.
-  local function expiry_ms(second)
-    return (second + BUCKETS) * 1000 - now_ms
-  end
-
-  -- How long until fewer than `rpm` requests are in the window.
-  local function room_ms(key, s, rpm)
-    flush(key, s)
-    local oldest = tonumber(redis.call('HGET', key, tostring(s.o))) or 0
-    if s.n - oldest < rpm then
-      return expiry_ms(s.o)
-    end
-    local used = s.n
-    local values = redis.call('HMGET', key, unpack(range(s.o, now_s)))
-    for j = 1, #values do
-      local c = tonumber(values[j]) or 0
-      used = used - c
-      if c > 0 and used < rpm then
-        return expiry_ms(s.o + j - 1)
-      end
-    end
-    return BUCKETS * 1000
-  end
-
   local denied_index, denied_window, retry_ms = 0, 0, 0
   local dn = {}
   for i = 1, count do
@@ -217,7 +216,7 @@ local function decide_one(keys, limits, offset, day_id, day_start, day_end)
       if denied_index == 0 then
         denied_index, denied_window = i, 1
       end
-      retry_ms = math.max(retry_ms, room_ms(keys[i], s, rpm))
+      retry_ms = math.max(retry_ms, room_ms(keys[i], s, rpm, now_s, now_ms))
     end
     if dn[i] >= rpd then
       if denied_index == 0 then
@@ -253,18 +252,17 @@ local function decide_one(keys, limits, offset, day_id, day_start, day_end)
     end
   end
 
-  local answer = { status, now_ms, retry_ms, denied_index, denied_window }
+  -- '%d', not tostring: Lua's default number format (%.14g) costs several times more.
+  local answer = { string.format('%d,%d,%d,%d,%d', status, now_ms, retry_ms, denied_index, denied_window) }
   for i = 1, count do
     local s = state[i]
     local reset = 60000
     if s.n > 0 then
-      reset = expiry_ms(s.o)
+      reset = expiry_ms(s.o, now_ms)
     end
-    answer[#answer + 1] = s.n
-    answer[#answer + 1] = reset
-    answer[#answer + 1] = dn[i]
+    answer[i + 1] = string.format('%d,%d,%d', s.n, reset, dn[i])
   end
-  return answer
+  return table.concat(answer, ',')
 end
 
 local answers = {}
@@ -283,7 +281,7 @@ for _ = 1, decisions do
     limits[2 * i] = tonumber(ARGV[at + 2])
     at = at + 3
   end
-  answers[#answers + 1] = table.concat(decide_one(keys, limits, offset, day_id, day_start, day_end), ',')
+  answers[#answers + 1] = decide_one(keys, limits, offset, day_id, day_start, day_end)
 end
 
 for key, s in pairs(cache) do
