@@ -160,6 +160,8 @@ if [ "$inflight" -gt 0 ]; then
   echo "# in flight: wrk -t1 -c$inflight -d10s --timeout 10s, upstream answers after 2 s (fd hard limit $(ulimit -Hn))"
   for t in $slow_targets; do
     name=${t%%:*}; port=${t##*:}
+    # Let the previous target's 5000 connections close (upstream and client side) first.
+    sleep 5
     out=$(WRK_AUTH="$alpha" wrk -t1 -c"$inflight" -d10s --timeout 10s --latency -s "$here/post.lua" \
       "http://127.0.0.1:$port/v1/text-to-image")
     total=$(echo "$out" | awk '/requests in/ {print $1}')
