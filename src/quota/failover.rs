@@ -3,8 +3,10 @@
 //! state ([`StoreHealth`], read by `/readyz`, metrics and alerts), and noticing that the
 //! store is back.
 //!
-//! The first failed or slow call puts the replica in degraded mode (logged once). From then
-//! on no request waits for the store: `local` decides from this replica's memory with every
+//! The first failed call puts the replica in degraded mode (logged once), and so does a
+//! slow one once the store has not answered any call for twice `store.timeout`: a burst
+//! that makes a few decisions late while the store keeps answering is not an outage, and
+//! only those late requests fall back. From then on no request waits for the store: `local` decides from this replica's memory with every
 //! limit divided by `store.expected_replicas`, `open` admits, `closed` refuses (503). A
 //! background probe reconnects with exponential backoff and, once the store runs a script
 //! within `store.timeout` again, shared counting resumes by itself (logged once).
@@ -108,6 +110,12 @@ impl StoreHealth {
         self.changes.subscribe()
     }
 
+    /// Counts a call that was late while the store kept answering others: no outage.
+    fn record_late(&self, error: &StoreError) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.lock().last_error = Some(error.to_string());
+    }
+
     /// Counts an error; `Some(first probe wait)` when it began an outage.
     fn record_error(&self, error: &StoreError, at: Timestamp) -> Option<Duration> {
         self.errors.fetch_add(1, Ordering::Relaxed);
@@ -176,6 +184,9 @@ struct Inner {
     expected_replicas: u64,
     health: Arc<StoreHealth>,
     clock: Arc<dyn Clock>,
+    /// When the store last answered a call, in ms after `epoch` plus one (0: never).
+    last_answer_ms: AtomicU64,
+    epoch: tokio::time::Instant,
 }
 
 impl FailoverStore {
@@ -198,6 +209,8 @@ impl FailoverStore {
                 expected_replicas: settings.expected_replicas,
                 health,
                 clock,
+                last_answer_ms: AtomicU64::new(0),
+                epoch: tokio::time::Instant::now(),
             }),
         }
     }
@@ -215,6 +228,22 @@ impl Inner {
         tokio::time::timeout(self.timeout, call)
             .await
             .unwrap_or(Err(StoreError::Timeout(self.timeout)))
+    }
+
+    fn since_epoch_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    fn answered(&self) {
+        self.last_answer_ms
+            .fetch_max(self.since_epoch_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether the store has answered nothing for twice the timeout (or never).
+    fn silent(&self) -> bool {
+        let last = self.last_answer_ms.load(Ordering::Relaxed);
+        last == 0
+            || self.since_epoch_ms().saturating_sub(last) > 2 * self.timeout.as_millis() as u64
     }
 
     fn not_asked(&self) -> StoreError {
@@ -236,8 +265,13 @@ impl Inner {
     }
 }
 
-/// Records a failure and, when it began an outage, logs it once and starts the probe.
+/// Records a failure and, when it began an outage, logs it once and starts the probe. A
+/// late answer from a store that keeps answering other calls is only counted.
 fn fail(inner: &Arc<Inner>, error: &StoreError) {
+    if matches!(error, StoreError::Timeout(_)) && !inner.silent() {
+        inner.health.record_late(error);
+        return;
+    }
     let Some(first_wait) = inner.health.record_error(error, inner.clock.now()) else {
         return;
     };
@@ -307,7 +341,10 @@ impl QuotaStore for FailoverStore {
                 return inner.fallback_decision(subjects, inner.not_asked());
             }
             match inner.bounded(inner.shared.decide(subjects)).await {
-                Ok(decision) => Ok(decision),
+                Ok(decision) => {
+                    inner.answered();
+                    Ok(decision)
+                }
                 Err(error) => {
                     fail(inner, &error);
                     inner.fallback_decision(subjects, error)
@@ -331,8 +368,9 @@ impl QuotaStore for FailoverStore {
             let refunded = inner
                 .bounded(inner.shared.refund(subjects, admission))
                 .await;
-            if let Err(error) = &refunded {
-                fail(inner, error);
+            match &refunded {
+                Ok(()) => inner.answered(),
+                Err(error) => fail(inner, error),
             }
             refunded
         })
@@ -345,7 +383,10 @@ impl QuotaStore for FailoverStore {
                 inner.not_asked()
             } else {
                 match inner.bounded(inner.shared.usage(subjects)).await {
-                    Ok(usage) => return Ok(usage),
+                    Ok(usage) => {
+                        inner.answered();
+                        return Ok(usage);
+                    }
                     Err(error) => {
                         fail(inner, &error);
                         error
@@ -485,6 +526,31 @@ mod tests {
         let error = store.decide(&team(10)).await.unwrap_err();
         assert!(matches!(error, StoreError::Timeout(_)), "{error}");
         assert_eq!(started.elapsed(), Duration::from_millis(50));
+        let error = store.decide(&team(10)).await.unwrap_err();
+        assert!(matches!(error, StoreError::Degraded(_)), "{error}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_call_while_the_store_keeps_answering_is_no_outage() {
+        let (flaky, store) = setup(OnStoreError::Closed);
+        let health = store.health();
+        store.decide(&team(10)).await.unwrap();
+        // One late decision (a burst): it falls back, counted, but the replica stays shared.
+        flaky.slow.store(true, Ordering::SeqCst);
+        let error = store.decide(&team(10)).await.unwrap_err();
+        assert!(matches!(error, StoreError::Timeout(_)), "{error}");
+        assert!(!health.is_degraded());
+        assert_eq!(health.error_count(), 1);
+        flaky.slow.store(false, Ordering::SeqCst);
+        store.decide(&team(10)).await.unwrap();
+        // Silent for longer than twice the timeout: that is an outage.
+        flaky.slow.store(true, Ordering::SeqCst);
+        store.decide(&team(10)).await.unwrap_err();
+        assert!(!health.is_degraded(), "50 ms of silence");
+        store.decide(&team(10)).await.unwrap_err();
+        assert!(!health.is_degraded(), "100 ms of silence");
+        store.decide(&team(10)).await.unwrap_err();
+        assert!(health.is_degraded(), "150 ms of silence");
         let error = store.decide(&team(10)).await.unwrap_err();
         assert!(matches!(error, StoreError::Degraded(_)), "{error}");
     }
