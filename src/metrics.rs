@@ -590,134 +590,88 @@ impl Metrics {
             );
         }
 
-        family(
+        labelled(
             &mut out,
-            "keygate_rejections_total",
-            "counter",
+            ("keygate_rejections_total", "counter", "reason"),
             "Requests the gateway refused itself, by reason.",
+            Rejection::ALL
+                .iter()
+                .map(|r| (r.as_str(), &self.rejections[*r as usize])),
         );
-        for rejection in Rejection::ALL {
-            let _ = writeln!(
-                out,
-                "keygate_rejections_total{{reason=\"{}\"}} {}",
-                rejection.as_str(),
-                self.rejections[rejection as usize].load(Ordering::Relaxed)
-            );
-        }
-        family(
+        labelled(
             &mut out,
-            "keygate_auth_failures_total",
-            "counter",
+            ("keygate_auth_failures_total", "counter", "reason"),
             "Refused tokens, by reason.",
+            AuthFailure::ALL
+                .iter()
+                .map(|f| (f.as_str(), &self.auth_failures[*f as usize])),
         );
-        for failure in AuthFailure::ALL {
-            let _ = writeln!(
-                out,
-                "keygate_auth_failures_total{{reason=\"{}\"}} {}",
-                failure.as_str(),
-                self.auth_failures[failure as usize].load(Ordering::Relaxed)
-            );
-        }
 
-        family(
+        scalar(
             &mut out,
-            "keygate_store_errors_total",
-            "counter",
+            ("keygate_store_errors_total", "counter"),
             "Quota store calls that failed.",
+            store.errors_total(),
         );
-        let _ = writeln!(out, "keygate_store_errors_total {}", store.errors_total());
-        family(
+        scalar(
             &mut out,
-            "keygate_store_degraded",
-            "gauge",
+            ("keygate_store_degraded", "gauge"),
             "1 while the quota store is unreachable and store.on_error is in force.",
+            u8::from(store.degraded()),
         );
-        let _ = writeln!(out, "keygate_store_degraded {}", u8::from(store.degraded()));
 
-        family(
+        labelled(
             &mut out,
-            "keygate_alerts_total",
-            "counter",
+            ("keygate_alerts_total", "counter", "kind"),
             "Alerts raised (after fleet-wide deduplication), by kind.",
+            AlertKind::ALL
+                .iter()
+                .map(|k| (k.as_str(), &self.alerts[*k as usize])),
         );
-        for kind in AlertKind::ALL {
-            let _ = writeln!(
-                out,
-                "keygate_alerts_total{{kind=\"{}\"}} {}",
-                kind.as_str(),
-                self.alerts[kind as usize].load(Ordering::Relaxed)
+        for (name, help, value) in [
+            (
+                "keygate_alert_delivery_failures_total",
+                "Webhook delivery attempts that failed (each retry counts).",
+                &self.alert_deliveries_failed,
+            ),
+            (
+                "keygate_alerts_dropped_total",
+                "Webhook deliveries given up: retries exhausted or the alert queue full.",
+                &self.alerts_dropped,
+            ),
+            (
+                "keygate_upstream_retries_total",
+                "Upstream calls sent again by keygate.",
+                &self.upstream_retries,
+            ),
+        ] {
+            scalar(
+                &mut out,
+                (name, "counter"),
+                help,
+                value.load(Ordering::Relaxed),
             );
         }
-        family(
+        scalar(
             &mut out,
-            "keygate_alert_delivery_failures_total",
-            "counter",
-            "Webhook delivery attempts that failed (each retry counts).",
-        );
-        let _ = writeln!(
-            out,
-            "keygate_alert_delivery_failures_total {}",
-            self.alert_deliveries_failed.load(Ordering::Relaxed)
-        );
-        family(
-            &mut out,
-            "keygate_alerts_dropped_total",
-            "counter",
-            "Webhook deliveries given up: retries exhausted or the alert queue full.",
-        );
-        let _ = writeln!(
-            out,
-            "keygate_alerts_dropped_total {}",
-            self.alerts_dropped.load(Ordering::Relaxed)
-        );
-
-        family(
-            &mut out,
-            "keygate_upstream_retries_total",
-            "counter",
-            "Upstream calls sent again by keygate.",
-        );
-        let _ = writeln!(
-            out,
-            "keygate_upstream_retries_total {}",
-            self.upstream_retries.load(Ordering::Relaxed)
-        );
-        family(
-            &mut out,
-            "keygate_upstream_circuit_state",
-            "gauge",
+            ("keygate_upstream_circuit_state", "gauge"),
             "The upstream circuit: 0 closed, 1 open (answering 503 at once), 2 half-open (probing).",
+            self.circuit_state.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "keygate_upstream_circuit_state {}",
-            self.circuit_state.load(Ordering::Relaxed)
-        );
-        family(
+        scalar(
             &mut out,
-            "keygate_upstream_circuit_opened_total",
-            "counter",
+            ("keygate_upstream_circuit_opened_total", "counter"),
             "Times the upstream circuit opened after a run of failed upstream calls.",
+            self.circuit_opened.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "keygate_upstream_circuit_opened_total {}",
-            self.circuit_opened.load(Ordering::Relaxed)
-        );
-        family(
+        labelled(
             &mut out,
-            "keygate_usage_log_dropped_total",
-            "counter",
+            ("keygate_usage_log_dropped_total", "counter", "reason"),
             "Usage lines not written, by reason.",
+            UsageDrop::ALL
+                .iter()
+                .map(|w| (w.as_str(), &self.usage_log_dropped[*w as usize])),
         );
-        for why in UsageDrop::ALL {
-            let _ = writeln!(
-                out,
-                "keygate_usage_log_dropped_total{{reason=\"{}\"}} {}",
-                why.as_str(),
-                self.usage_log_dropped[why as usize].load(Ordering::Relaxed)
-            );
-        }
         out
     }
 }
@@ -725,6 +679,29 @@ impl Metrics {
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// A family of one unlabelled sample: `(name, type)`.
+fn scalar(out: &mut String, (name, kind): (&str, &str), help: &str, value: impl std::fmt::Display) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
+}
+
+/// A family with one sample per value of a fixed label set: `(name, type, label)`.
+fn labelled<'a>(
+    out: &mut String,
+    (name, kind, label): (&str, &str, &str),
+    help: &str,
+    samples: impl Iterator<Item = (&'a str, &'a AtomicU64)>,
+) {
+    family(out, name, kind, help);
+    for (value, count) in samples {
+        let _ = writeln!(
+            out,
+            "{name}{{{label}=\"{value}\"}} {}",
+            count.load(Ordering::Relaxed)
+        );
+    }
 }
 
 /// Label-value escaping of the text format: backslash, double quote and newline.

@@ -321,7 +321,7 @@ async fn forward(
             }
         }
     } else {
-        OutgoingBody::Stream(Some(body))
+        OutgoingBody::Stream(body)
     };
     let outgoing = Outgoing {
         method: parts.method,

@@ -18,7 +18,7 @@ use jiff::Timestamp;
 
 use crate::alerts::AlertEvent;
 use crate::body::{InboundBody, InboundProgress, UpstreamBody};
-use crate::circuit::CallResult;
+use crate::circuit::{CallResult, CircuitPermit};
 use crate::config::RetryPolicy;
 use crate::forward::ForwardError;
 use crate::gateway::Gateway;
@@ -39,29 +39,9 @@ pub struct Outgoing {
 
 pub enum OutgoingBody {
     /// Sent once; no retry.
-    Stream(Option<InboundBody>),
+    Stream(InboundBody),
     /// Held in memory (small, known length): any try can send it.
     Held(Bytes),
-}
-
-impl Outgoing {
-    fn request(&mut self, authorization: &HeaderValue) -> Option<Request<UpstreamBody>> {
-        let body = match &mut self.body {
-            OutgoingBody::Stream(body) => UpstreamBody::Streamed(body.take()?),
-            OutgoingBody::Held(bytes) => UpstreamBody::held(bytes),
-        };
-        let mut request = Request::new(body);
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        let mut headers = self.headers.clone();
-        headers.insert(header::AUTHORIZATION, authorization.clone());
-        *request.headers_mut() = headers;
-        Some(request)
-    }
-
-    fn replayable(&self) -> bool {
-        matches!(self.body, OutgoingBody::Held(_))
-    }
 }
 
 /// How the upstream exchange of one request ended.
@@ -82,13 +62,50 @@ pub enum Exchange {
 }
 
 /// Sends the request upstream, retrying a 429, a 503, a key the upstream refused or a
-/// failed connect while the policy, the budget and the circuit allow. Returns the last
-/// outcome and how many retries it took.
+/// failed connect while the policy, the budget and the circuit allow. Only a held body can
+/// go twice; a streamed one gets exactly one try. Returns the last outcome and how many
+/// retries it took.
 pub async fn exchange(
     gateway: &Gateway,
-    mut outgoing: Outgoing,
+    outgoing: Outgoing,
     mut credential: UpstreamCredential,
 ) -> (Exchange, u32) {
+    let Outgoing {
+        method,
+        uri,
+        headers,
+        body,
+        progress,
+    } = outgoing;
+    let request = |headers: HeaderMap, body: UpstreamBody, authorization: &HeaderValue| {
+        let mut request = Request::new(body);
+        *request.method_mut() = method.clone();
+        *request.uri_mut() = uri.clone();
+        *request.headers_mut() = headers;
+        request
+            .headers_mut()
+            .insert(header::AUTHORIZATION, authorization.clone());
+        request
+    };
+    let held = match body {
+        OutgoingBody::Stream(body) => {
+            let sent = match gateway.circuit.admit() {
+                Ok(permit) => {
+                    let request = request(
+                        headers,
+                        UpstreamBody::Streamed(body),
+                        &credential.authorization,
+                    );
+                    try_once(gateway, permit, request, &progress, credential)
+                        .await
+                        .0
+                }
+                Err(retry_after_secs) => Exchange::CircuitOpen { retry_after_secs },
+            };
+            return (sent, 0);
+        }
+        OutgoingBody::Held(bytes) => bytes,
+    };
     let mut budget = RetryBudget::new(gateway.retry);
     let env = credential.env.clone();
     let mut last: Option<Exchange> = None;
@@ -100,65 +117,21 @@ pub async fn exchange(
                 return (ended, budget.retries());
             }
         };
-        let Some(request) = outgoing.request(&credential.authorization) else {
-            // A streamed body cannot go twice; `replayable` keeps us from getting here.
-            let ended = last.unwrap_or(Exchange::Failed(ForwardError::Failed(
-                "request body already sent".into(),
-            )));
-            return (ended, budget.retries());
-        };
         drop(last.take());
-        let sent = gateway.upstream.send(request, &outgoing.progress).await;
-        let now = gateway.clock.now();
-        let (exchange, retryable) = match sent {
-            Ok((response, latency)) => {
-                let status = response.status();
-                permit.record(if status.is_server_error() {
-                    CallResult::Failed
-                } else {
-                    CallResult::Answered
-                });
-                let retry_after = retry_after(response.headers(), now);
-                let retryable = match status {
-                    StatusCode::UNAUTHORIZED => Some((Retryable::KeyRejected, None)),
-                    _ => Retryable::from_status(status).map(|why| (why, retry_after)),
-                };
-                if status == StatusCode::UNAUTHORIZED || status == StatusCode::TOO_MANY_REQUESTS {
-                    rest_key(gateway, &credential, status, retry_after, now);
-                }
-                let answered = Exchange::Answered {
-                    response,
-                    latency,
-                    credential,
-                };
-                (answered, retryable)
-            }
-            Err(error) => {
-                let retryable = match &error {
-                    ForwardError::ClientBody(_) => {
-                        // The client's fault says nothing about the upstream.
-                        drop(permit);
-                        None
-                    }
-                    ForwardError::Connect(_) => {
-                        permit.record(CallResult::Failed);
-                        Some((Retryable::ConnectFailed, None))
-                    }
-                    ForwardError::Timeout(_) | ForwardError::Failed(_) => {
-                        permit.record(CallResult::Failed);
-                        None
-                    }
-                };
-                (Exchange::Failed(error), retryable)
-            }
-        };
-        let Some((why, retry_after)) = retryable.filter(|_| outgoing.replayable()) else {
+        let request = request(
+            headers.clone(),
+            UpstreamBody::held(&held),
+            &credential.authorization,
+        );
+        let (exchange, retryable) = try_once(gateway, permit, request, &progress, credential).await;
+        let Some((why, retry_after)) = retryable else {
             return (exchange, budget.retries());
         };
-        let Ok(next) = gateway.upstream_keys.credential(&env, now.as_millisecond()) else {
+        let now_ms = gateway.clock.now().as_millisecond();
+        let Ok(next) = gateway.upstream_keys.credential(&env, now_ms) else {
             return (exchange, budget.retries());
         };
-        let next_rests = next.rests_for(now.as_millisecond());
+        let next_rests = next.rests_for(now_ms);
         let floor = match why {
             // Another key in turn takes the request now; with none, wait for the first
             // key back (its Retry-After, or the backoff when the upstream did not say).
@@ -186,6 +159,57 @@ pub async fn exchange(
     }
 }
 
+/// One upstream call under a circuit permit: reports the result to the circuit, rests a
+/// key the upstream refused, and says whether (and why) another try could help.
+async fn try_once(
+    gateway: &Gateway,
+    permit: CircuitPermit,
+    request: Request<UpstreamBody>,
+    progress: &InboundProgress,
+    credential: UpstreamCredential,
+) -> (Exchange, Option<(Retryable, Option<Duration>)>) {
+    match gateway.upstream.send(request, progress).await {
+        Ok((response, latency)) => {
+            let status = response.status();
+            permit.record(if status.is_server_error() {
+                CallResult::Failed
+            } else {
+                CallResult::Answered
+            });
+            let now = gateway.clock.now();
+            let retry_after = retry_after(response.headers(), now);
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::TOO_MANY_REQUESTS {
+                rest_key(gateway, &credential, status, retry_after, now);
+            }
+            let retryable = Retryable::from_status(status).map(|why| (why, retry_after));
+            let answered = Exchange::Answered {
+                response,
+                latency,
+                credential,
+            };
+            (answered, retryable)
+        }
+        Err(error) => {
+            let retryable = match &error {
+                ForwardError::ClientBody(_) => {
+                    // The client's fault says nothing about the upstream.
+                    drop(permit);
+                    None
+                }
+                ForwardError::Connect(_) => {
+                    permit.record(CallResult::Failed);
+                    Some((Retryable::ConnectFailed, None))
+                }
+                ForwardError::Timeout(_) | ForwardError::Failed(_) => {
+                    permit.record(CallResult::Failed);
+                    None
+                }
+            };
+            (Exchange::Failed(error), retryable)
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retryable {
     /// 429: the upstream's rate limit, usually for the key that was used.
@@ -208,11 +232,12 @@ impl Retryable {
         }
     }
 
-    /// Whether an answer with this status may be retried.
+    /// Why an answer with this status may be worth another try.
     pub fn from_status(status: StatusCode) -> Option<Self> {
         match status {
             StatusCode::TOO_MANY_REQUESTS => Some(Retryable::Throttled),
             StatusCode::SERVICE_UNAVAILABLE => Some(Retryable::Unavailable),
+            StatusCode::UNAUTHORIZED => Some(Retryable::KeyRejected),
             _ => None,
         }
     }
