@@ -27,35 +27,8 @@ redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --d
   --pidfile "$work/redis.pid" --logfile "$work/redis.log"
 sed -e "s#PREFIX#$work#g" -e "s#UPPORT#$up#g" "$here/upstream.conf" > "$work/upstream.conf"
 nginx -c "$work/upstream.conf" -p "$work" -e "$work/upstream.err"
-cat > "$work/keygate.toml" <<EOF
-[server]
-listen = "127.0.0.1:$kg"
-admin_listen = "127.0.0.1:$kg_admin"
-[upstream]
-url = "http://127.0.0.1:$up"
-[upstream.keys.prod]
-env = "BENCH_UPSTREAM_KEY"
-[store]
-url = "redis://127.0.0.1:$redis_port"
-on_error = "closed"
-timeout = "5s"
-[plans]
-huge = { rpm = 1000000000, rpd = 1000000000 }
-[[teams]]
-name = "alpha"
-plan = "huge"
-[[keys]]
-id = "alpha-bench"
-team = "alpha"
-token_sha256 = "b7ac5a0fa6ef07909291822bfb4b8c4e6a1529d2778ded7c9ff7581bd1826ea2"
-scopes = ["generate", "read"]
-env = "prod"
-[[routes]]
-match = "POST /v1/text-to-image"
-scope = "generate"
-[usage_log]
-path = "$work/usage.log"
-EOF
+sed -e "s#LISTENPORT#$kg#" -e "s#ADMINPORT#$kg_admin#" -e "s#UPPORT#$up#" -e "s#REDISPORT#$redis_port#" \
+  -e "s#STORETIMEOUT#5s#" -e "s#USAGELOG#$work/usage.log#" "$here/keygate.toml" > "$work/keygate.toml"
 if [ "${PROFILER:-callgrind}" = perf ]; then
   profiler=(perf record -e cpu-clock -F 2000 -g -o "$out.perf")
 else

@@ -48,36 +48,8 @@ nginx_up() { # conf
   nginx -c "$work/$1.conf" -p "$work" -e "$work/$1.err"
 }
 keygate_up() { # name listen admin upstream_port [binary]
-  cat > "$work/$1.toml" <<EOF
-[server]
-listen = "127.0.0.1:$2"
-admin_listen = "127.0.0.1:$3"
-max_connections = 8192
-[upstream]
-url = "http://127.0.0.1:$4"
-[upstream.keys.prod]
-env = "BENCH_UPSTREAM_KEY"
-[store]
-url = "redis://127.0.0.1:$redis_kg"
-on_error = "closed"
-timeout = "250ms"
-[plans]
-huge = { rpm = 1000000000, rpd = 1000000000 }
-[[teams]]
-name = "alpha"
-plan = "huge"
-[[keys]]
-id = "alpha-bench"
-team = "alpha"
-token_sha256 = "b7ac5a0fa6ef07909291822bfb4b8c4e6a1529d2778ded7c9ff7581bd1826ea2"
-scopes = ["generate", "read"]
-env = "prod"
-[[routes]]
-match = "POST /v1/text-to-image"
-scope = "generate"
-[usage_log]
-path = "$work/$1-usage.log"
-EOF
+  sed -e "s#LISTENPORT#$2#" -e "s#ADMINPORT#$3#" -e "s#UPPORT#$4#" -e "s#REDISPORT#$redis_kg#" \
+    -e "s#STORETIMEOUT#250ms#" -e "s#USAGELOG#$work/$1-usage.log#" "$here/keygate.toml" > "$work/$1.toml"
   # The allocator settings of deploy/systemd and deploy/docker.
   BENCH_UPSTREAM_KEY=sk-upstream-REAL-0123456789 KEYGATE_LOG=warn \
     MIMALLOC_PURGE_DELAY=0 MIMALLOC_ARENA_EAGER_COMMIT=0 \
