@@ -6,16 +6,18 @@ use std::io::{self, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod support;
+
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderValue, Method};
 
 use keygate::alerts::{Alerts, MemoryDedupe};
-use keygate::auth::{ApiKey, KeyOrigin};
+use keygate::auth::ApiKey;
 use keygate::config::AlertsConfig;
 use keygate::context::{Outcome, RequestContext};
 use keygate::metrics::Metrics;
 use keygate::observe::Observer;
-use keygate::quota::{Limits, Subject, SubjectKind, SubjectUsage, WindowUsage};
+use keygate::quota::{Limits, SubjectKind, SubjectUsage, WindowUsage};
 use keygate::scope::Scopes;
 use keygate::usage_log::{UsageLog, UsageSink};
 
@@ -34,28 +36,15 @@ impl Write for Discard {
 fn keys() -> Vec<Arc<ApiKey>> {
     (0..50)
         .map(|i| {
-            let team: Arc<str> = format!("team-{}", i % 10).into();
-            Arc::new(ApiKey {
-                id: format!("key-{i}").into(),
-                team: team.clone(),
-                scopes: Scopes::default(),
-                env: "prod".into(),
-                expires: None,
-                rpm: None,
-                rpd: None,
-                origin: KeyOrigin::Config,
-                created: None,
-                last_used_ms: Default::default(),
-                subjects: vec![Subject {
-                    kind: SubjectKind::Team,
-                    id: team,
-                    limits: Limits {
-                        rpm: 1000,
-                        rpd: 100_000,
-                    },
-                }]
-                .into(),
-            })
+            support::team_key(
+                i,
+                10,
+                Scopes::default(),
+                Limits {
+                    rpm: 1000,
+                    rpd: 100_000,
+                },
+            )
         })
         .collect()
 }

@@ -4,16 +4,17 @@
 //! bench (quota_decision.rs), the finish step too (finish.rs).
 
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::Duration;
+
+mod support;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
 use http::Method;
 
-use keygate::auth::{self, ApiKey, KeyOrigin, KeyRegistry};
+use keygate::auth::{self, KeyRegistry};
 use keygate::error::{AuthFailure, GatewayError, RateLimitSubject};
-use keygate::quota::{Limits, Subject, SubjectKind};
+use keygate::quota::Limits;
 use keygate::routing::{self, Route, RouteTable};
 use keygate::scope::{Scope, Scopes};
 
@@ -30,28 +31,15 @@ fn registry(keys: usize) -> KeyRegistry {
     let mut scopes = Scopes::default();
     scopes.insert(Scope::Generate);
     for i in 0..keys {
-        let team: Arc<str> = format!("team-{}", i % 100).into();
-        let key = Arc::new(ApiKey {
-            id: format!("key-{i}").into(),
-            team: team.clone(),
+        let key = support::team_key(
+            i,
+            100,
             scopes,
-            env: "prod".into(),
-            expires: None,
-            rpm: None,
-            rpd: None,
-            origin: KeyOrigin::Config,
-            created: None,
-            last_used_ms: Default::default(),
-            subjects: vec![Subject {
-                kind: SubjectKind::Team,
-                id: team,
-                limits: Limits {
-                    rpm: 100,
-                    rpd: 10_000,
-                },
-            }]
-            .into(),
-        });
+            Limits {
+                rpm: 100,
+                rpd: 10_000,
+            },
+        );
         registry.insert(auth::sha256(token(i).as_bytes()), key);
     }
     registry
