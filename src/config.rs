@@ -682,6 +682,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from(signed).map_err(|_| format!("{text:?} must not be negative"))
 }
 
+/// A count that must be at least 1 (the default when unset); 0 is a problem, and 1 stands in
+/// for it so validation goes on.
+fn at_least_one<T: Copy + Ord + From<u8>>(
+    value: Option<T>,
+    default: T,
+    field: &str,
+    problems: &mut Problems,
+) -> T {
+    let value = value.unwrap_or(default);
+    if value == T::from(0) {
+        problems.add(field, "must be at least 1");
+    }
+    value.max(T::from(1))
+}
+
 fn duration_field(
     value: Option<&str>,
     default: Duration,
@@ -1222,24 +1237,26 @@ fn validate_retry(raw: RawRetry, problems: &mut Problems) -> RetryPolicy {
 
 fn validate_circuit(raw: RawCircuit, problems: &mut Problems) -> CircuitPolicy {
     let defaults = CircuitPolicy::default();
-    let failures = raw.failures.unwrap_or(defaults.failures);
-    if failures == 0 {
-        problems.add("upstream.circuit.failures", "must be at least 1");
-    }
-    let probes = raw.probes.unwrap_or(defaults.probes);
-    if probes == 0 {
-        problems.add("upstream.circuit.probes", "must be at least 1");
-    }
     CircuitPolicy {
         enabled: raw.enabled.unwrap_or(defaults.enabled),
-        failures: failures.max(1),
+        failures: at_least_one(
+            raw.failures,
+            defaults.failures,
+            "upstream.circuit.failures",
+            problems,
+        ),
         cooldown: duration_field(
             raw.cooldown.as_deref(),
             defaults.cooldown,
             "upstream.circuit.cooldown",
             problems,
         ),
-        probes: probes.max(1),
+        probes: at_least_one(
+            raw.probes,
+            defaults.probes,
+            "upstream.circuit.probes",
+            problems,
+        ),
     }
 }
 
@@ -1379,28 +1396,29 @@ fn validate_anomalies(raw: RawAnomalies, problems: &mut Problems) -> AnomalyConf
             format!("{rate_factor} must be greater than 1"),
         );
     }
-    let mut at_least_one = |value: Option<u64>, default: u64, field: &str| {
-        let value = value.unwrap_or(default);
-        if value == 0 {
-            problems.add(field, "must be at least 1");
-        }
-        value.max(1)
-    };
-    let rate_min = at_least_one(raw.rate_min, defaults.rate_min, "anomalies.rate_min");
+    let rate_min = at_least_one(
+        raw.rate_min,
+        defaults.rate_min,
+        "anomalies.rate_min",
+        problems,
+    );
     let invalid_tokens_per_minute = at_least_one(
         raw.invalid_tokens_per_minute,
         defaults.invalid_tokens_per_minute,
         "anomalies.invalid_tokens_per_minute",
+        problems,
     );
     let upstream_errors_per_minute = at_least_one(
         raw.upstream_errors_per_minute,
         defaults.upstream_errors_per_minute,
         "anomalies.upstream_errors_per_minute",
+        problems,
     );
     let dev_key_rpm = at_least_one(
         raw.dev_key_rpm,
         defaults.dev_key_rpm,
         "anomalies.dev_key_rpm",
+        problems,
     );
     let warmup = match raw.warmup.as_deref() {
         None => defaults.warmup,
