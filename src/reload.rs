@@ -311,3 +311,28 @@ async fn watch_files(
         follow(&mut watcher, &gateway);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REFERENCE: &str = include_str!("../config/keygate.toml");
+
+    #[test]
+    fn retry_and_circuit_changes_are_named_as_restart_only() {
+        let current = Config::from_toml(REFERENCE).expect("reference config validates");
+        assert!(restart_only_changes(&current, &current).is_empty());
+        for (from, to) in [
+            ("attempts = 3", "attempts = 5"),
+            ("cooldown = \"10s\"", "cooldown = \"30s\""),
+        ] {
+            assert!(REFERENCE.contains(from), "{from}");
+            let next = Config::from_toml(&REFERENCE.replacen(from, to, 1)).unwrap();
+            assert_eq!(
+                restart_only_changes(&current, &next),
+                vec!["upstream.retry / upstream.circuit"],
+                "{to}"
+            );
+        }
+    }
+}

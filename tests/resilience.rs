@@ -486,9 +486,8 @@ async fn a_held_body_that_stalls_or_breaks_off_is_the_clients_fault_and_never_se
     let mut request = head.clone();
     request.extend_from_slice(b"{\"prompt\"");
     let outcome = common::raw::exchange_then_close(gateway.proxy_addr(), &request).await;
-    if let Some(status) = outcome.status() {
-        assert_eq!(status, 400, "{}", outcome.response().body_text());
-    }
+    assert_eq!(outcome.status(), Some(400), "{outcome:?}");
+    assert_eq!(outcome.response().body_text(), BAD_REQUEST_BODY);
 
     assert_eq!(
         upstream.count(),
