@@ -21,6 +21,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -157,13 +158,14 @@ struct State {
     /// Response bodies waiting for hyper to ask for their next frame, by id, since when.
     /// Few at a time (one per open stream at most), so a vector.
     untaken: Vec<(u64, Instant)>,
-    next_body: u64,
 }
 
 /// What a connection is doing, shared by its I/O, its requests and its watchdog.
 struct Activity {
     state: Mutex<State>,
     changed: Notify,
+    /// Ids for the response bodies of this connection (no lock needed to hand one out).
+    next_body: AtomicU64,
 }
 
 impl Activity {
@@ -176,9 +178,9 @@ impl Activity {
                 idle_since: now,
                 head_started: Some(now),
                 untaken: Vec::new(),
-                next_body: 0,
             }),
             changed: Notify::new(),
+            next_body: AtomicU64::new(0),
         }
     }
 
@@ -246,9 +248,7 @@ impl Activity {
     }
 
     fn body_id(&self) -> u64 {
-        let mut state = self.lock();
-        state.next_body += 1;
-        state.next_body
+        self.next_body.fetch_add(1, Ordering::Relaxed)
     }
 
     /// A response body has something for the client (its head, or a frame it just handed
