@@ -93,7 +93,7 @@ pub async fn exchange(
                 Ok(permit) => {
                     let request = request(
                         headers,
-                        UpstreamBody::Streamed(body),
+                        UpstreamBody::Streamed(Box::new(body)),
                         &credential.authorization,
                     );
                     try_once(gateway, permit, request, &progress, credential)
@@ -106,6 +106,10 @@ pub async fn exchange(
         }
         OutgoingBody::Held(bytes) => bytes,
     };
+    // The first try sends the headers as parsed; further tries send copies of a copy
+    // that does not pin the client connection's read buffer while the upstream works.
+    let replay = crate::forward::detached(&headers);
+    let mut first = Some(headers);
     let mut budget = RetryBudget::new(gateway.retry);
     let env = credential.env.clone();
     let mut last: Option<Exchange> = None;
@@ -119,7 +123,7 @@ pub async fn exchange(
         };
         drop(last.take());
         let request = request(
-            headers.clone(),
+            first.take().unwrap_or_else(|| replay.clone()),
             UpstreamBody::held(&held),
             &credential.authorization,
         );
