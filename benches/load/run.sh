@@ -2,7 +2,8 @@
 # keygate's load bench: keygate (release build, Redis-shared quotas) against the nginx peers
 # of the shared harness, in the same run on the same machine, in alternating rounds; then
 # 5000 requests in flight to a 2-second upstream through keygate and through nginx-swap.
-# Prints per-round rps/p50/p99, the ratios, Redis commands per admitted request and the
+# Prints per-round rps/p50/p99, CPU time per request of each target (and of its Redis), the
+# ratios, Redis commands per admitted request and the
 # peak RSS. Everything listens on loopback and stops when the script ends.
 #
 # Usage: benches/load/run.sh [seconds] [rounds]      (defaults: 8 s, 2 rounds)
@@ -62,6 +63,23 @@ keygate_up() { # name listen admin upstream_port [binary]
   echo "keygate $1 did not become ready:" >&2; cat "$work/$1.out" >&2; exit 1
 }
 hwm_kb() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+# CPU time (user + system, clock ticks, all threads) of some processes so far.
+cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo "$t"; }
+# The processes that serve a target (its Redis apart): what its CPU per request counts.
+serving_pids() { # name
+  case $1 in
+    direct) pgrep -P "$(cat "$work/upstream.pid")" ;;
+    nginx-swap) pgrep -P "$(cat "$work/swap.pid")" ;;
+    nginx-lua-redis) pgrep -P "$(cat "$work/lua.pid")" ;;
+    *) cat "$work/$1.pid" ;;
+  esac
+}
+redis_pid() { # name
+  case $1 in
+    nginx-lua-redis) cat "$work/redis-$redis_lua.pid" ;;
+    keygate*) cat "$work/redis-$redis_kg.pid" ;;
+  esac
+}
 
 redis_up "$redis_lua"; redis_up "$redis_kg"
 for c in upstream nginx-swap nginx-lua-redis; do nginx_up "$c"; done
@@ -85,19 +103,27 @@ for r in $(seq 1 "$rounds"); do
     name=${t%%:*}; port=${t##*:}
     auth=$alpha; [ "$name" = direct ] && auth="Bearer sk-upstream-REAL-0123456789"
     case $name in keygate*) redis-cli -p "$redis_kg" CONFIG RESETSTAT >/dev/null ;; esac
+    pids=$(serving_pids "$name"); rpid=$(redis_pid "$name")
+    # shellcheck disable=SC2086
+    cpu0=$(cpu_ticks $pids); rcpu0=$(cpu_ticks $rpid)
     out=$(WRK_AUTH="$auth" wrk -t1 -c$conns -d"${secs}s" --latency -s "$here/post.lua" \
       "http://127.0.0.1:$port/v1/text-to-image")
+    # shellcheck disable=SC2086
+    cpu1=$(cpu_ticks $pids); rcpu1=$(cpu_ticks $rpid)
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     total=$(echo "$out" | awk '/requests in/ {print $1}')
     p50=$(echo "$out" | awk '$1=="50%" {print $2}'); p99=$(echo "$out" | awk '$1=="99%" {print $2}')
     non2xx=$(echo "$out" | awk '/Non-2xx/ {print $5}'); errs=$(echo "$out" | awk '/Socket errors/ {print $0}')
-    extra=""
+    # Ticks are 10 ms: over a round of tens of thousands of requests, ~1 us of resolution.
+    extra=$(awk -v c=$((cpu1 - cpu0)) -v r=$((rcpu1 - rcpu0)) -v n="$total" -v hz="$(getconf CLK_TCK)" -v redis="$rpid" \
+      'BEGIN {printf "cpu=%.1fus/req", c * 1e6 / hz / n; if (redis != "") printf " +redis %.1fus/req", r * 1e6 / hz / n}')
+    echo "$name cpu $(awk -v c=$((cpu1 - cpu0)) -v n="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN {print c * 1e6 / hz / n}')" >> "$work/cpu"
     if [ "$name" != "${name#keygate}" ]; then
       stats=$(redis-cli -p "$redis_kg" INFO commandstats | tr -d '\r')
       evalsha=$(echo "$stats" | awk -F'[:=,]' '/^cmdstat_evalsha:/ {print $3}')
       all=$(echo "$stats" | awk -F'[:=,]' '/^cmdstat_/ && !/cmdstat_(info|config)/ {s+=$3} END {print s+0}')
-      extra=$(awk -v e="${evalsha:-0}" -v a="$all" -v n="$total" \
-        'BEGIN {printf "redis: %.3f EVALSHA/request, %.2f commands run/request (script calls included)", e/n, a/n}')
+      extra="$extra $(awk -v e="${evalsha:-0}" -v a="$all" -v n="$total" \
+        'BEGIN {printf "redis: %.3f EVALSHA/request, %.2f commands run/request (script calls included)", e/n, a/n}')"
     fi
     printf 'round %s %-16s rps=%-10s p50=%-8s p99=%-8s non2xx=%s %s %s\n' "$r" "$name" "$rps" "$p50" "$p99" \
       "${non2xx:-0}" "$errs" "$extra"
@@ -119,6 +145,8 @@ awk '
       printf "keygate-b / nginx-swap    = %.2f, keygate-b / nginx-lua-redis = %.2f, keygate / keygate-b = %.2f\n", b / (rps["nginx-swap"] / n["nginx-swap"]), b / (rps["nginx-lua-redis"] / n["nginx-lua-redis"]), k / b
     }
   }' "$results"
+echo "# CPU per request of the serving processes (their Redis apart), mean over the rounds"
+awk '$2 == "cpu" { c[$1] += $3; n[$1]++ } END { for (t in c) printf "%-16s %6.1f us/request\n", t, c[t] / n[t] }' "$work/cpu"
 echo "# keygate peak RSS after the throughput rounds: $(( $(hwm_kb "$(cat "$work/keygate.pid")") / 1024 )) MB"
 
 if [ "$inflight" -gt 0 ]; then
