@@ -17,14 +17,18 @@ up=$base; kg=$((base + 3)); kg_admin=$((base + 4)); redis_port=$((base + 21))
 bin=${KEYGATE_BIN:-${CARGO_TARGET_DIR:-$repo/target}/release/keygate}
 out=${OUT:-/tmp/keygate.callgrind}
 work=$(mktemp -d /tmp/keygate-profile.XXXX)
+# shellcheck source=benches/load/common.sh
+. "$here/common.sh"
 cleanup() {
-  for f in "$work"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
+  stop_pidfiles "$work"
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
 
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
   --pidfile "$work/redis.pid" --logfile "$work/redis.log"
+for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+redis-cli -p "$redis_port" ping >/dev/null || { echo "redis on $redis_port did not start" >&2; exit 1; }
 sed -e "s#PREFIX#$work#g" -e "s#UPPORT#$up#g" "$here/upstream.conf" > "$work/upstream.conf"
 nginx -c "$work/upstream.conf" -p "$work" -e "$work/upstream.err"
 sed -e "s#LISTENPORT#$kg#" -e "s#ADMINPORT#$kg_admin#" -e "s#UPPORT#$up#" -e "s#REDISPORT#$redis_port#" \
@@ -50,15 +54,29 @@ while kill -0 "$wrk_pid" 2>/dev/null && [ "$(wc -l < "$work/usage.log" 2>/dev/nu
 done
 kill "$wrk_pid" 2>/dev/null || true
 wait "$wrk_pid" 2>/dev/null || true
-echo "# requests logged: $(wc -l < "$work/usage.log")"
 kill -INT "$(cat "$work/keygate.pid")"
 for _ in $(seq 100); do kill -0 "$(cat "$work/keygate.pid")" 2>/dev/null || break; sleep 0.2; done
 rm -f "$work/keygate.pid"
+# Counted after the exit: under valgrind the usage-log writer lags far behind the requests,
+# and only the final count says how many requests the profile covers.
+served=$(wc -l < "$work/usage.log")
+proxied=$(grep -c '"status":200,' "$work/usage.log" || true)
+echo "# requests served (usage log lines after exit): $served, answered 200: $proxied"
+# A profile of refusals (a Redis that was not ready under valgrind, say) is not a profile
+# of the proxy path: say so instead of printing misleading numbers.
+if [ $((proxied * 100)) -lt $((served * 99)) ]; then
+  echo "# NOT a profile of proxied requests; statuses:" >&2
+  grep -o '"status":[0-9]*' "$work/usage.log" | sort | uniq -c >&2
+  grep -o '"outcome":"[a-z_]*"' "$work/usage.log" | sort | uniq -c >&2
+  exit 1
+fi
 if [ "${PROFILER:-callgrind}" = perf ]; then
   perf report -i "$out.perf" --no-children --sort dso,symbol --stdio 2>/dev/null | grep -v '^$' | head -60 > "$out.perf.txt"
   perf report -i "$out.perf" --no-children --sort dso --stdio 2>/dev/null | grep '%' | head -12 >> "$out.perf.txt"
   cat "$out.perf.txt"
 else
+  total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+  echo "# instructions per request, start-up and shutdown included: $((total / served))"
   callgrind_annotate --inclusive=yes "$out" 2>/dev/null | head -70
   echo "# exclusive"
   callgrind_annotate "$out" 2>/dev/null | head -45

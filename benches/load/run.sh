@@ -29,8 +29,10 @@ if [ ! -x "$bin" ]; then (cd "$repo" && cargo build --release --bin keygate); fi
 
 work=$(mktemp -d /tmp/keygate-load.XXXX)
 pids=()
+# shellcheck source=benches/load/common.sh
+. "$here/common.sh"
 cleanup() {
-  for f in "$work"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
+  stop_pidfiles "$work"
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
