@@ -6,6 +6,7 @@ use clap::Parser;
 /// of a proxied request under glibc (callgrind, PERFORMANCE.md), and glibc's per-thread
 /// arenas held on to memory with thousands of requests in flight. The library and its
 /// tests keep the system allocator; only the server binary opts in.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
