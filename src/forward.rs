@@ -1,4 +1,4 @@
-//! Owns the upstream side: one pooled HTTP/1.1 + HTTP/2 client over rustls, the rewrite of
+//! Owns the upstream side: one pooled HTTP/1.1 client (plain or rustls), the rewrite of
 //! a client request into an upstream request (origin pinned, token swapped for the real
 //! key, hop-by-hop headers dropped), and the classification of upstream failures.
 
@@ -203,8 +203,8 @@ impl Upstream {
         mut request: Request<UpstreamBody>,
         client_body: &crate::body::InboundProgress,
     ) -> Result<(Response<Incoming>, Duration), ForwardError> {
-        // The pool picks HTTP/1.1 or HTTP/2 per connection; an inbound HTTP/2 version
-        // would be refused on an HTTP/1.1 connection.
+        // Upstream connections are HTTP/1.1 (see `https_connector`); an inbound HTTP/2
+        // version would be refused on them.
         *request.version_mut() = Version::HTTP_11;
         let started = Instant::now();
         let answer = self.client.request(request);
@@ -237,8 +237,12 @@ impl Upstream {
     }
 }
 
-/// An HTTP and HTTPS (rustls with ring, HTTP/1.1 and HTTP/2 by ALPN) connector trusting
-/// `roots`, with a bound on TCP connect.
+/// An HTTP and HTTPS (rustls with ring) connector trusting `roots`, with a bound on TCP
+/// connect. HTTP/1.1 only, also over TLS: hyper-util's pool keeps one HTTP/2 connection per
+/// origin, and an upstream limits the streams on a connection (commonly to 100), so every
+/// request over that limit would wait inside keygate for a stream, slow image requests
+/// until they time out. Over HTTP/1.1 each request in flight has its own pooled
+/// connection (`requests_over_an_http2_upstreams_stream_limit_are_not_held_back`).
 pub fn https_connector(
     roots: rustls::RootCertStore,
     connect_timeout: Duration,
@@ -257,7 +261,6 @@ pub fn https_connector(
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .enable_http2()
         .wrap_connector(http))
 }
 

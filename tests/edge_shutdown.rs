@@ -125,7 +125,10 @@ async fn await_refused(addr: SocketAddr) {
             // A handshake that met the listener as it closed is reset by the kernel: not
             // accepted either, and the next attempt must then be refused outright.
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                assert!(Instant::now() < deadline, "connections reset but never refused");
+                assert!(
+                    Instant::now() < deadline,
+                    "connections reset but never refused"
+                );
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             Err(e) => panic!("unexpected connect error: {e}"),

@@ -123,14 +123,47 @@ async fn an_https_upstream_is_trusted_through_ca_file() {
     assert_eq!(answer.body, common::upstream::OK_JSON);
     let received = &upstream.received()[0];
     assert_forwarded_with_the_real_key(received);
-    // Both sides offer h2 by ALPN: an HTTP/1.1 client request goes out over HTTP/2, and
-    // names the upstream in :authority.
-    assert_eq!(received.version, http::Version::HTTP_2);
+    // The upstream offers h2 by ALPN; keygate takes HTTP/1.1 (see the stream-limit test
+    // below) and names the upstream in Host.
+    assert_eq!(received.version, http::Version::HTTP_11);
     assert_eq!(
-        received.authority,
+        received.headers["host"],
         format!("localhost:{}", upstream.addr.port())
     );
-    assert!(!received.headers.contains_key("host"));
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+/// An HTTP/2 upstream takes a limited number of streams per connection (real APIs: ~100).
+/// Requests over that limit must reach the upstream at once on more connections, not wait
+/// inside keygate for a stream on the first one until they time out.
+#[tokio::test]
+async fn requests_over_an_http2_upstreams_stream_limit_are_not_held_back() {
+    const STREAMS: u32 = 2;
+    const REQUESTS: usize = 8;
+    let cert = test_cert();
+    let upstream = MockUpstream::start_tls_with_stream_limit(&cert, STREAMS).await;
+    upstream.set_reply(Reply::Hang);
+    let ca = pem_file(&cert.cert_pem);
+    let mut config = config_from(&standard_config_text(&upstream.url(), ""));
+    config.upstream.ca_file = Some(ca.path().to_path_buf());
+    let gateway = TestGateway::start(config).await;
+
+    let requests = futures_util::future::join_all(
+        (0..REQUESTS).map(|_| gateway.generate(TOKEN_DESIGN_GENERATE)),
+    );
+    tokio::select! {
+        () = upstream.wait_for(REQUESTS, std::time::Duration::from_secs(5)) => {}
+        answers = requests => panic!(
+            "answered before the upstream held them all: {:?}",
+            answers.iter().map(|a| a.status()).collect::<Vec<_>>()
+        ),
+    }
+    // One HTTP/1.1 connection per request in flight, though the upstream offered h2.
+    assert!(upstream
+        .received()
+        .iter()
+        .all(|r| r.version == http::Version::HTTP_11));
     gateway.shutdown().await;
     logs::assert_clean(ALL_SECRETS);
 }

@@ -92,11 +92,21 @@ pub fn test_cert() -> TestCert {
 
 impl MockUpstream {
     pub async fn start() -> Self {
-        Self::start_inner(None).await
+        Self::start_inner(None, None).await
     }
 
     /// A TLS upstream; the gateway must trust `cert.cert_pem` through `upstream.ca_file`.
     pub async fn start_tls(cert: &TestCert) -> Self {
+        Self::start_tls_inner(cert, None).await
+    }
+
+    /// A TLS upstream whose HTTP/2 connections take at most `streams` requests at once, as
+    /// real APIs limit them (commonly 100).
+    pub async fn start_tls_with_stream_limit(cert: &TestCert, streams: u32) -> Self {
+        Self::start_tls_inner(cert, Some(streams)).await
+    }
+
+    async fn start_tls_inner(cert: &TestCert, streams: Option<u32>) -> Self {
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let chain: Vec<CertificateDer<'static>> =
             rustls_pemfile::certs(&mut cert.cert_pem.as_bytes())
@@ -113,10 +123,14 @@ impl MockUpstream {
             .with_single_cert(chain, key)
             .unwrap();
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Self::start_inner(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+        Self::start_inner(
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+            streams,
+        )
+        .await
     }
 
-    async fn start_inner(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+    async fn start_inner(tls: Option<tokio_rustls::TlsAcceptor>, streams: Option<u32>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("mock upstream binds");
@@ -140,8 +154,9 @@ impl MockUpstream {
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| handle(shared.clone(), req));
-                    let builder =
+                    let mut builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    builder.http2().max_concurrent_streams(streams);
                     match tls {
                         None => {
                             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
