@@ -1,5 +1,5 @@
 //! Alerts and anomalies (SPEC §5): quota warnings once per team, window and threshold
-//! across two replicas on one Redis; store outages reported and their end; a dead webhook
+//! across two replicas on one Redis, and an upstream key's rejection once for the fleet; store outages reported and their end; a dead webhook
 //! retried then dropped while requests never wait; the invalid-token burst throttled and
 //! reported; the usage stream in Redis; the offline detector flags a night burst from a
 //! new address and not the steady keys around it; no token or key in any alert.
@@ -15,10 +15,11 @@ use common::webhook::{Answer, WebhookReceiver};
 use common::*;
 use keygate::alerts::{AlertDedupe, AlertEvent, MemoryDedupe};
 use keygate::clock::{Clock, ManualClock};
-use keygate::config::OnStoreError;
+use keygate::config::{Config, KeySource, OnStoreError};
 use keygate::quota::calendar::DayCalendar;
 use keygate::quota::memory::MemoryStore;
 use keygate::quota::QuotaStore;
+use keygate::secret::Secret;
 use keygate::server::StartOptions;
 use keygate::usage_log::UsageRecord;
 
@@ -43,6 +44,17 @@ struct Fleet {
 impl Fleet {
     /// Replicas on one real Redis: quotas, alert claims (`SET NX`) and the usage stream.
     async fn on_redis(config_text: &str, replicas: usize, redis: &RedisServer) -> Self {
+        Self::on_redis_with(config_text, replicas, redis, |_| {}).await
+    }
+
+    /// The same, with `adjust` applied to each replica's config (what TOML cannot say
+    /// in a test, such as inline upstream keys).
+    async fn on_redis_with(
+        config_text: &str,
+        replicas: usize,
+        redis: &RedisServer,
+        adjust: impl Fn(&mut Config),
+    ) -> Self {
         // A generous store timeout: on a busy machine a slow answer must not switch a
         // replica to its local counters (on_error = local), which are not exact.
         let text = format!(
@@ -51,7 +63,9 @@ impl Fleet {
         );
         let mut gateways = Vec::new();
         for _ in 0..replicas {
-            gateways.push(TestGateway::start(config_from(&text)).await);
+            let mut config = config_from(&text);
+            adjust(&mut config);
+            gateways.push(TestGateway::start(config).await);
         }
         Self { gateways }
     }
@@ -652,4 +666,70 @@ fn the_offline_detector_flags_a_night_burst_from_a_new_address_and_nothing_else(
     assert_eq!(&columns[3..5], ["0", "0"]);
     // Latencies 800…1700 ms, 144 of each: the 720th is 1200, the 1368th 1700.
     assert_eq!(&columns[5..7], ["1200.0", "1700.0"], "{row}");
+}
+
+/// The README says an upstream key's rejection is alerted once for the fleet: each replica
+/// meets the 401 itself (its own turn of keys), and the claim in Redis lets one alert out.
+#[tokio::test]
+async fn a_rejected_upstream_key_is_alerted_once_across_two_replicas_on_one_redis() {
+    const REAL_KEY_B: &str = "sk-upstream-REAL-B-test-0123456789abcdef";
+    let redis = RedisServer::start();
+    let upstream = MockUpstream::start().await;
+    upstream.refuse_key(REAL_KEY, 401);
+    let webhook = WebhookReceiver::start(Answer::Status(200)).await;
+    let text = config_text_with_resilience(
+        &upstream.url(),
+        "[upstream.retry]\nattempts = 3\nbase = \"10ms\"\ncap = \"40ms\"\nbudget = \"10s\"\n",
+        &format!(
+            "[alerts]\nwebhooks = [{:?}]\nretry_backoff = \"20ms\"\n",
+            webhook.url()
+        ),
+    );
+    let fleet = Fleet::on_redis_with(&text, 2, &redis, |config| {
+        config.upstream.keys.insert(
+            "prod".into(),
+            KeySource::Inline(vec![Secret::new(REAL_KEY), Secret::new(REAL_KEY_B)]),
+        );
+    })
+    .await;
+
+    for gateway in &fleet.gateways {
+        for _ in 0..3 {
+            let response = gateway.generate(TOKEN_DESIGN_GENERATE).await;
+            assert_eq!(response.status(), 200, "the other key serves the request");
+        }
+    }
+    let refused = format!("Bearer {REAL_KEY}");
+    let tried_refused = upstream
+        .received()
+        .iter()
+        .filter(|r| r.headers["authorization"] == refused.as_str())
+        .count();
+    assert_eq!(
+        tried_refused, 2,
+        "each replica met the refusal once, then rested the key"
+    );
+
+    fleet.drain_alerts(&webhook).await;
+    assert_eq!(fleet.alerts_total("upstream_key_rejected").await, 1.0);
+    let rejected: Vec<_> = webhook
+        .alerts()
+        .into_iter()
+        .filter(|a| a["kind"] == "upstream_key_rejected")
+        .collect();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0]["env"], "prod");
+    assert_eq!(rejected[0]["key_index"], 0);
+    assert_eq!(
+        redis
+            .cli(&["KEYS", "keygate:alert:upstream_key:*"])
+            .unwrap()
+            .trim(),
+        "keygate:alert:upstream_key:prod:0"
+    );
+    let raw = webhook.raw_bodies();
+    for secret in [REAL_KEY, REAL_KEY_B, TOKEN_DESIGN_GENERATE] {
+        assert!(!raw.contains(secret), "an alert carries a secret");
+    }
+    fleet.shutdown().await;
 }
