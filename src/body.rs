@@ -301,7 +301,7 @@ pub enum BodyEnd {
 
 enum Inner {
     Full(Option<Bytes>),
-    Upstream(Incoming),
+    Upstream(crate::upstream_pool::PooledBody),
 }
 
 /// What the gateway answers with.
@@ -320,7 +320,7 @@ impl ResponseBody {
         }
     }
 
-    pub fn upstream(body: Incoming) -> Self {
+    pub fn upstream(body: crate::upstream_pool::PooledBody) -> Self {
         Self {
             inner: Inner::Upstream(body),
             bytes_out: 0,

@@ -974,10 +974,12 @@ fn validate(raw: RawConfig, base_dir: Option<&Path>, problems: &mut Problems) ->
             "needs a Redis store (store.url = \"redis://…\"): the stream lives there",
         );
     }
-    let stream_maxlen = raw.usage_log.stream_maxlen.unwrap_or(1_000_000);
-    if stream_maxlen == 0 {
-        problems.add("usage_log.stream_maxlen", "must be at least 1");
-    }
+    let stream_maxlen = at_least_one(
+        raw.usage_log.stream_maxlen,
+        1_000_000,
+        "usage_log.stream_maxlen",
+        problems,
+    );
     let usage_log = UsageLogConfig {
         path: match raw.usage_log.path.as_deref() {
             None | Some("-") => None,
@@ -1070,14 +1072,18 @@ fn validate_server(
             format!("{max_header_bytes} is out of range (8192 to 1048576)"),
         );
     }
-    let max_connections = raw.max_connections.unwrap_or(8192);
-    if max_connections == 0 {
-        problems.add("server.max_connections", "must be at least 1");
-    }
-    let streams = raw.http2_max_concurrent_streams.unwrap_or(256);
-    if streams == 0 {
-        problems.add("server.http2_max_concurrent_streams", "must be at least 1");
-    }
+    let max_connections = at_least_one(
+        raw.max_connections,
+        8192,
+        "server.max_connections",
+        problems,
+    );
+    let streams = at_least_one(
+        raw.http2_max_concurrent_streams,
+        256,
+        "server.http2_max_concurrent_streams",
+        problems,
+    );
     ServerConfig {
         listen,
         admin_listen,
@@ -1318,10 +1324,12 @@ fn validate_store(raw: RawStore, problems: &mut Problems) -> StoreConfig {
             OnStoreError::Local
         }
     };
-    let expected_replicas = raw.expected_replicas.unwrap_or(1);
-    if expected_replicas == 0 {
-        problems.add("store.expected_replicas", "must be at least 1");
-    }
+    let expected_replicas = at_least_one(
+        raw.expected_replicas,
+        1,
+        "store.expected_replicas",
+        problems,
+    );
     StoreConfig {
         url,
         on_error,
@@ -1331,7 +1339,7 @@ fn validate_store(raw: RawStore, problems: &mut Problems) -> StoreConfig {
             "store.timeout",
             problems,
         ),
-        expected_replicas: expected_replicas.max(1),
+        expected_replicas,
     }
 }
 

@@ -1,4 +1,4 @@
-//! Owns the upstream side: one pooled HTTP/1.1 client (plain or rustls), the rewrite of
+//! Owns the upstream side: the request to the pinned origin over [`UpstreamPool`], the rewrite of
 //! a client request into an upstream request (origin pinned, token swapped for the real
 //! key, hop-by-hop headers dropped), and the classification of upstream failures.
 
@@ -6,16 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::UpstreamBody;
 use crate::config::UpstreamConfig;
+use crate::upstream_pool::{PoolError, PooledBody, UpstreamPool};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// How many times keygate sent the request upstream again (absent when it did not).
@@ -123,14 +121,12 @@ pub enum ForwardError {
     Failed(String),
 }
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
-
-/// The upstream: its pinned origin and the connection pool to it.
+/// The upstream: its pinned origin and the connections to it.
 #[derive(Clone)]
 pub struct Upstream {
-    client: HttpsClient,
-    scheme: Scheme,
-    authority: Authority,
+    pool: UpstreamPool,
+    /// `Host` of every upstream request: the origin's authority.
+    host: HeaderValue,
     timeout: Duration,
 }
 
@@ -158,40 +154,35 @@ impl Upstream {
             }
         }
         let connector = https_connector(roots, config.connect_timeout)?;
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
-
         let scheme = config.url.scheme().cloned().unwrap_or(Scheme::HTTPS);
         let authority = config
             .url
             .authority()
             .cloned()
             .ok_or_else(|| "upstream.url has no host".to_string())?;
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?;
+        let origin = Uri::builder()
+            .scheme(scheme)
+            .authority(authority)
+            .path_and_query("/")
+            .build()
+            .map_err(|e| e.to_string())?;
         Ok(Self {
-            client,
-            scheme,
-            authority,
+            pool: UpstreamPool::new(connector, origin),
+            host,
             timeout: config.timeout,
         })
     }
 
-    /// The upstream URI for a canonical path and the client's query: always this origin.
+    /// The upstream request target for a canonical path and the client's query, in origin
+    /// form (the connection and `Host` pin the origin).
     pub fn uri(&self, canonical_path: &str, query: Option<&str>) -> Result<Uri, String> {
         let path_and_query = match query {
             Some(q) => PathAndQuery::try_from(format!("{canonical_path}?{q}")),
             None => PathAndQuery::try_from(canonical_path),
         }
         .map_err(|e| e.to_string())?;
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|e| e.to_string())
+        Ok(Uri::from(path_and_query))
     }
 
     /// Sends a prepared request; the timeout covers connecting and the response head.
@@ -202,12 +193,15 @@ impl Upstream {
         &self,
         mut request: Request<UpstreamBody>,
         client_body: &crate::body::InboundProgress,
-    ) -> Result<(Response<Incoming>, Duration), ForwardError> {
+    ) -> Result<(Response<PooledBody>, Duration), ForwardError> {
         // Upstream connections are HTTP/1.1 (see `https_connector`); an inbound HTTP/2
         // version would be refused on them.
         *request.version_mut() = Version::HTTP_11;
+        request
+            .headers_mut()
+            .insert(header::HOST, self.host.clone());
         let started = Instant::now();
-        let answer = self.client.request(request);
+        let answer = self.pool.send(request);
         tokio::pin!(answer);
         let mut deadline = tokio::time::Instant::from_std(started) + self.timeout;
         let answered = loop {
@@ -224,15 +218,11 @@ impl Upstream {
         };
         match answered {
             Ok(response) => Ok((response, started.elapsed())),
-            Err(e) => {
-                if let Some(failure) = client_body.failure() {
-                    Err(ForwardError::ClientBody(failure))
-                } else if e.is_connect() {
-                    Err(ForwardError::Connect(error_chain(&e)))
-                } else {
-                    Err(ForwardError::Failed(error_chain(&e)))
-                }
-            }
+            Err(PoolError::Connect(cause)) => Err(ForwardError::Connect(cause)),
+            Err(PoolError::Request(e)) => match client_body.failure() {
+                Some(failure) => Err(ForwardError::ClientBody(failure)),
+                None => Err(ForwardError::Failed(error_chain(&e))),
+            },
         }
     }
 }
@@ -301,7 +291,7 @@ pub fn detached(headers: &HeaderMap) -> HeaderMap {
     copy
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {

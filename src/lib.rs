@@ -26,7 +26,8 @@
 //!   [`scope`]: permission levels; [`client_addr`]: who the client is.
 //! - [`quota`]: the store trait, window arithmetic, the memory and Redis stores, the
 //!   outage modes, quota headers; [`shared_redis`]: the connection to a fleet's Redis.
-//! - [`forward`]: the upstream client and header rewrite; [`upstream_keys`]: real keys;
+//! - [`forward`]: the upstream request and header rewrite; [`upstream_pool`]: the kept-alive
+//!   HTTP/1.1 connections to the upstream; [`upstream_keys`]: real keys;
 //!   [`retry`]: retries of 429 / 503 / failed connects with backoff and key failover;
 //!   [`circuit`]: the breaker that answers 503 at once while the upstream is down.
 //! - [`context`], [`observe`], [`request_id`], [`telemetry`]: what is recorded;
@@ -71,6 +72,7 @@ pub mod throttle;
 pub mod tls;
 pub mod token;
 pub mod upstream_keys;
+pub mod upstream_pool;
 pub mod usage_log;
 pub mod usage_report;
 pub mod usage_series;

@@ -13,7 +13,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
-use hyper::body::Incoming;
 use jiff::Timestamp;
 
 use crate::alerts::AlertEvent;
@@ -23,6 +22,7 @@ use crate::config::RetryPolicy;
 use crate::forward::ForwardError;
 use crate::gateway::Gateway;
 use crate::upstream_keys::{UpstreamCredential, REJECTED_REST};
+use crate::upstream_pool::PooledBody;
 
 /// The longest Retry-After taken at its word; a larger one is outside any budget anyway.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
@@ -50,7 +50,7 @@ pub enum OutgoingBody {
 #[allow(clippy::large_enum_variant)]
 pub enum Exchange {
     Answered {
-        response: Response<Incoming>,
+        response: Response<PooledBody>,
         latency: Duration,
         credential: UpstreamCredential,
     },

@@ -1,0 +1,401 @@
+//! Owns the connections to the upstream: HTTP/1.1 over TCP or rustls, one request at a
+//! time each, kept alive and handed out again most recently used first, and given back by
+//! the response body once the upstream's answer has been read to its end.
+//!
+//! keygate talks to one origin, so this is a list of idle connections, not hyper-util's
+//! general pool (a map keyed by origin, hashed twice a request, a task spawned per request
+//! to take the connection back, a boxed request future): that machinery was ~14 k of the
+//! ~104 k instructions a proxied request cost (PERFORMANCE.md).
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tower_service::Service;
+
+use crate::body::UpstreamBody;
+
+/// How long an idle connection is kept; upstreams commonly close theirs after 60–75 s, and
+/// a connection found closed is skipped anyway.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept at most; more are closed when given back.
+const MAX_IDLE: usize = 1024;
+
+type Sender = SendRequest<UpstreamBody>;
+
+/// Why a request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// No connection could be made: nothing reached the upstream.
+    #[error("{0}")]
+    Connect(String),
+    /// The connection failed while the request was being sent or answered.
+    #[error("{0}")]
+    Request(#[source] hyper::Error),
+}
+
+/// The connections to one origin.
+#[derive(Clone)]
+pub struct UpstreamPool {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority` of the upstream: what the connector connects to.
+    origin: Uri,
+    /// Most recently given back at the back.
+    idle: Mutex<VecDeque<Idle>>,
+}
+
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+impl UpstreamPool {
+    pub fn new(connector: HttpsConnector<HttpConnector>, origin: Uri) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                connector,
+                origin,
+                idle: Mutex::new(VecDeque::new()),
+            }),
+        }
+    }
+
+    /// Sends `request` (origin-form URI, Host set) on an idle connection, or a new one. A
+    /// kept-alive connection the upstream closed before it took the request gets the same
+    /// request again on the next connection: nothing of it was sent.
+    pub async fn send(
+        &self,
+        mut request: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, PoolError> {
+        loop {
+            let (mut sender, reused) = match self.checkout().await {
+                Some(sender) => (sender, true),
+                None => (self.connect().await?, false),
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    let (parts, body) = response.into_parts();
+                    let mut body = PooledBody {
+                        body,
+                        lease: Some(Lease {
+                            sender,
+                            pool: self.shared.clone(),
+                        }),
+                    };
+                    // hyper's server never polls an empty body: give the connection back now.
+                    if body.body.is_end_stream() {
+                        body.release();
+                    }
+                    return Ok(Response::from_parts(parts, body));
+                }
+                Err(mut failed) => match failed.take_message() {
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(PoolError::Request(failed.into_error())),
+                },
+            }
+        }
+    }
+
+    /// The most recently used idle connection that can take a request now.
+    async fn checkout(&self) -> Option<Sender> {
+        loop {
+            let idle = self.shared.lock().pop_back()?;
+            if idle.since.elapsed() > IDLE_TIMEOUT {
+                continue;
+            }
+            let mut sender = idle.sender;
+            // Given back at the end of its answer's body, the connection may not have
+            // finished that exchange yet; it is ready within a poll or it is closing.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Sender, PoolError> {
+        let mut connector = self.shared.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(|e| PoolError::Connect(crate::forward::error_chain(e.as_ref())))?;
+        let io = connector
+            .call(self.shared.origin.clone())
+            .await
+            .map_err(|e| PoolError::Connect(crate::forward::error_chain(e.as_ref())))?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| PoolError::Connect(crate::forward::error_chain(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        self.shared.lock().len()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
+        // A panic while holding the list leaves it consistent: a VecDeque of senders.
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn give_back(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.lock();
+        while idle
+            .front()
+            .is_some_and(|oldest| idle.len() >= MAX_IDLE || now - oldest.since > IDLE_TIMEOUT)
+        {
+            idle.pop_front();
+        }
+        idle.push_back(Idle { sender, since: now });
+    }
+}
+
+/// A connection lent to one request until its answer has been read.
+struct Lease {
+    sender: Sender,
+    pool: Arc<Shared>,
+}
+
+/// The upstream's answer body. Read to its end, it gives its connection back for the next
+/// request; dropped before (the client went away) or broken, the connection is closed.
+pub struct PooledBody {
+    body: Incoming,
+    lease: Option<Lease>,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.pool.give_back(lease.sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        match &frame {
+            Some(Ok(_)) if !this.body.is_end_stream() => {}
+            Some(Ok(_)) | None => this.release(),
+            Some(Err(_)) => this.lease = None,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A raw HTTP/1.1 upstream: answers every request on a connection with `answer`, and
+    /// closes the connection after `per_connection` answers. Counts connections.
+    async fn upstream(answer: &'static str, per_connection: usize) -> (Uri, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin: Uri = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 4096];
+                    for _ in 0..per_connection {
+                        let mut head = Vec::new();
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut buffer).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&buffer[..n]),
+                            }
+                        }
+                        if stream.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    // Closed without a word, as an upstream closing a kept-alive connection.
+                });
+            }
+        });
+        (origin, connections)
+    }
+
+    fn pool(origin: Uri) -> UpstreamPool {
+        let connector =
+            crate::forward::https_connector(rustls::RootCertStore::empty(), Duration::from_secs(1))
+                .unwrap();
+        UpstreamPool::new(connector, origin)
+    }
+
+    fn get() -> Request<UpstreamBody> {
+        let mut request = Request::new(UpstreamBody::Held(None));
+        *request.uri_mut() = Uri::from_static("/v1/models");
+        request.headers_mut().insert(
+            http::header::HOST,
+            http::HeaderValue::from_static("upstream"),
+        );
+        request
+    }
+
+    const OK: &str = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_answer_is_read() {
+        let (origin, connections) = upstream(OK, usize::MAX).await;
+        let pool = pool(origin);
+        for _ in 0..5 {
+            let response = pool.send(get()).await.unwrap();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "ok");
+            assert_eq!(pool.idle_count(), 1, "given back at the end of the body");
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_answer_without_a_body_gives_the_connection_back_at_once() {
+        let (origin, connections) = upstream("HTTP/1.1 204 No Content\r\n\r\n", usize::MAX).await;
+        let pool = pool(origin);
+        for _ in 0..3 {
+            let response = pool.send(get()).await.unwrap();
+            assert_eq!(response.status(), 204);
+            assert_eq!(pool.idle_count(), 1);
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_is_replaced_without_an_error() {
+        // One answer per connection, then a silent close: every kept-alive connection
+        // is stale by the time the next request wants it.
+        let (origin, connections) = upstream(OK, 1).await;
+        let pool = pool(origin);
+        for _ in 0..5 {
+            let response = pool.send(get()).await.expect("a fresh connection answers");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "ok");
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn a_kept_alive_connection_closed_while_idle_is_not_used_again() {
+        // Each connection answers once, then waits; the test closes it while it idles.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin: Uri = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let close = Arc::new(tokio::sync::Notify::new());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (counted, closing) = (connections.clone(), close.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                let closing = closing.clone();
+                tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 4096];
+                    let _ = stream.read(&mut buffer).await;
+                    let _ = stream.write_all(OK.as_bytes()).await;
+                    closing.notified().await;
+                });
+            }
+        });
+        let pool = pool(origin);
+        let response = pool.send(get()).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle_count(), 1);
+
+        close.notify_one();
+        // The connection's task sees the close on its own; wait for it, bounded.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !pool
+            .shared
+            .lock()
+            .back()
+            .is_some_and(|idle| idle.sender.is_closed())
+        {
+            assert!(Instant::now() < deadline, "the close was never seen");
+            tokio::task::yield_now().await;
+        }
+        let response = pool.send(get()).await.expect("a new connection answers");
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            "ok"
+        );
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_closes_its_connection() {
+        let (origin, connections) = upstream(
+            "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part of it",
+            usize::MAX,
+        )
+        .await;
+        let pool = pool(origin);
+        let response = pool.send(get()).await.unwrap();
+        drop(response);
+        assert_eq!(pool.idle_count(), 0, "a half-read connection is not reused");
+        let _second = pool.send(get()).await.unwrap();
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_a_connect_error() {
+        let closed: Uri = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}/", listener.local_addr().unwrap())
+                .parse()
+                .unwrap()
+        };
+        let pool = pool(closed);
+        assert!(matches!(pool.send(get()).await, Err(PoolError::Connect(_))));
+    }
+}
