@@ -145,17 +145,16 @@ impl Body for InboundBody {
                 this.progress
                     .waiting_on_client
                     .store(true, Ordering::Relaxed);
+                // One timer per body, allocated at its first wait and reset for each.
+                let stall = this
+                    .stall
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::ZERO)));
                 if this.waiting_since.is_none() {
                     // A new wait on the client: the pause limit counts from now.
                     let now = Instant::now();
                     this.waiting_since = Some(now);
-                    let deadline = now + this.limits.stall_timeout;
-                    match this.stall.as_mut() {
-                        Some(stall) => stall.as_mut().reset(deadline),
-                        None => this.stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
-                    }
+                    stall.as_mut().reset(now + this.limits.stall_timeout);
                 }
-                let stall = this.stall.as_mut().expect("armed above");
                 if stall.as_mut().poll(cx).is_ready() {
                     return this.fail(InboundFailure::Stalled);
                 }
