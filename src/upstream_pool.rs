@@ -9,9 +9,13 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// Tokio's clock, so that tests can move it.
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response, Uri};
@@ -29,6 +33,9 @@ use crate::body::UpstreamBody;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept at most; more are closed when given back.
 const MAX_IDLE: usize = 1024;
+/// How often idle connections past [`IDLE_TIMEOUT`] are closed when no request comes to
+/// find them (after a burst, say).
+const REAP_EVERY: Duration = Duration::from_secs(30);
 
 type Sender = SendRequest<UpstreamBody>;
 
@@ -55,6 +62,9 @@ struct Shared {
     origin: Uri,
     /// Most recently given back at the back.
     idle: Mutex<VecDeque<Idle>>,
+    /// Whether the task that closes expired idle connections runs (started with the first
+    /// connection given back: by then there is a runtime).
+    reaping: AtomicBool,
 }
 
 struct Idle {
@@ -69,6 +79,7 @@ impl UpstreamPool {
                 connector,
                 origin,
                 idle: Mutex::new(VecDeque::new()),
+                reaping: AtomicBool::new(false),
             }),
         }
     }
@@ -160,19 +171,40 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn give_back(&self, sender: Sender) {
+    fn give_back(self: &Arc<Self>, sender: Sender) {
         if sender.is_closed() {
             return;
         }
+        if !self.reaping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(reap(Arc::downgrade(self)));
+        }
         let now = Instant::now();
         let mut idle = self.lock();
-        while idle
-            .front()
-            .is_some_and(|oldest| idle.len() >= MAX_IDLE || now - oldest.since > IDLE_TIMEOUT)
-        {
+        Self::expire(&mut idle, now);
+        while idle.len() >= MAX_IDLE {
             idle.pop_front();
         }
         idle.push_back(Idle { sender, since: now });
+    }
+
+    /// Closes the idle connections past [`IDLE_TIMEOUT`]: the oldest are at the front.
+    fn expire(idle: &mut VecDeque<Idle>, now: Instant) {
+        while idle
+            .front()
+            .is_some_and(|oldest| now - oldest.since > IDLE_TIMEOUT)
+        {
+            idle.pop_front();
+        }
+    }
+}
+
+/// Closes expired idle connections every [`REAP_EVERY`] until the pool is gone.
+async fn reap(pool: Weak<Shared>) {
+    loop {
+        tokio::time::sleep(REAP_EVERY).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let mut idle = pool.lock();
+        Shared::expire(&mut idle, Instant::now());
     }
 }
 
@@ -354,14 +386,17 @@ mod tests {
 
         close.notify_one();
         // The connection's task sees the close on its own; wait for it, bounded.
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !pool
             .shared
             .lock()
             .back()
             .is_some_and(|idle| idle.sender.is_closed())
         {
-            assert!(Instant::now() < deadline, "the close was never seen");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the close was never seen"
+            );
             tokio::task::yield_now().await;
         }
         let response = pool.send(get()).await.expect("a new connection answers");
@@ -385,6 +420,23 @@ mod tests {
         assert_eq!(pool.idle_count(), 0, "a half-read connection is not reused");
         let _second = pool.send(get()).await.unwrap();
         assert_eq!(connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_are_closed_after_the_idle_timeout_without_traffic() {
+        let (origin, _) = upstream(OK, usize::MAX).await;
+        let pool = pool(origin);
+        let response = pool.send(get()).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle_count(), 1);
+        tokio::time::sleep(IDLE_TIMEOUT).await;
+        assert_eq!(pool.idle_count(), 1, "kept for the idle timeout");
+        tokio::time::sleep(REAP_EVERY * 2).await;
+        assert_eq!(
+            pool.idle_count(),
+            0,
+            "closed once past it, with no request to find it"
+        );
     }
 
     #[tokio::test]
