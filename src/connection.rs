@@ -66,7 +66,7 @@ pub async fn serve<IO, F, Fut, B>(
     B: Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let activity = Arc::new(Activity::new());
+    let activity = Arc::new(Activity::new(timeouts));
     let io = TokioIo::new(Watched {
         inner: io,
         activity: activity.clone(),
@@ -102,7 +102,7 @@ pub async fn serve<IO, F, Fut, B>(
                 activity.start_draining();
                 draining = true;
             }
-            expiry = activity.next_expiry(timeouts, draining) => match expiry {
+            expiry = activity.next_expiry() => match expiry {
                 Expiry::HeaderTimeout => {
                     tracing::debug!(%peer, timeout = ?timeouts.header_read, "closed: request head not complete in time");
                     return;
@@ -158,18 +158,43 @@ struct State {
     /// Response bodies waiting for hyper to ask for their next frame, by id, since when.
     /// Few at a time (one per open stream at most), so a vector.
     untaken: Vec<(u64, Instant)>,
+    /// Closing after shutdown or idleness: an idle connection gets `header_read` to finish.
+    draining: bool,
+    /// The deadline the watchdog sleeps until (`None`: until a change). A change that
+    /// moves the deadline later does not wake it: it finds out when this one passes.
+    armed: Option<Instant>,
+}
+
+impl State {
+    /// When the connection expires, and why, as things stand.
+    fn deadline(&self, timeouts: &Timeouts) -> Option<(Instant, Expiry)> {
+        if self.in_flight > 0 {
+            self.untaken
+                .iter()
+                .map(|(_, since)| *since)
+                .min()
+                .map(|since| (since + timeouts.idle, Expiry::AnswerUntaken))
+        } else if let Some(started) = self.head_started {
+            Some((started + timeouts.header_read, Expiry::HeaderTimeout))
+        } else if self.draining {
+            Some((self.idle_since + timeouts.header_read, Expiry::Idle))
+        } else {
+            Some((self.idle_since + timeouts.idle, Expiry::Idle))
+        }
+    }
 }
 
 /// What a connection is doing, shared by its I/O, its requests and its watchdog.
 struct Activity {
     state: Mutex<State>,
+    timeouts: Timeouts,
     changed: Notify,
     /// Ids for the response bodies of this connection (no lock needed to hand one out).
     next_body: AtomicU64,
 }
 
 impl Activity {
-    fn new() -> Self {
+    fn new(timeouts: Timeouts) -> Self {
         let now = Instant::now();
         Self {
             state: Mutex::new(State {
@@ -178,9 +203,27 @@ impl Activity {
                 idle_since: now,
                 head_started: Some(now),
                 untaken: Vec::new(),
+                draining: false,
+                armed: None,
             }),
+            timeouts,
             changed: Notify::new(),
             next_body: AtomicU64::new(0),
+        }
+    }
+
+    /// After a change of `state`: wakes the watchdog only when the deadline moved earlier
+    /// than the one it sleeps until. A request changes the state four or five times, and
+    /// each wake re-polled the whole connection and re-armed a timer.
+    fn settle(&self, state: MutexGuard<'_, State>) {
+        let earlier = match (state.deadline(&self.timeouts), state.armed) {
+            (Some((at, _)), Some(armed)) => at < armed,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        drop(state);
+        if earlier {
+            self.changed.notify_one();
         }
     }
 
@@ -212,16 +255,14 @@ impl Activity {
             }
             if state.protocol == Protocol::Http2 {
                 state.head_started = None;
-                drop(state);
-                self.changed.notify_one();
+                self.settle(state);
                 return;
             }
         }
         if state.protocol != Protocol::Http2 && state.in_flight == 0 && state.head_started.is_none()
         {
             state.head_started = Some(Instant::now());
-            drop(state);
-            self.changed.notify_one();
+            self.settle(state);
         }
     }
 
@@ -229,8 +270,7 @@ impl Activity {
         let mut state = self.lock();
         state.in_flight += 1;
         state.head_started = None;
-        drop(state);
-        self.changed.notify_one();
+        self.settle(state);
         RequestGuard {
             activity: self.clone(),
         }
@@ -243,8 +283,7 @@ impl Activity {
             state.idle_since = Instant::now();
             state.head_started = None;
         }
-        drop(state);
-        self.changed.notify_one();
+        self.settle(state);
     }
 
     fn body_id(&self) -> u64 {
@@ -255,13 +294,8 @@ impl Activity {
     /// over) and waits to be asked for more.
     fn answer_waiting(&self, body: u64) {
         let mut state = self.lock();
-        let first = state.untaken.is_empty();
         state.untaken.push((body, Instant::now()));
-        drop(state);
-        // Only the first wait can move the watchdog's deadline earlier.
-        if first {
-            self.changed.notify_one();
-        }
+        self.settle(state);
     }
 
     fn answer_taken(&self, body: u64) {
@@ -275,31 +309,23 @@ impl Activity {
         let mut state = self.lock();
         state.idle_since = Instant::now();
         state.head_started = None;
-        drop(state);
-        self.changed.notify_one();
+        state.draining = true;
+        self.settle(state);
     }
 
     /// Resolves when the connection has been idle or waiting for a head for too long.
     /// While draining, an idle connection gets `header_read` to finish closing.
-    async fn next_expiry(&self, timeouts: Timeouts, draining: bool) -> Expiry {
+    async fn next_expiry(&self) -> Expiry {
+        // One timer, moved as the deadline moves.
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
         loop {
             let changed = self.changed.notified();
             let deadline = {
-                let state = self.lock();
-                if state.in_flight > 0 {
-                    state
-                        .untaken
-                        .iter()
-                        .map(|(_, since)| *since)
-                        .min()
-                        .map(|since| (since + timeouts.idle, Expiry::AnswerUntaken))
-                } else if let Some(started) = state.head_started {
-                    Some((started + timeouts.header_read, Expiry::HeaderTimeout))
-                } else if draining {
-                    Some((state.idle_since + timeouts.header_read, Expiry::Idle))
-                } else {
-                    Some((state.idle_since + timeouts.idle, Expiry::Idle))
-                }
+                let mut state = self.lock();
+                let deadline = state.deadline(&self.timeouts);
+                state.armed = deadline.map(|(at, _)| at);
+                deadline
             };
             match deadline {
                 None => changed.await,
@@ -307,9 +333,12 @@ impl Activity {
                     if Instant::now() >= at {
                         return expiry;
                     }
+                    if timer.deadline() != at {
+                        timer.as_mut().reset(at);
+                    }
                     tokio::select! {
                         _ = changed => {}
-                        _ = tokio::time::sleep_until(at) => {}
+                        _ = timer.as_mut() => {}
                     }
                 }
             }
@@ -511,9 +540,14 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
 mod tests {
     use super::*;
 
+    const TIMEOUTS: Timeouts = Timeouts {
+        header_read: Duration::from_secs(10),
+        idle: Duration::from_secs(75),
+    };
+
     #[test]
     fn the_http2_preface_turns_off_the_head_timer() {
-        let activity = Activity::new();
+        let activity = Activity::new(TIMEOUTS);
         activity.on_read(&H2_PREFACE[..10]);
         assert_eq!(activity.lock().protocol, Protocol::Undecided(10));
         assert!(activity.lock().head_started.is_some());
@@ -523,14 +557,14 @@ mod tests {
         activity.on_read(b"\0\0\0\x06ping");
         assert!(activity.lock().head_started.is_none());
 
-        let http1 = Activity::new();
+        let http1 = Activity::new(TIMEOUTS);
         http1.on_read(b"PRI * HTTP/1.1\r\n");
         assert_eq!(http1.lock().protocol, Protocol::Http1);
     }
 
     #[test]
     fn http1_heads_start_the_timer_only_between_requests() {
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::new(TIMEOUTS));
         activity.on_read(b"GET / HTTP/1.1\r\n");
         assert_eq!(activity.lock().protocol, Protocol::Http1);
         let guard = activity.request_started();
@@ -546,16 +580,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn expiry_follows_the_state() {
-        let timeouts = Timeouts {
-            header_read: Duration::from_secs(10),
-            idle: Duration::from_secs(75),
-        };
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::new(TIMEOUTS));
         let started = Instant::now();
-        assert_eq!(
-            activity.next_expiry(timeouts, false).await,
-            Expiry::HeaderTimeout
-        );
+        assert_eq!(activity.next_expiry().await, Expiry::HeaderTimeout);
         assert_eq!(started.elapsed(), Duration::from_secs(10));
 
         let guard = activity.request_started();
@@ -564,18 +591,44 @@ mod tests {
             drop(guard);
         });
         let started = Instant::now();
-        assert_eq!(activity.next_expiry(timeouts, false).await, Expiry::Idle);
+        assert_eq!(activity.next_expiry().await, Expiry::Idle);
         assert_eq!(started.elapsed(), Duration::from_secs(375));
         released.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_later_deadline_waits_for_the_armed_one_and_still_governs() {
+        let activity = Arc::new(Activity::new(TIMEOUTS));
+        let accepted = Instant::now();
+        let watchdog = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.next_expiry().await }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(activity.lock().armed, Some(accepted + TIMEOUTS.header_read));
+
+        // A request: no deadline while it runs, later than the armed one: no wake.
+        let guard = activity.request_started();
+        tokio::task::yield_now().await;
+        assert_eq!(activity.lock().armed, Some(accepted + TIMEOUTS.header_read));
+        // At the armed deadline the watchdog looks again, finds none, and waits.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(activity.lock().armed, None);
+        assert!(
+            !watchdog.is_finished(),
+            "a request in flight does not expire"
+        );
+
+        // Idle from 20 s: a deadline where there was none wakes it.
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        drop(guard);
+        assert_eq!(watchdog.await.unwrap(), Expiry::Idle);
+        assert_eq!(accepted.elapsed(), Duration::from_secs(20) + TIMEOUTS.idle);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_answer_left_untaken_expires_after_the_idle_timeout() {
-        let timeouts = Timeouts {
-            header_read: Duration::from_secs(10),
-            idle: Duration::from_secs(75),
-        };
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::new(TIMEOUTS));
         let _guard = activity.request_started();
         let (taken, left) = (activity.body_id(), activity.body_id());
         activity.answer_waiting(taken);
@@ -583,10 +636,7 @@ mod tests {
         activity.answer_waiting(left);
         activity.answer_taken(taken);
         let started = Instant::now();
-        assert_eq!(
-            activity.next_expiry(timeouts, false).await,
-            Expiry::AnswerUntaken
-        );
+        assert_eq!(activity.next_expiry().await, Expiry::AnswerUntaken);
         assert_eq!(started.elapsed(), Duration::from_secs(75));
     }
 }
