@@ -92,7 +92,7 @@ impl UpstreamPool {
         mut request: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, PoolError> {
         loop {
-            let (mut sender, reused) = match self.checkout().await {
+            let (mut sender, reused) = match self.checkout() {
                 Some(sender) => (sender, true),
                 None => (self.connect().await?, false),
             };
@@ -120,20 +120,30 @@ impl UpstreamPool {
         }
     }
 
-    /// The most recently used idle connection that can take a request now.
-    async fn checkout(&self) -> Option<Sender> {
-        loop {
-            let idle = self.shared.lock().pop_back()?;
-            if idle.since.elapsed() > IDLE_TIMEOUT {
+    /// The most recently used idle connection that can take a request now. One not ready
+    /// stays for later, never waited on: it may still be sending a request body the
+    /// upstream answered early (a 400 or 413 to a large upload), for as long as that takes.
+    fn checkout(&self) -> Option<Sender> {
+        let now = Instant::now();
+        let mut idle = self.shared.lock();
+        let mut busy = Vec::new();
+        let ready = loop {
+            let Some(candidate) = idle.pop_back() else {
+                break None;
+            };
+            if now - candidate.since > IDLE_TIMEOUT || candidate.sender.is_closed() {
                 continue;
             }
-            let mut sender = idle.sender;
-            // Given back at the end of its answer's body, the connection may not have
-            // finished that exchange yet; it is ready within a poll or it is closing.
-            if sender.ready().await.is_ok() {
-                return Some(sender);
+            if candidate.sender.is_ready() {
+                break Some(candidate.sender);
             }
+            busy.push(candidate);
+        };
+        // Back where they were: newest at the back, as `expire` expects.
+        while let Some(candidate) = busy.pop() {
+            idle.push_back(candidate);
         }
+        ready
     }
 
     async fn connect(&self) -> Result<Sender, PoolError> {
@@ -223,9 +233,21 @@ pub struct PooledBody {
 
 impl PooledBody {
     fn release(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.pool.give_back(lease.sender);
+        let Some(Lease { mut sender, pool }) = self.lease.take() else {
+            return;
+        };
+        if sender.is_ready() {
+            pool.give_back(sender);
+            return;
         }
+        // Not ready yet: the connection is finishing this exchange (a moment), or still
+        // sending a request body the upstream answered early (as long as that upload
+        // takes). Only ready connections go in the list, so a task waits for this one.
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                pool.give_back(sender);
+            }
+        });
     }
 }
 
@@ -298,6 +320,20 @@ mod tests {
         (origin, connections)
     }
 
+    /// Waits until `n` connections are idle: one given back while its connection was
+    /// still finishing the exchange goes through a task.
+    async fn until_idle(pool: &UpstreamPool, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while pool.idle_count() != n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} idle, not {n}",
+                pool.idle_count()
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
     fn pool(origin: Uri) -> UpstreamPool {
         let connector =
             crate::forward::https_connector(rustls::RootCertStore::empty(), Duration::from_secs(1))
@@ -317,7 +353,9 @@ mod tests {
 
     const OK: &str = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
-    #[tokio::test]
+    // On two worker threads, as in production: the connection's task and the request's
+    // run in parallel, and the connection must still be ready when the next request asks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_connection_is_reused_once_its_answer_is_read() {
         let (origin, connections) = upstream(OK, usize::MAX).await;
         let pool = pool(origin);
@@ -325,19 +363,19 @@ mod tests {
             let response = pool.send(get()).await.unwrap();
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, "ok");
-            assert_eq!(pool.idle_count(), 1, "given back at the end of the body");
+            until_idle(&pool, 1).await;
         }
         assert_eq!(connections.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
-    async fn an_answer_without_a_body_gives_the_connection_back_at_once() {
+    async fn an_answer_without_a_body_gives_the_connection_back_unread() {
         let (origin, connections) = upstream("HTTP/1.1 204 No Content\r\n\r\n", usize::MAX).await;
         let pool = pool(origin);
         for _ in 0..3 {
             let response = pool.send(get()).await.unwrap();
             assert_eq!(response.status(), 204);
-            assert_eq!(pool.idle_count(), 1);
+            until_idle(&pool, 1).await;
         }
         assert_eq!(connections.load(Ordering::SeqCst), 1);
     }
@@ -382,7 +420,7 @@ mod tests {
         let pool = pool(origin);
         let response = pool.send(get()).await.unwrap();
         response.into_body().collect().await.unwrap();
-        assert_eq!(pool.idle_count(), 1);
+        until_idle(&pool, 1).await;
 
         close.notify_one();
         // The connection's task sees the close on its own; wait for it, bounded.
@@ -408,6 +446,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_still_sending_its_request_body_does_not_hold_up_the_next_request() {
+        // The upstream answers a large upload early (as with a 400 or 413) and reads no
+        // further: that connection stays busy sending the body. Small requests are
+        // answered normally.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin: Uri = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 4096];
+                    loop {
+                        let mut head = Vec::new();
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut buffer).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&buffer[..n]),
+                            }
+                        }
+                        if String::from_utf8_lossy(&head).contains("content-length: 8388608") {
+                            let early = "HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\nno";
+                            let _ = stream.write_all(early.as_bytes()).await;
+                            std::future::pending::<()>().await;
+                        }
+                        if stream.write_all(OK.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let pool = pool(origin);
+        let mut upload = get();
+        *upload.body_mut() = UpstreamBody::Held(Some(Bytes::from(vec![b'x'; 8 * 1024 * 1024])));
+        upload.headers_mut().insert(
+            http::header::CONTENT_LENGTH,
+            http::HeaderValue::from_static("8388608"),
+        );
+        let early = pool.send(upload).await.unwrap();
+        assert_eq!(early.status(), 400);
+        early.into_body().collect().await.unwrap();
+
+        let next = tokio::time::timeout(Duration::from_secs(5), pool.send(get()))
+            .await
+            .expect("the next request is not held up by the busy connection")
+            .unwrap();
+        assert_eq!(next.into_body().collect().await.unwrap().to_bytes(), "ok");
+    }
+
+    #[tokio::test]
     async fn a_body_dropped_before_its_end_closes_its_connection() {
         let (origin, connections) = upstream(
             "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part of it",
@@ -428,7 +518,7 @@ mod tests {
         let pool = pool(origin);
         let response = pool.send(get()).await.unwrap();
         response.into_body().collect().await.unwrap();
-        assert_eq!(pool.idle_count(), 1);
+        until_idle(&pool, 1).await;
         tokio::time::sleep(IDLE_TIMEOUT).await;
         assert_eq!(pool.idle_count(), 1, "kept for the idle timeout");
         tokio::time::sleep(REAP_EVERY * 2).await;
