@@ -160,7 +160,7 @@ impl Upstream {
             .authority()
             .cloned()
             .ok_or_else(|| "upstream.url has no host".to_string())?;
-        let host = HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?;
+        let host = host_header(&scheme, &authority)?;
         let origin = Uri::builder()
             .scheme(scheme)
             .authority(authority)
@@ -225,6 +225,21 @@ impl Upstream {
             },
         }
     }
+}
+
+/// The `Host` of upstream requests: the authority without user info, and without the
+/// port when it is the scheme's default (as clients write it; some front ends match on it).
+fn host_header(scheme: &Scheme, authority: &http::uri::Authority) -> Result<HeaderValue, String> {
+    let default_port = match scheme.as_str() {
+        "https" => 443,
+        "http" => 80,
+        _ => 0,
+    };
+    let host = match authority.port_u16() {
+        Some(port) if port != default_port => format!("{}:{port}", authority.host()),
+        _ => authority.host().to_string(),
+    };
+    HeaderValue::from_str(&host).map_err(|e| e.to_string())
 }
 
 /// An HTTP and HTTPS (rustls with ring) connector trusting `roots`, with a bound on TCP
@@ -305,6 +320,21 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_header_leaves_out_a_default_port() {
+        let host = |url: &str| {
+            let uri: Uri = url.parse().unwrap();
+            host_header(uri.scheme().unwrap(), uri.authority().unwrap()).unwrap()
+        };
+        assert_eq!(host("https://api.example.com"), "api.example.com");
+        assert_eq!(host("https://api.example.com:443"), "api.example.com");
+        assert_eq!(host("https://api.example.com:8443"), "api.example.com:8443");
+        assert_eq!(host("http://127.0.0.1:80"), "127.0.0.1");
+        assert_eq!(host("http://127.0.0.1:8080"), "127.0.0.1:8080");
+        assert_eq!(host("http://[::1]:8080"), "[::1]:8080");
+        assert_eq!(host("https://user:pw@api.example.com"), "api.example.com");
+    }
 
     #[test]
     fn detached_headers_are_equal_and_share_nothing_with_the_parsed_buffer() {
