@@ -289,10 +289,7 @@ mod tests {
     /// A raw HTTP/1.1 upstream: answers every request on a connection with `answer`, and
     /// closes the connection after `per_connection` answers. Counts connections.
     async fn upstream(answer: &'static str, per_connection: usize) -> (Uri, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let origin: Uri = format!("http://{}/", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
+        let (listener, origin) = listen().await;
         let connections = Arc::new(AtomicUsize::new(0));
         let counted = connections.clone();
         tokio::spawn(async move {
@@ -300,14 +297,9 @@ mod tests {
                 let (mut stream, _) = listener.accept().await.unwrap();
                 counted.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let mut buffer = vec![0u8; 4096];
                     for _ in 0..per_connection {
-                        let mut head = Vec::new();
-                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match stream.read(&mut buffer).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => head.extend_from_slice(&buffer[..n]),
-                            }
+                        if read_head(&mut stream).await.is_none() {
+                            return;
                         }
                         if stream.write_all(answer.as_bytes()).await.is_err() {
                             return;
@@ -318,6 +310,27 @@ mod tests {
             }
         });
         (origin, connections)
+    }
+
+    async fn listen() -> (TcpListener, Uri) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        (listener, origin)
+    }
+
+    /// Reads one request head (and whatever came with it); `None` at the end of the stream.
+    async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+        let mut buffer = [0u8; 4096];
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => head.extend_from_slice(&buffer[..n]),
+            }
+        }
+        Some(head)
     }
 
     /// Waits until `n` connections are idle: one given back while its connection was
@@ -397,10 +410,7 @@ mod tests {
     #[tokio::test]
     async fn a_kept_alive_connection_closed_while_idle_is_not_used_again() {
         // Each connection answers once, then waits; the test closes it while it idles.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let origin: Uri = format!("http://{}/", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
+        let (listener, origin) = listen().await;
         let close = Arc::new(tokio::sync::Notify::new());
         let connections = Arc::new(AtomicUsize::new(0));
         let (counted, closing) = (connections.clone(), close.clone());
@@ -410,8 +420,7 @@ mod tests {
                 counted.fetch_add(1, Ordering::SeqCst);
                 let closing = closing.clone();
                 tokio::spawn(async move {
-                    let mut buffer = vec![0u8; 4096];
-                    let _ = stream.read(&mut buffer).await;
+                    read_head(&mut stream).await;
                     let _ = stream.write_all(OK.as_bytes()).await;
                     closing.notified().await;
                 });
@@ -450,23 +459,12 @@ mod tests {
         // The upstream answers a large upload early (as with a 400 or 413) and reads no
         // further: that connection stays busy sending the body. Small requests are
         // answered normally.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let origin: Uri = format!("http://{}/", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
+        let (listener, origin) = listen().await;
         tokio::spawn(async move {
             loop {
                 let (mut stream, _) = listener.accept().await.unwrap();
                 tokio::spawn(async move {
-                    let mut buffer = vec![0u8; 4096];
-                    loop {
-                        let mut head = Vec::new();
-                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match stream.read(&mut buffer).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => head.extend_from_slice(&buffer[..n]),
-                            }
-                        }
+                    while let Some(head) = read_head(&mut stream).await {
                         if String::from_utf8_lossy(&head).contains("content-length: 8388608") {
                             let early = "HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\nno";
                             let _ = stream.write_all(early.as_bytes()).await;
