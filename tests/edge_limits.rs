@@ -262,10 +262,11 @@ async fn idle_keep_alive_connections_close_after_the_idle_timeout_not_the_header
 async fn a_stalled_request_body_answers_408_even_when_the_upstream_timeout_is_shorter() {
     let upstream = MockUpstream::start().await;
     // Margins wide enough for a machine running the whole suite at once: the upstream
-    // request must have started sending the body before its first deadline.
+    // request must have started sending the body before its first deadline (400 ms was
+    // once too short for connecting and the first body poll in a full parallel run).
     let gateway = gateway(&upstream, |c| {
-        c.server.body_read_timeout = Duration::from_millis(1200);
-        c.upstream.timeout = Duration::from_millis(400);
+        c.server.body_read_timeout = Duration::from_millis(3000);
+        c.upstream.timeout = Duration::from_millis(1000);
     })
     .await;
     let gw = gateway.proxy_addr();
@@ -283,7 +284,7 @@ async fn a_stalled_request_body_answers_408_even_when_the_upstream_timeout_is_sh
         outcome.response().body_text()
     );
     assert_eq!(outcome.response().body_text(), REQUEST_TIMEOUT_BODY);
-    assert!(started.elapsed() >= Duration::from_millis(1150));
+    assert!(started.elapsed() >= Duration::from_millis(2950));
     assert!(upstream.received().iter().all(|r| !r.body_complete));
     gateway.shutdown().await;
     logs::assert_clean(ALL_SECRETS);
