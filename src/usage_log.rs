@@ -55,6 +55,24 @@ pub struct UsageRecord {
     pub day_limit: Option<u64>,
 }
 
+/// An address as `Display` writes it. IPv4, nearly every client, is put together from its
+/// octets: the formatter's general path was ~1 300 instructions a line (callgrind).
+fn ip_text(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut text = String::with_capacity(15);
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text.push('.');
+                }
+                text.push_str(itoa::Buffer::new().format(octet));
+            }
+            text
+        }
+        std::net::IpAddr::V6(v6) => v6.to_string(),
+    }
+}
+
 /// Milliseconds with three decimals: enough to order lines, short to read.
 fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
@@ -81,7 +99,7 @@ impl UsageRecord {
             upstream_latency_ms: ctx.upstream_latency.map(millis),
             bytes_in,
             bytes_out: ctx.bytes_out,
-            client_ip: ctx.client_ip.to_string(),
+            client_ip: ip_text(ctx.client_ip),
             user_agent: ctx.user_agent,
             minute_used: usage.map(|u| u.minute.used),
             minute_limit: usage.map(|u| u.minute.limit),
@@ -469,6 +487,23 @@ mod tests {
         ctx.path = "/v1/text-to-image".into();
         ctx.status = 401;
         ctx
+    }
+
+    #[test]
+    fn addresses_read_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "10.1.2.3",
+            "127.0.0.1",
+            "192.168.100.255",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "::ffff:10.0.0.1",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
     }
 
     #[test]
