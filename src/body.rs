@@ -255,30 +255,13 @@ impl InboundBody {
 
     /// Reads the whole body into memory, with the same limits and stall timer as when it
     /// streams. Only for bodies of a known, small length.
-    ///
-    /// The copy is the body's own allocation: hyper hands out a small body as a slice of
-    /// the connection's 8 KiB read buffer, and holding that slice for the whole upstream
-    /// call would pin the buffer (hyper allocates another for its next read meanwhile).
-    pub async fn hold(mut self) -> Result<Bytes, InboundFailure> {
+    pub async fn hold(self) -> Result<Bytes, InboundFailure> {
         use http_body_util::BodyExt;
-        /// What a declared length may reserve up front: a client that declares a large
-        /// body and sends little must not get the memory for free.
-        const MAX_RESERVE: u64 = 64 * 1024;
-        let declared = self.known_length().unwrap_or(0).min(MAX_RESERVE);
-        let mut held = bytes::BytesMut::with_capacity(usize::try_from(declared).unwrap_or(0));
-        while let Some(frame) = self.frame().await {
-            match frame {
-                Ok(frame) => {
-                    if let Some(data) = frame.data_ref() {
-                        held.extend_from_slice(data);
-                    }
-                }
-                Err(_) => {
-                    return Err(self.progress.failure().unwrap_or(InboundFailure::Malformed));
-                }
-            }
+        let progress = self.progress.clone();
+        match self.collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(_) => Err(progress.failure().unwrap_or(InboundFailure::Malformed)),
         }
-        Ok(held.freeze())
     }
 }
 

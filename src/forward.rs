@@ -282,30 +282,6 @@ pub fn rewrite_request_headers(
     headers.insert(X_REQUEST_ID, request_id.clone());
 }
 
-/// A copy of `headers` whose values share one buffer of their own. hyper parses a
-/// request's header values as slices of the connection's read buffer (8 KiB), so a copy
-/// kept for the length of an upstream call (for retries) would pin that buffer; this one
-/// costs one allocation the size of the values.
-pub fn detached(headers: &HeaderMap) -> HeaderMap {
-    let mut values = bytes::BytesMut::with_capacity(headers.iter().map(|(_, v)| v.len()).sum());
-    for (_, value) in headers {
-        values.extend_from_slice(value.as_bytes());
-    }
-    let values = values.freeze();
-    let mut copy = HeaderMap::with_capacity(headers.len());
-    let mut at = 0;
-    for (name, value) in headers {
-        let end = at + value.len();
-        let mut own = HeaderValue::from_maybe_shared(values.slice(at..end))
-            // Bytes that were a valid value still are; the fallback only keeps the slice.
-            .unwrap_or_else(|_| value.clone());
-        own.set_sensitive(value.is_sensitive());
-        copy.append(name.clone(), own);
-        at = end;
-    }
-    copy
-}
-
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -334,35 +310,6 @@ mod tests {
         assert_eq!(host("http://127.0.0.1:8080"), "127.0.0.1:8080");
         assert_eq!(host("http://[::1]:8080"), "[::1]:8080");
         assert_eq!(host("https://user:pw@api.example.com"), "api.example.com");
-    }
-
-    #[test]
-    fn detached_headers_are_equal_and_share_nothing_with_the_parsed_buffer() {
-        // Values parsed as slices of one buffer, as hyper parses a request head.
-        let buffer = bytes::Bytes::from_static(b"application/json;a=1;a=2;secret");
-        let slice = |from: usize, to: usize| {
-            HeaderValue::from_maybe_shared(buffer.slice(from..to)).unwrap()
-        };
-        let mut parsed = HeaderMap::new();
-        parsed.insert(header::CONTENT_TYPE, slice(0, 16));
-        parsed.append("x-multi", slice(17, 20));
-        parsed.append("x-multi", slice(21, 24));
-        let mut secret = slice(25, 31);
-        secret.set_sensitive(true);
-        parsed.insert("x-secret", secret);
-
-        let copy = detached(&parsed);
-        assert_eq!(copy, parsed);
-        let multi: Vec<_> = copy.get_all("x-multi").iter().collect();
-        assert_eq!(multi, ["a=1", "a=2"], "repeated values keep their order");
-        assert!(copy["x-secret"].is_sensitive());
-        let inside = buffer.as_ptr_range();
-        for (_, value) in &copy {
-            assert!(
-                !inside.contains(&value.as_bytes().as_ptr()),
-                "{value:?} still points into the parsed buffer"
-            );
-        }
     }
 
     #[test]

@@ -304,8 +304,6 @@ async fn forward(
         .upstream
         .uri(&target.path, client_uri.query())
         .map_err(|_| GatewayError::BadRequest("query cannot be forwarded"))?;
-    // A slice of the client connection's read buffer: not kept for the upstream call.
-    drop(client_uri);
     let forwarded_for =
         crate::client_addr::forwarded_for(peer.ip(), &headers, &gateway.edge.trusted_proxies);
     forward::rewrite_request_headers(&mut headers, forwarded_for, &ctx.request_id);

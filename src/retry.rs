@@ -106,9 +106,8 @@ pub async fn exchange(
         }
         OutgoingBody::Held(bytes) => bytes,
     };
-    // The first try sends the headers as parsed; further tries send copies of a copy
-    // that does not pin the client connection's read buffer while the upstream works.
-    let replay = crate::forward::detached(&headers);
+    // The first try sends the headers themselves; further tries send copies.
+    let replay = headers.clone();
     let mut first = Some(headers);
     let mut budget = RetryBudget::new(gateway.retry);
     let env = credential.env.clone();
