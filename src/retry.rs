@@ -179,12 +179,15 @@ async fn try_once(
             } else {
                 CallResult::Answered
             });
-            let now = gateway.clock.now();
-            let retry_after = retry_after(response.headers(), now);
-            if status == StatusCode::UNAUTHORIZED || status == StatusCode::TOO_MANY_REQUESTS {
-                rest_key(gateway, &credential, status, retry_after, now);
-            }
-            let retryable = Retryable::from_status(status).map(|why| (why, retry_after));
+            // Only a 401, 429 or 503 needs the clock and Retry-After: not every answer.
+            let retryable = Retryable::from_status(status).map(|why| {
+                let now = gateway.clock.now();
+                let retry_after = retry_after(response.headers(), now);
+                if matches!(why, Retryable::Throttled | Retryable::KeyRejected) {
+                    rest_key(gateway, &credential, status, retry_after, now);
+                }
+                (why, retry_after)
+            });
             let answered = Exchange::Answered {
                 response,
                 latency,
