@@ -69,19 +69,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     strip(headers, false);
 }
 
-/// Removes what the client must not choose for the upstream (see [`CLIENT_CONTROLLED`])
-/// and anything in keygate's own `X-Keygate-*` namespace.
-pub fn strip_client_controlled(headers: &mut HeaderMap) {
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| is_client_controlled(name))
-        .cloned()
-        .collect();
-    for name in &doomed {
-        headers.remove(name);
-    }
-}
-
+/// What the client must not choose for the upstream (see [`CLIENT_CONTROLLED`]) and
+/// anything in keygate's own `X-Keygate-*` namespace.
 fn is_client_controlled(name: &HeaderName) -> bool {
     CLIENT_CONTROLLED.contains(name) || name.as_str().starts_with("x-keygate-")
 }
