@@ -246,20 +246,18 @@ impl RedisStore {
         group: &[(usize, &Subject)],
         all: &[Subject],
     ) -> Result<Answer, StoreError> {
-        let keys: Vec<String> = group.iter().map(|(_, s)| redis_key(s, all)).collect();
-        let limits: Vec<(u64, u64)> = group
-            .iter()
-            .map(|(_, s)| (s.limits.rpm, s.limits.rpd))
-            .collect();
         let offset = self.clock.offset_from_wall_ms();
         let mut day = self.expected_day();
         for _ in 0..DAY_ATTEMPTS {
+            // Built per attempt and moved into the call: a second attempt (the day turned
+            // under the decision) is rare, a copy for it on every decision is not.
+            let keys: Vec<String> = group.iter().map(|(_, s)| redis_key(s, all)).collect();
+            let limits: Vec<(u64, u64)> = group
+                .iter()
+                .map(|(_, s)| (s.limits.rpm, s.limits.rpd))
+                .collect();
             let raw = match (&self.batcher, verb) {
-                (Some(batcher), Verb::Decide) => {
-                    batcher
-                        .submit(keys.clone(), limits.clone(), offset, day)
-                        .await?
-                }
+                (Some(batcher), Verb::Decide) => batcher.submit(keys, limits, offset, day).await?,
                 _ => {
                     let mut invocation = self.script.prepare_invoke();
                     for key in &keys {
