@@ -1,6 +1,6 @@
-//! Owns the upstream side: the request to the pinned origin over [`UpstreamPool`], the rewrite of
-//! a client request into an upstream request (origin pinned, token swapped for the real
-//! key, hop-by-hop headers dropped), and the classification of upstream failures.
+//! Owns the upstream side: the request to the pinned origin over [`UpstreamPool`], the
+//! rewrite of a client request into an upstream request (origin pinned, token swapped for
+//! the real key, hop-by-hop headers dropped), and the classification of upstream failures.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

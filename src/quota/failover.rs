@@ -6,8 +6,9 @@
 //! The first failed call puts the replica in degraded mode (logged once), and so does a
 //! slow one once the store has not answered any call for twice `store.timeout`: a burst
 //! that makes a few decisions late while the store keeps answering is not an outage, and
-//! only those late requests fall back. From then on no request waits for the store: `local` decides from this replica's memory with every
-//! limit divided by `store.expected_replicas`, `open` admits, `closed` refuses (503). A
+//! only those late requests fall back. From then on no request waits for the store:
+//! `local` decides from this replica's memory with every limit divided by
+//! `store.expected_replicas`, `open` admits, `closed` refuses (503). A
 //! background probe reconnects with exponential backoff and, once the store runs a script
 //! within `store.timeout` again, shared counting resumes by itself (logged once).
 
