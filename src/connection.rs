@@ -5,7 +5,7 @@
 //! address they arrived on through [`LocalAddr`].
 //!
 //! An unread answer shows in two ways. Over HTTP/1 the socket's writes block (see
-//! [`WriteStall`]). Over HTTP/2 a client can keep reading frames and simply never grant
+//! `WriteStall`). Over HTTP/2 a client can keep reading frames and simply never grant
 //! flow-control window: writes never block, but hyper stops asking the response body for
 //! more. So each response body records when it last handed hyper something (or was
 //! ready) without being asked again; the connection is cut when one waits that long.

@@ -9,7 +9,7 @@
 //! script alone, so concurrent decisions from any number of replicas are serialised there.
 //!
 //! Decisions do not each pay a round trip: on a single Redis, decisions that arrive while
-//! a call is in flight wait and then go out together as one call (a [`Batcher`] per store).
+//! a call is in flight wait and then go out together as one call (a `Batcher` per store).
 //! The script runs them one after the other, each seeing the charges of those before it, so
 //! the answers are those of as many calls in a row: exactly the limit is admitted under
 //! excess demand, never more. A batch only forms under load, so an idle gateway still sends
