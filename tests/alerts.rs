@@ -672,7 +672,6 @@ fn the_offline_detector_flags_a_night_burst_from_a_new_address_and_nothing_else(
 /// meets the 401 itself (its own turn of keys), and the claim in Redis lets one alert out.
 #[tokio::test]
 async fn a_rejected_upstream_key_is_alerted_once_across_two_replicas_on_one_redis() {
-    const REAL_KEY_B: &str = "sk-upstream-REAL-B-test-0123456789abcdef";
     let redis = RedisServer::start();
     let upstream = MockUpstream::start().await;
     upstream.refuse_key(REAL_KEY, 401);

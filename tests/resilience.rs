@@ -18,8 +18,6 @@ const UPSTREAM_429: &str = r#"{"error":{"code":"rate_limit_exceeded","message":"
 const UPSTREAM_503: &str = r#"{"error":{"code":"service_unavailable","message":"Overloaded"}}"#;
 const UPSTREAM_500: &str = r#"{"error":{"code":"internal","message":"Model crashed"}}"#;
 
-/// A second real `prod` key, for failover.
-const REAL_KEY_B: &str = "sk-upstream-REAL-B-test-0123456789abcdef";
 
 /// Fast retries (so tests take milliseconds, not the production seconds) and a circuit
 /// that stays out of the way unless a test sets its own.

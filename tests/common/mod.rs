@@ -31,6 +31,8 @@ pub use upstream::Reply;
 
 /// The real upstream key every test gateway holds. It must never reach a client or a log.
 pub const REAL_KEY: &str = "sk-upstream-REAL-test-0123456789abcdef";
+/// A second real `prod` key, for failover (set inline by the tests that use it).
+pub const REAL_KEY_B: &str = "sk-upstream-REAL-B-test-0123456789abcdef";
 /// A second real key, for the `dev` environment.
 pub const REAL_DEV_KEY: &str = "sk-upstream-DEV-test-fedcba9876543210";
 
