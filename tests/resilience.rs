@@ -18,7 +18,6 @@ const UPSTREAM_429: &str = r#"{"error":{"code":"rate_limit_exceeded","message":"
 const UPSTREAM_503: &str = r#"{"error":{"code":"service_unavailable","message":"Overloaded"}}"#;
 const UPSTREAM_500: &str = r#"{"error":{"code":"internal","message":"Model crashed"}}"#;
 
-
 /// Fast retries (so tests take milliseconds, not the production seconds) and a circuit
 /// that stays out of the way unless a test sets its own.
 const FAST_RETRIES: &str = "[upstream.retry]\nattempts = 3\nbase = \"10ms\"\ncap = \"40ms\"\nbudget = \"10s\"\n[upstream.circuit]\nenabled = false\n";
