@@ -1,8 +1,8 @@
 //! Owns one accepted client connection from its first byte to its close: the timers hyper
 //! lacks (a request head must arrive within `header_read_timeout` of its first byte, an
 //! idle keep-alive connection closes after `idle_timeout`, so does one whose client leaves
-//! its answer unread that long) and the graceful close on shutdown. Requests learn the
-//! address they arrived on through [`LocalAddr`].
+//! its answer unread that long) and the graceful close on shutdown. Each request reaches
+//! the service with the connection's [`Endpoints`].
 //!
 //! An unread answer shows in two ways. Over HTTP/1 the socket's writes block (see
 //! `WriteStall`). Over HTTP/2 a client can keep reading frames and simply never grant
@@ -37,9 +37,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-/// The local address a request arrived on, as a request extension.
+/// Both ends of the connection a request arrived on. Handed to the service with each
+/// request rather than kept in its extensions: an extension is two allocations a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LocalAddr(pub SocketAddr);
+pub struct Endpoints {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -61,7 +65,7 @@ pub async fn serve<IO, F, Fut, B>(
     mut shutdown: watch::Receiver<bool>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    F: Fn(SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Endpoints, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
     B: Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -73,12 +77,12 @@ pub async fn serve<IO, F, Fut, B>(
         write_stall: WriteStall::new(timeouts.idle),
     });
     let request_activity = activity.clone();
-    let svc = service_fn(move |mut request: Request<Incoming>| {
-        request.extensions_mut().insert(LocalAddr(local));
+    let endpoints = Endpoints { peer, local };
+    let svc = service_fn(move |request: Request<Incoming>| {
         // Taken before the handler runs, released when hyper drops the response body:
         // the connection is busy for exactly that long.
         let guard = request_activity.request_started();
-        let answer = service(peer, request);
+        let answer = service(endpoints, request);
         async move {
             let response = answer.await?;
             Ok::<_, Infallible>(response.map(|body| Guarded::new(body, guard)))

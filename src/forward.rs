@@ -19,80 +19,90 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// How many times keygate sent the request upstream again (absent when it did not).
 pub const X_KEYGATE_RETRIES: HeaderName = HeaderName::from_static("x-keygate-retries");
 
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the ones a
-/// client could use to talk to a proxy along the way. `Expect` is answered by keygate on
-/// the client's hop (hyper sends the 100 Continue).
-const HOP_BY_HOP: [HeaderName; 10] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::EXPECT,
-];
-
-/// Headers the client must not choose for the upstream: its credentials and Host,
-/// claims about who the client is or which host and scheme it used (keygate rebuilds
-/// `X-Forwarded-For` itself), and the overrides frameworks honour for the method or the
-/// path, which would let a request be checked as one route and served as another.
-const CLIENT_CONTROLLED: [HeaderName; 22] = [
-    header::AUTHORIZATION,
-    header::HOST,
-    header::FORWARDED,
-    crate::client_addr::X_FORWARDED_FOR,
-    HeaderName::from_static("x-forwarded-host"),
-    HeaderName::from_static("x-forwarded-proto"),
-    HeaderName::from_static("x-forwarded-port"),
-    HeaderName::from_static("x-forwarded-prefix"),
-    HeaderName::from_static("x-forwarded-server"),
-    HeaderName::from_static("x-forwarded-ssl"),
-    HeaderName::from_static("x-real-ip"),
-    HeaderName::from_static("x-client-ip"),
-    HeaderName::from_static("true-client-ip"),
-    HeaderName::from_static("x-cluster-client-ip"),
-    HeaderName::from_static("x-original-host"),
-    HeaderName::from_static("x-host"),
-    HeaderName::from_static("x-original-url"),
-    HeaderName::from_static("x-rewrite-url"),
-    HeaderName::from_static("x-original-uri"),
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-];
+/// Whether a header stays on this side of keygate. Hop-by-hop headers (RFC 9110 §7.6.1),
+/// plus the ones a client could use to talk to a proxy along the way, never cross in
+/// either direction; `Expect` is answered by keygate on the client's hop (hyper sends the
+/// 100 Continue). With `client_controlled`, a request also loses what the client must not
+/// choose for the upstream: its credentials and Host, claims about who the client is or
+/// which host and scheme it used (keygate rebuilds `X-Forwarded-For` itself), the
+/// overrides frameworks honour for the method or the path (which would let a request be
+/// checked as one route and served as another), and keygate's own `X-Keygate-*` namespace.
+///
+/// A `match` on the name: comparing every header against 32 `HeaderName`s one by one was
+/// ~1 300 instructions a request (callgrind, PERFORMANCE.md).
+fn stays_behind(name: &str, client_controlled: bool) -> bool {
+    match name {
+        "connection"
+        | "keep-alive"
+        | "proxy-connection"
+        | "proxy-authenticate"
+        | "proxy-authorization"
+        | "te"
+        | "trailer"
+        | "transfer-encoding"
+        | "upgrade"
+        | "expect" => true,
+        "authorization"
+        | "host"
+        | "forwarded"
+        | "x-forwarded-for"
+        | "x-forwarded-host"
+        | "x-forwarded-proto"
+        | "x-forwarded-port"
+        | "x-forwarded-prefix"
+        | "x-forwarded-server"
+        | "x-forwarded-ssl"
+        | "x-real-ip"
+        | "x-client-ip"
+        | "true-client-ip"
+        | "x-cluster-client-ip"
+        | "x-original-host"
+        | "x-host"
+        | "x-original-url"
+        | "x-rewrite-url"
+        | "x-original-uri"
+        | "x-http-method-override"
+        | "x-http-method"
+        | "x-method-override" => client_controlled,
+        _ => client_controlled && name.starts_with("x-keygate-"),
+    }
+}
 
 /// Removes hop-by-hop headers and every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     strip(headers, false);
 }
 
-/// What the client must not choose for the upstream (see [`CLIENT_CONTROLLED`]) and
-/// anything in keygate's own `X-Keygate-*` namespace.
-fn is_client_controlled(name: &HeaderName) -> bool {
-    CLIENT_CONTROLLED.contains(name) || name.as_str().starts_with("x-keygate-")
-}
-
-/// One pass over the names a request has (a handful) instead of a removal per name that
+/// One pass over the names a message has (a handful) instead of a removal per name that
 /// could be there (32): every removal hashes its name.
 fn strip(headers: &mut HeaderMap, client_controlled: bool) {
-    let mut doomed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    doomed.extend(
-        headers
-            .keys()
-            .filter(|name| {
-                HOP_BY_HOP.contains(name) || (client_controlled && is_client_controlled(name))
-            })
-            .cloned(),
-    );
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    let mut has_connection = false;
+    for name in headers.keys() {
+        if stays_behind(name.as_str(), client_controlled) {
+            has_connection |= name == header::CONNECTION;
+            doomed.push(name.clone());
+        }
+    }
+    if has_connection {
+        // The options `Connection` lists name headers of this hop only (RFC 9110 §7.6.1).
+        // Matched against the names present: parsing each option into a `HeaderName`
+        // (`keep-alive` on nearly every answer) cost more than the rest of the pass.
+        let options: Vec<&[u8]> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .collect();
+        for name in headers.keys() {
+            let named = options
+                .iter()
+                .any(|option| option.eq_ignore_ascii_case(name.as_str().as_bytes()));
+            if named && !doomed.contains(name) {
+                doomed.push(name.clone());
+            }
+        }
+    }
     for name in &doomed {
         headers.remove(name);
     }
@@ -343,5 +353,82 @@ mod tests {
         ] {
             assert!(!headers.contains_key(gone), "{gone} was forwarded");
         }
+    }
+
+    const HOP_BY_HOP: [&str; 10] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+    ];
+    const CLIENT_CONTROLLED: [&str; 23] = [
+        "authorization",
+        "host",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-forwarded-ssl",
+        "x-real-ip",
+        "x-client-ip",
+        "true-client-ip",
+        "x-cluster-client-ip",
+        "x-original-host",
+        "x-host",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-uri",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-keygate-anything",
+    ];
+
+    fn every_listed_header() -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for name in HOP_BY_HOP.iter().chain(&CLIENT_CONTROLLED) {
+            headers.append(HeaderName::from_static(name), HeaderValue::from_static("x"));
+        }
+        headers.append(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
+        headers
+    }
+
+    #[test]
+    fn a_request_loses_every_listed_header_and_keeps_the_rest() {
+        let mut headers = every_listed_header();
+        rewrite_request_headers(
+            &mut headers,
+            HeaderValue::from_static("10.0.0.1"),
+            &HeaderValue::from_static("req-2"),
+        );
+        let left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["content-type", "x-forwarded-for", "x-request-id"]);
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.1");
+    }
+
+    #[test]
+    fn an_answer_loses_only_hop_by_hop_headers() {
+        let mut headers = every_listed_header();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close,  X-Hop "),
+        );
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        let mut expected: Vec<&str> = CLIENT_CONTROLLED.into_iter().collect();
+        expected.push("content-type");
+        expected.sort_unstable();
+        assert_eq!(left, expected);
     }
 }

@@ -16,6 +16,7 @@ use crate::body::{
     BodyEnd, BodyLimits, InboundBody, InboundFailure, InboundProgress, OnFinish, ResponseBody,
 };
 use crate::config::OnStoreError;
+use crate::connection::Endpoints;
 use crate::context::{Outcome, RequestContext};
 use crate::error::{Forbidden, GatewayError, RateLimitSubject};
 use crate::forward::{self, ForwardError, X_KEYGATE_RETRIES, X_REQUEST_ID};
@@ -32,9 +33,10 @@ const MAX_USER_AGENT: usize = 256;
 /// Serves one proxied request. Never fails: every error becomes the spec's JSON answer.
 pub async fn handle(
     gateway: Arc<Gateway>,
-    peer: SocketAddr,
+    endpoints: Endpoints,
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
+    let peer = endpoints.peer;
     let snapshot = gateway.snapshot();
     let request_id = gateway.request_ids.for_request(request.headers());
     let client_ip = gateway.client_ip(peer.ip(), request.headers());
@@ -50,7 +52,7 @@ pub async fn handle(
         .and_then(|v| v.to_str().ok())
         .map(|ua| truncate(ua, MAX_USER_AGENT).to_string());
 
-    let response = match run(&gateway, &snapshot, &mut ctx, peer, request).await {
+    let response = match run(&gateway, &snapshot, &mut ctx, endpoints, request).await {
         Ok(response) => response,
         Err(error) => error_response(&mut ctx, error),
     };
@@ -70,10 +72,17 @@ async fn run(
     gateway: &Gateway,
     snapshot: &Snapshot,
     ctx: &mut RequestContext,
-    peer: SocketAddr,
+    endpoints: Endpoints,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let target = route(snapshot, ctx, &request, gateway.edge.max_body_bytes)?;
+    let peer = endpoints.peer;
+    let target = route(
+        snapshot,
+        ctx,
+        &request,
+        endpoints.local,
+        gateway.edge.max_body_bytes,
+    )?;
     let key = authenticate(gateway, snapshot, ctx, &request)?;
     let route = authorize(&key, target.route)?;
     ctx.route = Some(route.label.clone());
@@ -105,21 +114,24 @@ fn route<'a>(
     snapshot: &'a Snapshot,
     ctx: &mut RequestContext,
     request: &Request<Incoming>,
+    local: SocketAddr,
     max_body_bytes: u64,
 ) -> Result<Target<'a>, GatewayError> {
     let uri = request.uri();
-    ctx.path = truncate(uri.path(), MAX_LOGGED_PATH).to_string();
-    if request.method() == Method::CONNECT {
-        return Err(GatewayError::BadRequest("CONNECT is not supported"));
-    }
-    check_target_host(request)?;
-    let path = match routing::canonical_path(uri.path()) {
-        Ok(path) => path.into_owned(),
-        Err(e) => {
-            return Err(GatewayError::BadRequest(match e {
+    let path = check_target(request, local).and_then(|()| {
+        routing::canonical_path(uri.path()).map_err(|e| {
+            GatewayError::BadRequest(match e {
                 routing::PathError::NotAbsolute => "request target is not a path",
                 _ => "path cannot be canonicalised",
-            }));
+            })
+        })
+    });
+    let path = match path {
+        Ok(path) => path.into_owned(),
+        Err(e) => {
+            // Logged as the client sent it: there is no canonical form.
+            ctx.path = truncate(uri.path(), MAX_LOGGED_PATH).to_string();
+            return Err(e);
         }
     };
     ctx.path = path.clone();
@@ -139,11 +151,19 @@ fn route<'a>(
     Ok(Target { path, route })
 }
 
+/// What makes a request target unusable before its path is looked at.
+fn check_target(request: &Request<Incoming>, local: SocketAddr) -> Result<(), GatewayError> {
+    if request.method() == Method::CONNECT {
+        return Err(GatewayError::BadRequest("CONNECT is not supported"));
+    }
+    check_target_host(request, local)
+}
+
 /// HTTP/1 framing rules about the target host (RFC 9112 §3.2): exactly one Host header on
 /// HTTP/1.1, and an absolute-form target (`GET http://host/path`) only when it names this
 /// gateway's own listening address. HTTP/2 always carries `:authority`, which is just
 /// another Host: ignored, because the upstream origin is pinned.
-fn check_target_host(request: &Request<Incoming>) -> Result<(), GatewayError> {
+fn check_target_host(request: &Request<Incoming>, local: SocketAddr) -> Result<(), GatewayError> {
     if request.version() >= Version::HTTP_2 {
         return Ok(());
     }
@@ -159,10 +179,6 @@ fn check_target_host(request: &Request<Incoming>) -> Result<(), GatewayError> {
     if uri.scheme().is_none() && uri.authority().is_none() {
         return Ok(());
     }
-    let local = request
-        .extensions()
-        .get::<crate::connection::LocalAddr>()
-        .map(|local| local.0);
     if names_local_address(uri, local) {
         Ok(())
     } else {
@@ -174,8 +190,8 @@ fn check_target_host(request: &Request<Incoming>) -> Result<(), GatewayError> {
 
 /// Whether an absolute-form URI's authority is exactly `ip:port` of the socket the request
 /// arrived on (no user info, no name to resolve).
-fn names_local_address(uri: &http::Uri, local: Option<SocketAddr>) -> bool {
-    let (Some(local), Some(authority)) = (local, uri.authority()) else {
+fn names_local_address(uri: &http::Uri, local: SocketAddr) -> bool {
+    let Some(authority) = uri.authority() else {
         return false;
     };
     if authority.as_str().contains('@') {

@@ -195,9 +195,11 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
         settings.clone(),
         tls,
         shutdown_rx.clone(),
-        move |peer, request| {
+        move |endpoints, request| {
             let gateway = proxy_gateway.clone();
-            async move { Ok::<_, Infallible>(crate::pipeline::handle(gateway, peer, request).await) }
+            async move {
+                Ok::<_, Infallible>(crate::pipeline::handle(gateway, endpoints, request).await)
+            }
         },
     ));
     reopen_usage_log_on_hangup(&gateway, &mut tasks, shutdown_rx.clone());
@@ -218,7 +220,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
         settings,
         None,
         shutdown_rx,
-        move |_peer, request| {
+        move |_endpoints, request| {
             let gateway = admin_gateway.clone();
             async move { Ok::<_, Infallible>(crate::admin::handle(gateway, request).await) }
         },
@@ -356,7 +358,7 @@ async fn serve_listener<F, Fut>(
     mut shutdown: watch::Receiver<bool>,
     service: F,
 ) where
-    F: Fn(SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(connection::Endpoints, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<hyper::Response<crate::body::ResponseBody>, Infallible>>
         + Send
         + 'static,

@@ -391,6 +391,30 @@ async fn refunds_go_to_the_bucket_and_day_charged() {
     );
 }
 
+/// Redis forgets the script (a restart, `SCRIPT FLUSH`, a failover to a replica that never
+/// saw it): each kind of call loads it again and answers, nothing is lost or doubled.
+#[tokio::test]
+async fn every_call_loads_the_script_again_when_redis_forgot_it() {
+    let server = RedisServer::start();
+    let store = redis_store(&server, Arc::new(OffsetClock::new()), DayCalendar::utc());
+    let team = [subject(SubjectKind::Team, "design", 100, 1000)];
+    let flush = || assert_eq!(server.cli(&["SCRIPT", "FLUSH"]).unwrap().trim(), "OK");
+    let first = store.decide(&team).await.unwrap().admission.unwrap();
+    flush();
+    let decision = store.decide(&team).await.unwrap();
+    assert!(decision.admitted(), "a decision after the flush");
+    flush();
+    assert_eq!(store.usage(&team).await.unwrap()[0].day.used, 2);
+    flush();
+    store.refund(&team, first).await.unwrap();
+    assert_eq!(store.usage(&team).await.unwrap()[0].day.used, 1);
+    let loaded = server.cli(&["INFO", "commandstats"]).unwrap();
+    assert!(
+        loaded.contains("cmdstat_script|load:calls=4,"),
+        "one load at the first call and one after each flush: {loaded}"
+    );
+}
+
 #[tokio::test]
 async fn a_redis_clock_stepping_back_does_not_reopen_the_window() {
     let server = RedisServer::start();

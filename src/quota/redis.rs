@@ -73,7 +73,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use redis::{RedisError, Script, ScriptInvocation};
+use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind, ToRedisArgs};
 use tokio::sync::oneshot;
 
 use super::calendar::{CalendarDay, DayCalendar};
@@ -259,15 +259,11 @@ impl RedisStore {
             let raw = match (&self.batcher, verb) {
                 (Some(batcher), Verb::Decide) => batcher.submit(keys, limits, offset, day).await?,
                 _ => {
-                    let mut invocation = self.script.prepare_invoke();
-                    for key in &keys {
-                        invocation.key(key);
-                    }
-                    invocation.arg(verb.as_str()).arg(1);
-                    add_decision(&mut invocation, offset, day, 1..=keys.len(), &limits);
-                    let mut connection = self.connection();
-                    let text: Vec<u8> = invocation
-                        .invoke_async(&mut connection)
+                    let mut call = ScriptCall::new(&self.script, &keys, 2 + decision_args(&keys));
+                    call.arg(verb.as_str()).arg(1);
+                    add_decision(&mut call, offset, day, 1..=keys.len(), &limits);
+                    let text: Vec<u8> = call
+                        .invoke(&self.script, &mut self.connection())
                         .await
                         .map_err(store_error)?;
                     let mut answers = parse_answers(&text, 1)?;
@@ -393,20 +389,63 @@ impl RedisStore {
 /// Appends one decision to a script call: its clock offset and day, then each subject's
 /// index in KEYS (1-based) with its limits.
 fn add_decision(
-    invocation: &mut ScriptInvocation,
+    call: &mut ScriptCall,
     offset: i64,
     day: CalendarDay,
     key_indexes: impl IntoIterator<Item = usize>,
     limits: &[(u64, u64)],
 ) {
-    invocation
-        .arg(offset)
+    call.arg(offset)
         .arg(day.id)
         .arg(day.start_ms)
         .arg(day.end_ms)
         .arg(limits.len());
     for (index, (rpm, rpd)) in key_indexes.into_iter().zip(limits) {
-        invocation.arg(index).arg(rpm).arg(rpd);
+        call.arg(index).arg(rpm).arg(rpd);
+    }
+}
+
+/// How many arguments [`add_decision`] adds for a decision over `keys`.
+fn decision_args<K>(keys: &[K]) -> usize {
+    5 + 3 * keys.len()
+}
+
+/// One `EVALSHA` of the script, written straight into a command sized up front. redis-rs'
+/// `ScriptInvocation` kept each key and argument in a `Vec` of its own and copied them all
+/// into a command at the call: ~8 allocations a decision (callgrind, PERFORMANCE.md).
+struct ScriptCall(Cmd);
+
+impl ScriptCall {
+    fn new(script: &Script, keys: &[impl AsRef<str>], args: usize) -> ScriptCall {
+        // Digits of the arguments, generously: a short guess only costs a regrowth.
+        let bytes = 64 + keys.iter().map(|k| k.as_ref().len()).sum::<usize>() + 14 * args;
+        let mut cmd = Cmd::with_capacity(3 + keys.len() + args, bytes);
+        cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys.len());
+        for key in keys {
+            cmd.arg(key.as_ref());
+        }
+        ScriptCall(cmd)
+    }
+
+    fn arg(&mut self, arg: impl ToRedisArgs) -> &mut ScriptCall {
+        self.0.arg(arg);
+        self
+    }
+
+    /// Runs the call, loading the script first when Redis does not know it (a restart, a
+    /// `SCRIPT FLUSH`, a failover to a replica that never saw it), as redis-rs does.
+    async fn invoke<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        connection: &mut SharedRedis,
+    ) -> redis::RedisResult<T> {
+        match self.0.query_async(connection).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                script.load_async(connection).await?;
+                self.0.query_async(connection).await
+            }
+            answer => answer,
+        }
     }
 }
 
@@ -518,37 +557,37 @@ impl Batcher {
 
     /// One script call for every decision in `jobs`, keys shared between them sent once.
     async fn call(&self, jobs: &[Job]) -> Result<Vec<Vec<i64>>, StoreError> {
-        let mut invocation = self.script.prepare_invoke();
+        let mut keys: Vec<&str> = Vec::new();
         let mut indexes: hashbrown::HashMap<&str, usize> = hashbrown::HashMap::new();
         let mut job_indexes: Vec<usize> = Vec::with_capacity(jobs.len() * 2);
+        let mut args = 2;
         for job in jobs {
             for key in &job.keys {
-                let next = indexes.len() + 1;
                 let index = *indexes.entry(key.as_str()).or_insert_with(|| {
-                    invocation.key(key);
-                    next
+                    keys.push(key);
+                    keys.len()
                 });
                 job_indexes.push(index);
             }
+            args += decision_args(&job.keys);
         }
-        invocation.arg(Verb::Decide.as_str()).arg(jobs.len());
+        let mut call = ScriptCall::new(&self.script, &keys, args);
+        call.arg(Verb::Decide.as_str()).arg(jobs.len());
         let mut at = 0;
         for job in jobs {
             let indexes = job_indexes[at..at + job.keys.len()].iter().copied();
-            add_decision(&mut invocation, job.offset, job.day, indexes, &job.limits);
+            add_decision(&mut call, job.offset, job.day, indexes, &job.limits);
             at += job.keys.len();
         }
         let mut connection = SharedRedis::clone(&self.connection.load());
-        let text: Vec<u8> = invocation
-            .invoke_async(&mut connection)
+        let text: Vec<u8> = call
+            .invoke(&self.script, &mut connection)
             .await
             .map_err(store_error)?;
         parse_answers(&text, jobs.len())
     }
 }
 
-/// Splits the script's answer (`;` between decisions, `,` between integers) into
-/// `expected` decisions.
 /// The script's answer: one decision per `;`, each a list of `,`-separated integers. Parsed
 /// straight off the bytes: splitting `str`s and `parse::<i64>` cost ~2 400 instructions a
 /// decision (callgrind), more than all the rest of a decision's bookkeeping here.
@@ -610,17 +649,13 @@ async fn refund_keys(
     offset: i64,
     charge: Charge,
 ) -> Result<(), StoreError> {
-    let mut invocation = script.prepare_invoke();
-    for key in &keys {
-        invocation.key(key);
-    }
-    invocation
-        .arg("refund")
+    let mut call = ScriptCall::new(script, &keys, 4);
+    call.arg("refund")
         .arg(offset)
         .arg(charge.second)
         .arg(charge.day);
-    let _: i64 = invocation
-        .invoke_async(&mut connection)
+    let _: i64 = call
+        .invoke(script, &mut connection)
         .await
         .map_err(store_error)?;
     Ok(())

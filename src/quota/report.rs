@@ -47,48 +47,86 @@ impl QuotaReport {
 
     pub fn write_headers(&self, headers: &mut HeaderMap) {
         let t = self.tightest();
-        headers.insert(X_RATELIMIT_LIMIT, number(t.limit));
+        let plan = PlanValues::of(self.minute.limit, self.day.limit);
+        let limit = if t.limit == self.minute.limit {
+            plan.minute_limit
+        } else if t.limit == self.day.limit {
+            plan.day_limit
+        } else {
+            number(t.limit)
+        };
+        headers.insert(X_RATELIMIT_LIMIT, limit);
         headers.insert(X_RATELIMIT_REMAINING, number(t.remaining()));
         headers.insert(X_RATELIMIT_RESET, number(t.reset_secs));
-        // Built by hand: two `format!`s and their copies were a measurable share of the
-        // request path (callgrind, PERFORMANCE.md).
-        let mut policy = Vec::with_capacity(48);
-        policy.extend_from_slice(b"\"minute\";q=");
-        push_number(&mut policy, self.minute.limit);
-        policy.extend_from_slice(b";w=60, \"day\";q=");
-        push_number(&mut policy, self.day.limit);
-        policy.extend_from_slice(b";w=86400");
+        headers.insert(RATELIMIT_POLICY, plan.policy);
+        // Built by hand: a `format!` and its copies were a measurable share of the request
+        // path (callgrind, PERFORMANCE.md).
         let mut state = Vec::with_capacity(64);
+        let mut digits = itoa::Buffer::new();
         state.extend_from_slice(b"\"minute\";r=");
-        push_number(&mut state, self.minute.remaining());
+        state.extend_from_slice(digits.format(self.minute.remaining()).as_bytes());
         state.extend_from_slice(b";t=");
-        push_number(&mut state, self.minute.reset_secs);
+        state.extend_from_slice(digits.format(self.minute.reset_secs).as_bytes());
         state.extend_from_slice(b", \"day\";r=");
-        push_number(&mut state, self.day.remaining());
+        state.extend_from_slice(digits.format(self.day.remaining()).as_bytes());
         state.extend_from_slice(b";t=");
-        push_number(&mut state, self.day.reset_secs);
-        if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(policy)) {
-            headers.insert(RATELIMIT_POLICY, v);
-        }
+        state.extend_from_slice(digits.format(self.day.reset_secs).as_bytes());
         if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(state)) {
             headers.insert(RATELIMIT, v);
         }
     }
 }
 
-/// Appends the decimal digits of `n`.
-fn push_number(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
+/// The header values that depend only on the limits, which change with the plan and not
+/// with each request.
+#[derive(Clone)]
+struct PlanValues {
+    minute: u64,
+    day: u64,
+    minute_limit: HeaderValue,
+    day_limit: HeaderValue,
+    policy: HeaderValue,
+}
+
+thread_local! {
+    /// The last plan's values on this thread: answers come in runs of one plan, and
+    /// cloning a value is a reference count where building it was three allocations.
+    static LAST_PLAN: std::cell::RefCell<Option<PlanValues>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl PlanValues {
+    fn of(minute: u64, day: u64) -> PlanValues {
+        LAST_PLAN.with(|last| {
+            let mut last = last.borrow_mut();
+            match &*last {
+                Some(plan) if plan.minute == minute && plan.day == day => plan.clone(),
+                _ => {
+                    let plan = PlanValues::build(minute, day);
+                    *last = Some(plan.clone());
+                    plan
+                }
+            }
+        })
+    }
+
+    fn build(minute: u64, day: u64) -> PlanValues {
+        let mut digits = itoa::Buffer::new();
+        let mut policy = Vec::with_capacity(48);
+        policy.extend_from_slice(b"\"minute\";q=");
+        policy.extend_from_slice(digits.format(minute).as_bytes());
+        policy.extend_from_slice(b";w=60, \"day\";q=");
+        policy.extend_from_slice(digits.format(day).as_bytes());
+        policy.extend_from_slice(b";w=86400");
+        PlanValues {
+            minute,
+            day,
+            minute_limit: number(minute),
+            day_limit: number(day),
+            policy: HeaderValue::from_maybe_shared(bytes::Bytes::from(policy))
+                .expect("digits and quotes are a valid header value"),
         }
     }
-    out.extend_from_slice(&digits[at..]);
 }
 
 pub fn write_retry_after(headers: &mut HeaderMap, secs: u64) {
@@ -145,5 +183,21 @@ mod tests {
             headers["ratelimit"],
             "\"minute\";r=10;t=30, \"day\";r=10;t=3600"
         );
+    }
+
+    #[test]
+    fn a_plan_change_on_the_same_thread_shows_the_new_limits() {
+        let small = QuotaReport::from_usage(&[usage(SubjectKind::Team, (1, 10), (1, 100))]);
+        let large = QuotaReport::from_usage(&[usage(SubjectKind::Team, (1, 20), (1, 200))]);
+        for (report, limit, policy) in [
+            (small, "10", "\"minute\";q=10;w=60, \"day\";q=100;w=86400"),
+            (large, "20", "\"minute\";q=20;w=60, \"day\";q=200;w=86400"),
+            (small, "10", "\"minute\";q=10;w=60, \"day\";q=100;w=86400"),
+        ] {
+            let mut headers = HeaderMap::new();
+            report.write_headers(&mut headers);
+            assert_eq!(headers["x-ratelimit-limit"], limit);
+            assert_eq!(headers["ratelimit-policy"], policy);
+        }
     }
 }
