@@ -113,10 +113,24 @@ fn runtime_block_on<F>(future: F) -> ExitCode
 where
     F: std::future::Future<Output = Result<(), String>>,
 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    runtime_block_on_with(None, future)
+}
+
+/// The runtime `serve` runs on: `worker_threads` of them, or tokio's default (one per CPU
+/// this process may use).
+fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n);
+    }
+    builder.enable_all().build()
+}
+
+fn runtime_block_on_with<F>(worker_threads: Option<usize>, future: F) -> ExitCode
+where
+    F: std::future::Future<Output = Result<(), String>>,
+{
+    let runtime = match runtime(worker_threads) {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("keygate: cannot start the runtime: {e}");
@@ -142,7 +156,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
         }
     };
     let path = path.to_path_buf();
-    runtime_block_on(async move {
+    runtime_block_on_with(config.server.worker_threads, async move {
         crate::server::serve_until_signal(config, path)
             .await
             .map_err(|e| e.to_string())
@@ -304,5 +318,20 @@ fn usage(command: UsageCommand) -> ExitCode {
             eprintln!("keygate: cannot read {}: {e}", log.display());
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_runs_on_the_configured_number_of_worker_threads() {
+        for n in [1, 3] {
+            let runtime = runtime(Some(n)).unwrap();
+            assert_eq!(runtime.metrics().num_workers(), n);
+        }
+        let default = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(runtime(None).unwrap().metrics().num_workers(), default);
     }
 }

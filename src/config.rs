@@ -48,6 +48,7 @@ struct RawServer {
     idle_timeout: Option<String>,
     max_connections: Option<u64>,
     http2_max_concurrent_streams: Option<u32>,
+    worker_threads: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -225,6 +226,9 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub http2_max_concurrent_streams: u32,
+    /// Threads that serve requests; `None`: one per CPU this process may use (its cgroup's
+    /// quota included). One suits a sidecar: no hand-offs between threads (PERFORMANCE.md).
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -1084,6 +1088,15 @@ fn validate_server(
         "server.http2_max_concurrent_streams",
         problems,
     );
+    let worker_threads = raw.worker_threads.map(|n| {
+        if !(1..=MAX_WORKER_THREADS).contains(&n) {
+            problems.add(
+                "server.worker_threads",
+                format!("{n} is not in 1..={MAX_WORKER_THREADS}"),
+            );
+        }
+        n.clamp(1, MAX_WORKER_THREADS) as usize
+    });
     ServerConfig {
         listen,
         admin_listen,
@@ -1122,8 +1135,12 @@ fn validate_server(
         ),
         max_connections: max_connections as usize,
         http2_max_concurrent_streams: streams,
+        worker_threads,
     }
 }
+
+/// More threads than this is a typo, not a machine.
+const MAX_WORKER_THREADS: u64 = 1024;
 
 fn validate_upstream(
     raw: RawUpstream,
@@ -1596,6 +1613,28 @@ scope = "generate"
         let config = Config::from_toml(&minimal()).unwrap();
         assert_eq!(config.anomalies, AnomalyConfig::default());
         assert_eq!(config.alerts.max_attempts, 5);
+    }
+
+    #[test]
+    fn worker_threads_are_unset_by_default_and_bounded() {
+        let config = Config::from_toml(&minimal()).unwrap();
+        assert_eq!(config.server.worker_threads, None);
+        let with =
+            |n: &str| minimal().replacen("[server]", &format!("[server]\nworker_threads = {n}"), 1);
+        assert!(minimal().contains("[server]"));
+        let config = Config::from_toml(&with("1")).unwrap();
+        assert_eq!(config.server.worker_threads, Some(1));
+        for (n, problem) in [
+            ("0", "server.worker_threads: 0 is not in 1..=1024"),
+            ("5000", "server.worker_threads: 5000 is not in 1..=1024"),
+        ] {
+            let err = Config::from_toml(&with(n)).unwrap_err();
+            assert!(
+                err.problems.iter().any(|p| p == problem),
+                "{:?}",
+                err.problems
+            );
+        }
     }
 
     #[test]

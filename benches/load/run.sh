@@ -67,6 +67,10 @@ keygate_up() { # name listen admin upstream_port [binary]
 hwm_kb() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 # CPU time (user + system, clock ticks, all threads) of some processes so far.
 cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo "$t"; }
+# The system part of it alone.
+sys_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo "$t"; }
+# System calls and context switches of the serving processes, when perf may count them.
+if perf stat -e raw_syscalls:sys_enter,context-switches -- true >/dev/null 2>&1; then count_kernel=1; else count_kernel=; fi
 # The processes that serve a target (its Redis apart): what its CPU per request counts.
 serving_pids() { # name
   case $1 in
@@ -107,18 +111,30 @@ for r in $(seq 1 "$rounds"); do
     case $name in keygate*) redis-cli -p "$redis_kg" CONFIG RESETSTAT >/dev/null ;; esac
     pids=$(serving_pids "$name"); rpid=$(redis_pid "$name")
     # shellcheck disable=SC2086
-    cpu0=$(cpu_ticks $pids); rcpu0=$(cpu_ticks $rpid)
+    cpu0=$(cpu_ticks $pids); rcpu0=$(cpu_ticks $rpid); sys0=$(sys_ticks $pids)
+    if [ -n "$count_kernel" ]; then
+      # shellcheck disable=SC2086
+      perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$(echo $pids | tr ' ' ,)" \
+        -o "$work/perf.txt" -- sleep "$secs" &
+      perf_pid=$!
+    fi
     out=$(WRK_AUTH="$auth" wrk -t1 -c$conns -d"${secs}s" --latency -s "$here/post.lua" \
       "http://127.0.0.1:$port/v1/text-to-image")
     # shellcheck disable=SC2086
-    cpu1=$(cpu_ticks $pids); rcpu1=$(cpu_ticks $rpid)
+    cpu1=$(cpu_ticks $pids); rcpu1=$(cpu_ticks $rpid); sys1=$(sys_ticks $pids)
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     total=$(echo "$out" | awk '/requests in/ {print $1}')
     p50=$(echo "$out" | awk '$1=="50%" {print $2}'); p99=$(echo "$out" | awk '$1=="99%" {print $2}')
     non2xx=$(echo "$out" | awk '/Non-2xx/ {print $5}'); errs=$(echo "$out" | awk '/Socket errors/ {print $0}')
     # Ticks are 10 ms: over a round of tens of thousands of requests, ~1 us of resolution.
-    extra=$(awk -v c=$((cpu1 - cpu0)) -v r=$((rcpu1 - rcpu0)) -v n="$total" -v hz="$(getconf CLK_TCK)" -v redis="$rpid" \
-      'BEGIN {printf "cpu=%.1fus/req", c * 1e6 / hz / n; if (redis != "") printf " +redis %.1fus/req", r * 1e6 / hz / n}')
+    extra=$(awk -v c=$((cpu1 - cpu0)) -v s=$((sys1 - sys0)) -v r=$((rcpu1 - rcpu0)) -v n="$total" -v hz="$(getconf CLK_TCK)" -v redis="$rpid" \
+      'BEGIN {printf "cpu=%.1fus/req (sys %.1f)", c * 1e6 / hz / n, s * 1e6 / hz / n; if (redis != "") printf " +redis %.1fus/req", r * 1e6 / hz / n}')
+    if [ -n "$count_kernel" ]; then
+      wait "$perf_pid" || true
+      # perf counted for the round's length, as wrk ran: per request of wrk's count.
+      extra="$extra $(awk -F, -v n="$total" '$3 == "raw_syscalls:sys_enter" {s = $1} $3 == "context-switches" {c = $1}
+        END {printf "syscalls=%.1f/req ctxsw=%.2f/req", s / n, c / n}' "$work/perf.txt")"
+    fi
     echo "$name cpu $(awk -v c=$((cpu1 - cpu0)) -v n="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN {print c * 1e6 / hz / n}')" >> "$work/cpu"
     if [ "$name" != "${name#keygate}" ]; then
       stats=$(redis-cli -p "$redis_kg" INFO commandstats | tr -d '\r')
