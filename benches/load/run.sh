@@ -55,7 +55,7 @@ keygate_up() { # name listen admin upstream_port [binary]
     -e "s#STORETIMEOUT#250ms#" -e "s#USAGELOG#$work/$1-usage.log#" "$here/keygate.toml" > "$work/$1.toml"
   # The allocator settings of deploy/systemd and deploy/docker.
   BENCH_UPSTREAM_KEY=sk-upstream-REAL-0123456789 KEYGATE_LOG=warn \
-    MIMALLOC_PURGE_DELAY=0 MIMALLOC_ARENA_EAGER_COMMIT=0 \
+    MIMALLOC_ARENA_EAGER_COMMIT=0 \
     "${5:-$bin}" serve --config "$work/$1.toml" > "$work/$1.out" 2>&1 &
   echo $! > "$work/$1.pid"
   for _ in $(seq 100); do
@@ -69,8 +69,8 @@ hwm_kb() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo "$t"; }
 # The system part of it alone.
 sys_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo "$t"; }
-# System calls and context switches of the serving processes, when perf may count them.
-if perf stat -e raw_syscalls:sys_enter,context-switches -- true >/dev/null 2>&1; then count_kernel=1; else count_kernel=; fi
+# System calls, context switches and page faults of the serving processes, when perf may count them.
+if perf stat -e raw_syscalls:sys_enter,context-switches,page-faults -- true >/dev/null 2>&1; then count_kernel=1; else count_kernel=; fi
 # The processes that serve a target (its Redis apart): what its CPU per request counts.
 serving_pids() { # name
   case $1 in
@@ -114,7 +114,7 @@ for r in $(seq 1 "$rounds"); do
     cpu0=$(cpu_ticks $pids); rcpu0=$(cpu_ticks $rpid); sys0=$(sys_ticks $pids)
     if [ -n "$count_kernel" ]; then
       # shellcheck disable=SC2086
-      perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$(echo $pids | tr ' ' ,)" \
+      perf stat -x, -e raw_syscalls:sys_enter,context-switches,page-faults -p "$(echo $pids | tr ' ' ,)" \
         -o "$work/perf.txt" -- sleep "$secs" &
       perf_pid=$!
     fi
@@ -133,7 +133,8 @@ for r in $(seq 1 "$rounds"); do
       wait "$perf_pid" || true
       # perf counted for the round's length, as wrk ran: per request of wrk's count.
       extra="$extra $(awk -F, -v n="$total" '$3 == "raw_syscalls:sys_enter" {s = $1} $3 == "context-switches" {c = $1}
-        END {printf "syscalls=%.1f/req ctxsw=%.2f/req", s / n, c / n}' "$work/perf.txt")"
+        $3 == "page-faults" {f = $1}
+        END {printf "syscalls=%.1f/req ctxsw=%.2f/req faults=%.2f/req", s / n, c / n, f / n}' "$work/perf.txt")"
     fi
     echo "$name cpu $(awk -v c=$((cpu1 - cpu0)) -v n="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN {print c * 1e6 / hz / n}')" >> "$work/cpu"
     if [ "$name" != "${name#keygate}" ]; then
