@@ -188,6 +188,12 @@ if [ "$inflight" -gt 0 ]; then
     non2xx=$(echo "$out" | awk '/Non-2xx/ {print $5}'); errs=$(echo "$out" | awk '/Socket errors/ {print $0}')
     if [ "$name" != "${name#keygate}" ]; then
       rss="$name VmHWM $(( $(hwm_kb "$(cat "$work/$name-slow.pid")") / 1024 )) MB"
+      # What the refusals were, from keygate's usage log (written off the request path:
+      # a line or two may still be on its way).
+      refused=$(grep -v '"outcome":"forwarded"' "$work/$name-slow-usage.log" 2>/dev/null \
+        | grep -o '"status":[0-9]*,.*"outcome":"[a-z_]*"' | sed -E 's/"status":([0-9]+),.*"outcome":"([a-z_]+)"/\1 \2/' \
+        | sort | uniq -c | awk '{printf "%s%s %s x%s", (NR > 1 ? ", " : ""), $2, $3, $1}' || true)
+      if [ -n "$refused" ]; then rss="$rss | refused: $refused"; fi
     else
       rss="nginx workers VmHWM:"
       for w in $(pgrep -P "$(cat "$work/swap-slow.pid")"); do rss="$rss $(( $(hwm_kb "$w") / 1024 )) MB"; done
