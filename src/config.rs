@@ -49,6 +49,7 @@ struct RawServer {
     max_connections: Option<u64>,
     http2_max_concurrent_streams: Option<u32>,
     worker_threads: Option<u64>,
+    shards: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -229,6 +230,10 @@ pub struct ServerConfig {
     /// Threads that serve requests; `None`: one per CPU this process may use (its cgroup's
     /// quota included). One suits a sidecar: no hand-offs between threads (PERFORMANCE.md).
     pub worker_threads: Option<usize>,
+    /// Threads that each run their own event loop for proxy connections (thread per core):
+    /// a connection and everything its requests start stay on one thread. `None`: proxy
+    /// connections share the work-stealing runtime of `worker_threads`.
+    pub shards: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -1088,15 +1093,12 @@ fn validate_server(
         "server.http2_max_concurrent_streams",
         problems,
     );
-    let worker_threads = raw.worker_threads.map(|n| {
-        if !(1..=MAX_WORKER_THREADS).contains(&n) {
-            problems.add(
-                "server.worker_threads",
-                format!("{n} is not in 1..={MAX_WORKER_THREADS}"),
-            );
-        }
-        n.clamp(1, MAX_WORKER_THREADS) as usize
-    });
+    let worker_threads = raw
+        .worker_threads
+        .map(|n| thread_count(n, "server.worker_threads", problems));
+    let shards = raw
+        .shards
+        .map(|n| thread_count(n, "server.shards", problems));
     ServerConfig {
         listen,
         admin_listen,
@@ -1136,11 +1138,19 @@ fn validate_server(
         max_connections: max_connections as usize,
         http2_max_concurrent_streams: streams,
         worker_threads,
+        shards,
     }
 }
 
 /// More threads than this is a typo, not a machine.
-const MAX_WORKER_THREADS: u64 = 1024;
+const MAX_THREADS: u64 = 1024;
+
+fn thread_count(n: u64, field: &str, problems: &mut Problems) -> usize {
+    if !(1..=MAX_THREADS).contains(&n) {
+        problems.add(field, format!("{n} is not in 1..={MAX_THREADS}"));
+    }
+    n.clamp(1, MAX_THREADS) as usize
+}
 
 fn validate_upstream(
     raw: RawUpstream,
@@ -1619,11 +1629,20 @@ scope = "generate"
     fn worker_threads_are_unset_by_default_and_bounded() {
         let config = Config::from_toml(&minimal()).unwrap();
         assert_eq!(config.server.worker_threads, None);
+        assert_eq!(config.server.shards, None);
         let with =
             |n: &str| minimal().replacen("[server]", &format!("[server]\nworker_threads = {n}"), 1);
         assert!(minimal().contains("[server]"));
         let config = Config::from_toml(&with("1")).unwrap();
         assert_eq!(config.server.worker_threads, Some(1));
+        let shards = minimal().replacen("[server]", "[server]\nshards = 0", 1);
+        let err = Config::from_toml(&shards).unwrap_err();
+        assert!(
+            err.problems
+                .contains(&"server.shards: 0 is not in 1..=1024".to_string()),
+            "{:?}",
+            err.problems
+        );
         for (n, problem) in [
             ("0", "server.worker_threads: 0 is not in 1..=1024"),
             ("5000", "server.worker_threads: 5000 is not in 1..=1024"),

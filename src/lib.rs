@@ -19,7 +19,8 @@
 //! - [`cli`], [`demo`], [`token`]: the command line and what it runs.
 //! - [`config`]: raw TOML → validated [`config::Config`]; [`secret`]: redacted secrets.
 //! - [`server`], [`connection`], [`tls`], [`admin`]: listeners, one connection's timers
-//!   and close, TLS, `/healthz` `/readyz`.
+//!   and close, TLS, `/healthz` `/readyz`; [`shards`]: the optional thread-per-core event
+//!   loops proxy connections are handed to.
 //! - [`gateway`]: shared state and the hot-swappable [`gateway::Snapshot`].
 //! - [`pipeline`]: the steps above; [`body`]: streamed, counted bodies.
 //! - [`routing`]: canonical paths and the route table; [`auth`]: tokens → key records;
@@ -66,6 +67,7 @@ pub mod routing;
 pub mod scope;
 pub mod secret;
 pub mod server;
+pub mod shards;
 pub mod shared_redis;
 pub mod telemetry;
 pub mod throttle;

@@ -22,6 +22,7 @@ use std::path::PathBuf;
 use crate::alerts::{AlertDedupe, MemoryDedupe, RedisDedupe};
 use crate::connection::{self, Timeouts};
 use crate::metrics::Metrics;
+use crate::shards::Shards;
 use crate::shared_redis::SharedRedis;
 use crate::usage_log::UsageConsumer;
 
@@ -53,6 +54,8 @@ pub enum StartError {
     Observe(String),
     #[error("cannot listen for SIGTERM/SIGINT: {0}")]
     Signals(String),
+    #[error("cannot start the shards' threads: {0}")]
+    Shards(std::io::Error),
 }
 
 /// How to start a gateway beyond its config: injected clock or stores (tests, the demo),
@@ -189,11 +192,16 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
     let mut tasks = JoinSet::new();
     let settings = Arc::new(config.server.clone());
 
+    let shards = match config.server.shards {
+        Some(count) => Some(Shards::start(count).map_err(StartError::Shards)?),
+        None => None,
+    };
     let proxy_gateway = gateway.clone();
     tasks.spawn(serve_listener(
         proxy,
         settings.clone(),
         tls,
+        shards,
         shutdown_rx.clone(),
         move |endpoints, request| {
             let gateway = proxy_gateway.clone();
@@ -218,6 +226,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
     tasks.spawn(serve_listener(
         admin,
         settings,
+        None,
         None,
         shutdown_rx,
         move |_endpoints, request| {
@@ -351,10 +360,14 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
+/// Accepts connections until shutdown, serves each on its own task (on the next shard's
+/// thread when there are shards), then drains them within the shutdown grace. The shards
+/// stop when this returns.
 async fn serve_listener<F, Fut>(
     listener: TcpListener,
     settings: Arc<ServerConfig>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    mut shards: Option<Shards>,
     mut shutdown: watch::Receiver<bool>,
     service: F,
 ) where
@@ -402,8 +415,30 @@ async fn serve_listener<F, Fut>(
         let tls = tls.clone();
         let shutdown = shutdown.clone();
         let handshake_timeout = settings.header_read_timeout;
-        connections.spawn(async move {
+        let stream = match &mut shards {
+            None => Accepted::Here(stream),
+            // Out of this runtime's I/O driver, into the shard's once there: otherwise
+            // every read and write would wake this thread to wake the shard's.
+            Some(_) => match stream.into_std() {
+                Ok(stream) => Accepted::Moving(stream),
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "cannot hand the connection to a shard");
+                    continue;
+                }
+            },
+        };
+        let serve = async move {
             let _permit = permit;
+            let stream = match stream {
+                Accepted::Here(stream) => stream,
+                Accepted::Moving(stream) => match TcpStream::from_std(stream) {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "shard cannot take the connection");
+                        return;
+                    }
+                },
+            };
             let Some(acceptor) = tls else {
                 connection::serve(stream, peer, local, builder, timeouts, service, shutdown).await;
                 return;
@@ -421,7 +456,11 @@ async fn serve_listener<F, Fut>(
                     }
                 };
             connection::serve(stream, peer, local, builder, timeouts, service, shutdown).await;
-        });
+        };
+        match &mut shards {
+            Some(shards) => connections.spawn_on(serve, shards.next_in_turn()),
+            None => connections.spawn(serve),
+        };
     }
     // Closing the listener refuses new connections at the TCP level from here on.
     drop(listener);
@@ -440,6 +479,14 @@ async fn serve_listener<F, Fut>(
             connections.shutdown().await;
         }
     }
+}
+
+/// An accepted connection on its way to the task that serves it.
+enum Accepted {
+    /// Served on this runtime.
+    Here(TcpStream),
+    /// Handed to a shard, registered with its I/O driver when it gets there.
+    Moving(std::net::TcpStream),
 }
 
 /// One warning per second at most: a flood over the cap must not flood the log too.

@@ -7,6 +7,10 @@
 //! general pool (a map keyed by origin, hashed twice a request, a task spawned per request
 //! to take the connection back, a boxed request future): the upstream call cost ~14 k of
 //! ~104 k instructions a request through it, ~4 k through this (PERFORMANCE.md).
+//!
+//! With shards ([`crate::shards`]) each shard keeps its own list: a connection's task runs
+//! on the shard that opened it, and a request on another shard would hand every exchange
+//! over between threads.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -37,6 +41,9 @@ const MAX_IDLE: usize = 1024;
 /// How often idle connections past [`IDLE_TIMEOUT`] are closed when no request comes to
 /// find them (after a burst, say).
 const REAP_EVERY: Duration = Duration::from_secs(30);
+/// Idle lists: one for the threads that are no shard, one per shard after it (shards past
+/// the last list share lists, which only costs hand-offs).
+const IDLE_LISTS: usize = 17;
 
 type Sender = SendRequest<UpstreamBody>;
 
@@ -62,10 +69,24 @@ struct Shared {
     /// `scheme://authority` of the upstream: what the connector connects to.
     origin: Uri,
     /// Most recently given back at the back.
-    idle: Mutex<VecDeque<Idle>>,
+    idle: [IdleList; IDLE_LISTS],
     /// Whether the task that closes expired idle connections runs (started with the first
     /// connection given back: by then there is a runtime).
     reaping: AtomicBool,
+}
+
+/// On a cache line of its own: shards take their lists from separate cores.
+#[derive(Default)]
+#[repr(align(128))]
+struct IdleList(Mutex<VecDeque<Idle>>);
+
+impl IdleList {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
+        // A panic while holding the list leaves it consistent: a VecDeque of senders.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 struct Idle {
@@ -79,7 +100,7 @@ impl UpstreamPool {
             shared: Arc::new(Shared {
                 connector,
                 origin,
-                idle: Mutex::new(VecDeque::new()),
+                idle: std::array::from_fn(|_| IdleList::default()),
                 reaping: AtomicBool::new(false),
             }),
         }
@@ -170,16 +191,14 @@ impl UpstreamPool {
 
     #[cfg(test)]
     fn idle_count(&self) -> usize {
-        self.shared.lock().len()
+        self.shared.idle.iter().map(|list| list.lock().len()).sum()
     }
 }
 
 impl Shared {
+    /// This thread's idle list.
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
-        // A panic while holding the list leaves it consistent: a VecDeque of senders.
-        self.idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.idle[crate::shards::current() % IDLE_LISTS].lock()
     }
 
     fn give_back(self: &Arc<Self>, sender: Sender) {
@@ -214,8 +233,10 @@ async fn reap(pool: Weak<Shared>) {
     loop {
         tokio::time::sleep(REAP_EVERY).await;
         let Some(pool) = pool.upgrade() else { return };
-        let mut idle = pool.lock();
-        Shared::expire(&mut idle, Instant::now());
+        let now = Instant::now();
+        for list in &pool.idle {
+            Shared::expire(&mut list.lock(), now);
+        }
     }
 }
 
@@ -526,6 +547,35 @@ mod tests {
             0,
             "closed once past it, with no request to find it"
         );
+    }
+
+    #[tokio::test]
+    async fn each_shard_reuses_its_own_connections() {
+        let (origin, connections) = upstream(OK, usize::MAX).await;
+        let pool = pool(origin);
+        let mut shards = crate::shards::Shards::start(2).unwrap();
+        let (first, second) = (shards.next_in_turn().clone(), shards.next_in_turn().clone());
+        let request_on = |shard: &tokio::runtime::Handle| {
+            let pool = pool.clone();
+            shard.spawn(async move {
+                let response = pool.send(get()).await.unwrap();
+                response.into_body().collect().await.unwrap();
+            })
+        };
+        request_on(&first).await.unwrap();
+        until_idle(&pool, 1).await;
+        request_on(&second).await.unwrap();
+        until_idle(&pool, 2).await;
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            2,
+            "the second shard opened its own"
+        );
+        for shard in [&first, &second, &first] {
+            request_on(shard).await.unwrap();
+        }
+        until_idle(&pool, 2).await;
+        assert_eq!(connections.load(Ordering::SeqCst), 2, "each reused its own");
     }
 
     #[tokio::test]

@@ -171,6 +171,7 @@ impl RedisStore {
                 state: Mutex::new(BatchState::default()),
                 calls: AtomicU64::new(0),
                 decisions: AtomicU64::new(0),
+                runtime: tokio::runtime::Handle::try_current().ok(),
             })
         });
         Ok(Self {
@@ -480,6 +481,11 @@ struct Batcher {
     state: Mutex<BatchState>,
     calls: AtomicU64,
     decisions: AtomicU64,
+    /// Where batch calls run: the runtime the store was opened on, next to the Redis
+    /// connection's own task. On a shard ([`crate::shards`]) a call would wait its turn
+    /// behind every connection of that shard at each step, and a burst of new
+    /// connections there made decisions miss `store.timeout` (PERFORMANCE.md, session 4).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Batcher {
@@ -514,7 +520,11 @@ impl Batcher {
             }
         };
         if let Some(jobs) = start {
-            tokio::spawn(self.clone().drive(jobs));
+            let drive = self.clone().drive(jobs);
+            match &self.runtime {
+                Some(runtime) => runtime.spawn(drive),
+                None => tokio::spawn(drive),
+            };
         }
         answer.await.unwrap_or_else(|_| {
             Err(StoreError::Unreachable(

@@ -1,0 +1,105 @@
+//! Owns the proxy's shards (`server.shards`): threads that each run their own
+//! single-threaded event loop. The listener hands every accepted connection to the next
+//! shard, and the connection, its requests and what they start (upstream connections,
+//! Redis batches) stay on that thread: no hand-off between threads on the request path.
+//! On the 2-core bench one thread's event loop cost ~20 % less CPU a request than tokio's
+//! two work-stealing workers (PERFORMANCE.md, session 4).
+
+use std::cell::Cell;
+use std::io;
+
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+thread_local! {
+    /// 1 + this thread's shard number; 0 on every other thread.
+    static SHARD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Which shard the current thread is: 1 + its number, 0 when it is none. Lets per-thread
+/// state (the upstream pool's idle lists) stay with the thread that uses it.
+pub fn current() -> usize {
+    SHARD.with(Cell::get)
+}
+
+/// Running shards. Dropping this stops them: what still runs on a shard is cancelled.
+pub struct Shards {
+    handles: Vec<Handle>,
+    next: usize,
+    /// Dropped with `Shards`: each shard's thread leaves its event loop then.
+    _stop: Vec<oneshot::Sender<()>>,
+}
+
+impl Shards {
+    pub fn start(count: usize) -> io::Result<Shards> {
+        let mut handles = Vec::with_capacity(count);
+        let mut stops = Vec::with_capacity(count);
+        for number in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(runtime.handle().clone());
+            let (stop, stopped) = oneshot::channel::<()>();
+            stops.push(stop);
+            std::thread::Builder::new()
+                .name(format!("keygate-shard-{number}"))
+                .spawn(move || {
+                    SHARD.with(|shard| shard.set(number + 1));
+                    // A current-thread runtime runs its tasks only inside `block_on`.
+                    runtime.block_on(async {
+                        let _ = stopped.await;
+                    });
+                })?;
+        }
+        Ok(Shards {
+            handles,
+            next: 0,
+            _stop: stops,
+        })
+    }
+
+    /// The shard the next connection goes to: round robin, which spreads connections
+    /// evenly however few clients there are (a kernel hash over `SO_REUSEPORT` listeners
+    /// would not, with the handful of long-lived connections a sidecar sees).
+    pub fn next_in_turn(&mut self) -> &Handle {
+        let handle = &self.handles[self.next % self.handles.len()];
+        self.next = self.next.wrapping_add(1);
+        handle
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_go_round_robin_and_each_shard_knows_its_number() {
+        let mut shards = Shards::start(2).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let on_shard = shards.next_in_turn().spawn(async { current() });
+            seen.push(runtime.block_on(on_shard).unwrap());
+        }
+        assert_eq!(seen, [1, 2, 1, 2]);
+        assert_eq!(current(), 0, "the test's own thread is no shard");
+    }
+
+    #[test]
+    fn dropping_the_shards_ends_their_threads() {
+        let mut shards = Shards::start(1).unwrap();
+        let (alive, ended) = std::sync::mpsc::channel::<()>();
+        // Cancelled with the shard's runtime: its sender is dropped then.
+        shards.next_in_turn().spawn(async move {
+            let _alive = alive;
+            std::future::pending::<()>().await;
+        });
+        drop(shards);
+        assert_eq!(
+            ended.recv_timeout(std::time::Duration::from_secs(5)),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
+        );
+    }
+}
