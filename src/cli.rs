@@ -116,6 +116,13 @@ where
     runtime_block_on_with(None, future)
 }
 
+/// Threads of the shared runtime: `worker_threads` when set; one when shards serve the
+/// proxy connections (what is left, the admin listener and background work, is light);
+/// otherwise tokio's default.
+fn shared_workers(server: &crate::config::ServerConfig) -> Option<usize> {
+    server.worker_threads.or(server.shards.map(|_| 1))
+}
+
 /// The runtime `serve` runs on: `worker_threads` of them, or tokio's default (one per CPU
 /// this process may use).
 fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
@@ -156,7 +163,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
         }
     };
     let path = path.to_path_buf();
-    runtime_block_on_with(config.server.worker_threads, async move {
+    runtime_block_on_with(shared_workers(&config.server), async move {
         crate::server::serve_until_signal(config, path)
             .await
             .map_err(|e| e.to_string())
@@ -333,5 +340,24 @@ mod tests {
         }
         let default = std::thread::available_parallelism().map_or(1, usize::from);
         assert_eq!(runtime(None).unwrap().metrics().num_workers(), default);
+    }
+
+    #[test]
+    fn with_shards_the_shared_runtime_has_one_thread_unless_told_otherwise() {
+        let config = |server: &str| {
+            let text = include_str!("../config/keygate.toml").replacen(
+                "[server]\n",
+                &format!("[server]\n{server}\n"),
+                1,
+            );
+            crate::config::Config::from_toml(&text).unwrap().server
+        };
+        assert_eq!(shared_workers(&config("")), None);
+        assert_eq!(shared_workers(&config("shards = 4")), Some(1));
+        assert_eq!(
+            shared_workers(&config("shards = 4\nworker_threads = 2")),
+            Some(2)
+        );
+        assert_eq!(shared_workers(&config("worker_threads = 3")), Some(3));
     }
 }
