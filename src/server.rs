@@ -1,6 +1,7 @@
 //! Owns the listeners: accepting connections on the proxy listener (HTTP/1.1 and HTTP/2,
-//! optional TLS) and the admin listener, the connection cap, the HTTP/1 and HTTP/2 limits,
-//! and graceful shutdown on SIGTERM/SIGINT. One connection's life is [`crate::connection`].
+//! optional TLS) and the admin listener, handing proxy connections to the shards when there
+//! are ([`crate::shards`]), the connection cap, the HTTP/1 and HTTP/2 limits, and graceful
+//! shutdown on SIGTERM/SIGINT. One connection's life is [`crate::connection`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
