@@ -75,7 +75,7 @@ pub enum UsageCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Make a new token; prints it once, with the [[keys]] stanza holding its hash.
+    /// Make a new token; prints it once, with the `[[keys]]` stanza holding its hash.
     New {
         #[arg(long)]
         team: String,
