@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 
 use jiff::Timestamp;
 use serde::Serialize;
@@ -192,7 +193,7 @@ struct KeyState {
 pub struct Detector {
     settings: AnomalyConfig,
     warmup_ms: i64,
-    keys: HashMap<String, KeyState>,
+    keys: HashMap<Arc<str>, KeyState>,
     addresses: HashMap<String, MinuteCount>,
     upstream: MinuteCount,
 }
@@ -215,8 +216,8 @@ impl Detector {
         let finding = |signal, observed: u64, baseline: f64, ip: bool| Finding {
             at: record.ts,
             signal,
-            team: record.team.clone(),
-            key_id: record.key_id.clone(),
+            team: record.team.as_deref().map(str::to_string),
+            key_id: record.key_id.as_deref().map(str::to_string),
             client_ip: ip.then(|| record.client_ip.clone()),
             observed: observed as f64,
             baseline,
@@ -240,10 +241,7 @@ impl Detector {
             }
         }
 
-        if matches!(
-            record.outcome.as_str(),
-            "upstream_error" | "upstream_timeout"
-        ) {
+        if matches!(&*record.outcome, "upstream_error" | "upstream_timeout") {
             self.upstream.add(minute);
             let limit = self.settings.upstream_errors_per_minute;
             if self.upstream.fire(self.upstream.count >= limit) {
@@ -338,15 +336,15 @@ mod tests {
         UsageRecord {
             ts: ts.parse().unwrap(),
             request_id: "r".into(),
-            team: key.map(|k| k.1.to_string()),
-            key_id: key.map(|k| k.0.to_string()),
-            env: key.map(|k| k.2.to_string()),
+            team: key.map(|k| k.1.into()),
+            key_id: key.map(|k| k.0.into()),
+            env: key.map(|k| k.2.into()),
             method: "POST".into(),
             path: "/v1/text-to-image".into(),
             route: None,
             status: 200,
             upstream_status: None,
-            outcome: outcome.into(),
+            outcome: outcome.to_string().into(),
             latency_ms: 1.0,
             upstream_latency_ms: None,
             bytes_in: 0,

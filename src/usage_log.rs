@@ -4,6 +4,7 @@
 //! writes it to stdout or a file (reopened on SIGHUP and when rotated away), and hands it
 //! to the live consumers (anomaly detection, the Redis stream).
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -29,20 +30,22 @@ const MAX_BATCH: usize = 1024;
 const GATHER: Duration = Duration::from_millis(20);
 
 /// One request, exactly SPEC §5's fields; `null` where the request never got that far.
+/// The names a request shares with its key and route are shared, not copied: the writer
+/// builds a record for every request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageRecord {
     #[serde(with = "rfc3339_millis")]
     pub ts: Timestamp,
     pub request_id: String,
-    pub team: Option<String>,
-    pub key_id: Option<String>,
-    pub env: Option<String>,
-    pub method: String,
+    pub team: Option<Arc<str>>,
+    pub key_id: Option<Arc<str>>,
+    pub env: Option<Arc<str>>,
+    pub method: Cow<'static, str>,
     pub path: String,
-    pub route: Option<String>,
+    pub route: Option<Arc<str>>,
     pub status: u16,
     pub upstream_status: Option<u16>,
-    pub outcome: String,
+    pub outcome: Cow<'static, str>,
     pub latency_ms: f64,
     pub upstream_latency_ms: Option<f64>,
     pub bytes_in: u64,
@@ -73,6 +76,17 @@ fn ip_text(ip: std::net::IpAddr) -> String {
     }
 }
 
+/// The method's name, borrowed for the standard ones.
+fn method_text(method: &http::Method) -> Cow<'static, str> {
+    const STANDARD: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+    ];
+    match STANDARD.iter().find(|name| **name == method.as_str()) {
+        Some(name) => Cow::Borrowed(name),
+        None => Cow::Owned(method.as_str().to_string()),
+    }
+}
+
 /// Milliseconds with three decimals: enough to order lines, short to read.
 fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
@@ -86,15 +100,15 @@ impl UsageRecord {
         UsageRecord {
             ts: ctx.received_at,
             request_id: ctx.request_id_str().to_string(),
-            team: key.map(|k| k.team.to_string()),
-            key_id: key.map(|k| k.id.to_string()),
-            env: key.map(|k| k.env.to_string()),
-            method: ctx.method.as_str().to_string(),
+            team: key.map(|k| k.team.clone()),
+            key_id: key.map(|k| k.id.clone()),
+            env: key.map(|k| k.env.clone()),
+            method: method_text(&ctx.method),
             path: ctx.path,
-            route: ctx.route.as_deref().map(str::to_string),
+            route: ctx.route,
             status: ctx.status,
             upstream_status: ctx.upstream_status,
-            outcome: ctx.outcome.as_str().to_string(),
+            outcome: Cow::Borrowed(ctx.outcome.as_str()),
             latency_ms: millis(latency),
             upstream_latency_ms: ctx.upstream_latency.map(millis),
             bytes_in,
@@ -542,6 +556,17 @@ mod tests {
         ] {
             let ip: std::net::IpAddr = ip.parse().unwrap();
             assert_eq!(ip_text(ip), ip.to_string());
+        }
+    }
+
+    #[test]
+    fn a_method_reads_as_sent_and_standard_ones_are_not_copied() {
+        for name in ["GET", "POST", "DELETE", "PURGE", "X-CUSTOM"] {
+            let method: Method = name.parse().unwrap();
+            let text = method_text(&method);
+            assert_eq!(text, name);
+            let standard = !name.starts_with('X') && name != "PURGE";
+            assert_eq!(matches!(text, Cow::Borrowed(_)), standard, "{name}");
         }
     }
 
