@@ -202,6 +202,16 @@ fn tls_client(cert: &TestCert, gateway: &TestGateway, http1_only: bool) -> reqwe
 
 #[tokio::test]
 async fn the_proxy_listener_speaks_tls_with_http1_and_http2_by_alpn() {
+    tls_with_http1_and_http2(None).await;
+}
+
+/// The same on shards: the TLS handshake happens on the shard a connection goes to.
+#[tokio::test]
+async fn the_proxy_listener_speaks_tls_on_shards_too() {
+    tls_with_http1_and_http2(Some(2)).await;
+}
+
+async fn tls_with_http1_and_http2(shards: Option<usize>) {
     let cert = test_cert();
     let cert_file = pem_file(&cert.cert_pem);
     let key_file = pem_file(&cert.key_pem);
@@ -211,6 +221,7 @@ async fn the_proxy_listener_speaks_tls_with_http1_and_http2_by_alpn() {
         cert: cert_file.path().to_path_buf(),
         key: key_file.path().to_path_buf(),
     });
+    config.server.shards = shards;
     let gateway = TestGateway::start(config).await;
     let url = format!(
         "https://localhost:{}/v1/text-to-image",
