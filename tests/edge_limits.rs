@@ -129,11 +129,22 @@ async fn bodies_over_the_limit_answer_413_on_length_and_while_streaming() {
 
 #[tokio::test]
 async fn a_head_that_never_ends_is_closed_within_the_header_timeout() {
+    head_timeouts(None).await;
+}
+
+/// The same on shards: a connection's timers run on the shard's own event loop.
+#[tokio::test]
+async fn a_head_that_never_ends_is_closed_within_the_header_timeout_on_shards_too() {
+    head_timeouts(Some(2)).await;
+}
+
+async fn head_timeouts(shards: Option<usize>) {
     let upstream = MockUpstream::start().await;
     let timeout = Duration::from_millis(300);
     let gateway = gateway(&upstream, |c| {
         c.server.header_read_timeout = timeout;
         c.server.idle_timeout = Duration::from_secs(30);
+        c.server.shards = shards;
     })
     .await;
     let gw = gateway.proxy_addr();
