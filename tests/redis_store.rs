@@ -399,7 +399,12 @@ async fn every_call_loads_the_script_again_when_redis_forgot_it() {
     let store = redis_store(&server, Arc::new(OffsetClock::new()), DayCalendar::utc());
     let team = [subject(SubjectKind::Team, "design", 100, 1000)];
     let flush = || assert_eq!(server.cli(&["SCRIPT", "FLUSH"]).unwrap().trim(), "OK");
+    assert_eq!(store.since_last_answer(), None, "no call yet");
     let first = store.decide(&team).await.unwrap().admission.unwrap();
+    assert!(
+        store.since_last_answer() < Some(std::time::Duration::from_secs(5)),
+        "a decision is an answer"
+    );
     flush();
     let decision = store.decide(&team).await.unwrap();
     assert!(decision.admitted(), "a decision after the flush");

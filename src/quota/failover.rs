@@ -240,11 +240,19 @@ impl Inner {
             .fetch_max(self.since_epoch_ms(), Ordering::Relaxed);
     }
 
-    /// Whether the store has answered nothing for twice the timeout (or never).
+    /// Whether the store has answered nothing for twice the timeout (or never): neither a
+    /// call made here within its timeout, nor any call at all as the store itself saw it
+    /// (a burst queues decisions behind each other, and those that wait past the timeout
+    /// still see the store answering the calls ahead of them).
     fn silent(&self) -> bool {
+        let limit = 2 * self.timeout;
         let last = self.last_answer_ms.load(Ordering::Relaxed);
-        last == 0
-            || self.since_epoch_ms().saturating_sub(last) > 2 * self.timeout.as_millis() as u64
+        let here =
+            last == 0 || self.since_epoch_ms().saturating_sub(last) > limit.as_millis() as u64;
+        here && self
+            .shared
+            .since_last_answer()
+            .is_none_or(|since| since > limit)
     }
 
     fn not_asked(&self) -> StoreError {
@@ -414,10 +422,12 @@ mod tests {
     use crate::quota::{Limits, SubjectKind};
     use std::sync::atomic::AtomicUsize;
 
-    /// A store that fails while `down` is set, and counts the calls it gets.
+    /// A store that fails while `down` is set, and counts the calls it gets. While
+    /// `answering` is set it says it answered a call a moment ago (to callers before these).
     struct Flaky {
         down: AtomicBool,
         slow: AtomicBool,
+        answering: AtomicBool,
         calls: AtomicUsize,
         memory: MemoryStore,
     }
@@ -450,6 +460,11 @@ mod tests {
             };
             Box::pin(std::future::ready(result))
         }
+        fn since_last_answer(&self) -> Option<Duration> {
+            self.answering
+                .load(Ordering::SeqCst)
+                .then_some(Duration::ZERO)
+        }
         fn kind(&self) -> &'static str {
             "flaky"
         }
@@ -460,6 +475,7 @@ mod tests {
         let flaky = Arc::new(Flaky {
             down: AtomicBool::new(false),
             slow: AtomicBool::new(false),
+            answering: AtomicBool::new(false),
             calls: AtomicUsize::new(0),
             memory: MemoryStore::new(clock.clone(), DayCalendar::utc()),
         });
@@ -554,6 +570,30 @@ mod tests {
         assert!(health.is_degraded(), "150 ms of silence");
         let error = store.decide(&team(10)).await.unwrap_err();
         assert!(matches!(error, StoreError::Degraded(_)), "{error}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_late_behind_a_burst_while_the_store_answers_are_no_outage() {
+        let (flaky, store) = setup(OnStoreError::Closed);
+        let health = store.health();
+        store.decide(&team(10)).await.unwrap();
+        // Every call made here comes back late, but the store keeps answering the calls
+        // queued ahead of them.
+        flaky.slow.store(true, Ordering::SeqCst);
+        flaky.answering.store(true, Ordering::SeqCst);
+        for _ in 0..5 {
+            let error = store.decide(&team(10)).await.unwrap_err();
+            assert!(matches!(error, StoreError::Timeout(_)), "{error}");
+        }
+        assert!(
+            !health.is_degraded(),
+            "250 ms of late calls, the store answering"
+        );
+        assert_eq!(health.error_count(), 5, "each late call is still counted");
+        // The store's own answers stop as well: that is an outage.
+        flaky.answering.store(false, Ordering::SeqCst);
+        store.decide(&team(10)).await.unwrap_err();
+        assert!(health.is_degraded());
     }
 
     #[tokio::test(start_paused = true)]

@@ -189,6 +189,13 @@ pub trait QuotaStore: Send + Sync + 'static {
         Box::pin(std::future::ready(Ok(())))
     }
 
+    /// How long ago the store last answered any call, even one whose caller had stopped
+    /// waiting; `None` when it does not know. A store whose answers come late because its
+    /// callers queue (a burst) is still answering, and that is no outage.
+    fn since_last_answer(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// A short name for logs and `/readyz`: `memory`, `redis`, `redis-cluster`.
     fn kind(&self) -> &'static str;
 }

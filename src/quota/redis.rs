@@ -112,6 +112,36 @@ pub struct RedisStore {
     skew_ms: AtomicI64,
     /// The day most recently used, so a decision computes no time zone rules.
     today: Mutex<Option<CalendarDay>>,
+    answers: Arc<Answers>,
+}
+
+/// When Redis last answered a decision's script call, whoever still waited for it.
+struct Answers {
+    epoch: std::time::Instant,
+    /// Milliseconds since `epoch`, plus one; 0 before the first answer.
+    last_ms: AtomicU64,
+}
+
+impl Answers {
+    fn new() -> Answers {
+        Answers {
+            epoch: std::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        self.last_ms.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn since(&self) -> Option<std::time::Duration> {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        (last > 0).then(|| {
+            let now = self.epoch.elapsed().as_millis() as u64 + 1;
+            std::time::Duration::from_millis(now.saturating_sub(last))
+        })
+    }
 }
 
 /// Which verb the script runs.
@@ -164,10 +194,12 @@ impl RedisStore {
         let cluster = connection.is_cluster();
         let connection = Arc::new(ArcSwap::from_pointee(connection));
         let script = Arc::new(Script::new(SCRIPT));
+        let answers = Arc::new(Answers::new());
         let batcher = (!cluster).then(|| {
             Arc::new(Batcher {
                 connection: connection.clone(),
                 script: script.clone(),
+                answers: answers.clone(),
                 state: Mutex::new(BatchState::default()),
                 calls: AtomicU64::new(0),
                 decisions: AtomicU64::new(0),
@@ -184,6 +216,7 @@ impl RedisStore {
             calendar,
             skew_ms: AtomicI64::new(0),
             today: Mutex::new(None),
+            answers,
         })
     }
 
@@ -267,6 +300,7 @@ impl RedisStore {
                         .invoke(&self.script, &mut self.connection())
                         .await
                         .map_err(store_error)?;
+                    self.answers.record();
                     let mut answers = parse_answers(&text, 1)?;
                     answers.swap_remove(0)
                 }
@@ -478,6 +512,7 @@ impl BatchState {
 struct Batcher {
     connection: Arc<ArcSwap<SharedRedis>>,
     script: Arc<Script>,
+    answers: Arc<Answers>,
     state: Mutex<BatchState>,
     calls: AtomicU64,
     decisions: AtomicU64,
@@ -594,6 +629,7 @@ impl Batcher {
             .invoke(&self.script, &mut connection)
             .await
             .map_err(store_error)?;
+        self.answers.record();
         parse_answers(&text, jobs.len())
     }
 }
@@ -836,6 +872,10 @@ impl QuotaStore for RedisStore {
             self.connection.store(Arc::new(fresh));
             Ok(())
         })
+    }
+
+    fn since_last_answer(&self) -> Option<std::time::Duration> {
+        self.answers.since()
     }
 
     fn kind(&self) -> &'static str {
