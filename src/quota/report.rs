@@ -48,12 +48,11 @@ impl QuotaReport {
     pub fn write_headers(&self, headers: &mut HeaderMap) {
         let t = self.tightest();
         let plan = PlanValues::of(self.minute.limit, self.day.limit);
+        // The tightest window is one of the two, so its limit is one of the plan's.
         let limit = if t.limit == self.minute.limit {
             plan.minute_limit
-        } else if t.limit == self.day.limit {
-            plan.day_limit
         } else {
-            number(t.limit)
+            plan.day_limit
         };
         headers.insert(X_RATELIMIT_LIMIT, limit);
         headers.insert(X_RATELIMIT_REMAINING, number(t.remaining()));
