@@ -22,7 +22,9 @@ use tokio::sync::watch;
 
 use super::calendar::DayCalendar;
 use super::memory::MemoryStore;
-use super::{Admission, Decision, QuotaStore, StoreError, StoreFuture, Subject, SubjectUsage};
+use super::{
+    Admission, Decision, LastAnswer, QuotaStore, StoreError, StoreFuture, Subject, SubjectUsage,
+};
 use crate::clock::Clock;
 use crate::config::{OnStoreError, StoreConfig};
 
@@ -185,9 +187,8 @@ struct Inner {
     expected_replicas: u64,
     health: Arc<StoreHealth>,
     clock: Arc<dyn Clock>,
-    /// When the store last answered a call, in ms after `epoch` plus one (0: never).
-    last_answer_ms: AtomicU64,
-    epoch: tokio::time::Instant,
+    /// When the store last answered a call made here, within its timeout.
+    last_answer: LastAnswer,
 }
 
 impl FailoverStore {
@@ -210,8 +211,7 @@ impl FailoverStore {
                 expected_replicas: settings.expected_replicas,
                 health,
                 clock,
-                last_answer_ms: AtomicU64::new(0),
-                epoch: tokio::time::Instant::now(),
+                last_answer: LastAnswer::new(),
             }),
         }
     }
@@ -231,13 +231,8 @@ impl Inner {
             .unwrap_or(Err(StoreError::Timeout(self.timeout)))
     }
 
-    fn since_epoch_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
-    }
-
     fn answered(&self) {
-        self.last_answer_ms
-            .fetch_max(self.since_epoch_ms(), Ordering::Relaxed);
+        self.last_answer.record();
     }
 
     /// Whether the store has answered nothing for twice the timeout (or never): neither a
@@ -246,13 +241,8 @@ impl Inner {
     /// still see the store answering the calls ahead of them).
     fn silent(&self) -> bool {
         let limit = 2 * self.timeout;
-        let last = self.last_answer_ms.load(Ordering::Relaxed);
-        let here =
-            last == 0 || self.since_epoch_ms().saturating_sub(last) > limit.as_millis() as u64;
-        here && self
-            .shared
-            .since_last_answer()
-            .is_none_or(|since| since > limit)
+        let silent_since = |since: Option<Duration>| since.is_none_or(|since| since > limit);
+        silent_since(self.last_answer.since()) && silent_since(self.shared.since_last_answer())
     }
 
     fn not_asked(&self) -> StoreError {

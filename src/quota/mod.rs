@@ -168,6 +168,38 @@ pub enum StoreError {
     Degraded(String),
 }
 
+/// When a store last answered a call, for telling a slow store from a silent one. Tokio's
+/// clock, so that tests with paused time see the same silence the replica does.
+pub(crate) struct LastAnswer {
+    epoch: tokio::time::Instant,
+    /// Milliseconds after `epoch`, plus one; 0 before the first answer.
+    at_ms: std::sync::atomic::AtomicU64,
+}
+
+impl LastAnswer {
+    pub(crate) fn new() -> LastAnswer {
+        LastAnswer {
+            epoch: tokio::time::Instant::now(),
+            at_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    pub(crate) fn record(&self) {
+        self.at_ms
+            .fetch_max(self.now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long ago the last answer came; `None` before the first.
+    pub(crate) fn since(&self) -> Option<std::time::Duration> {
+        let at = self.at_ms.load(std::sync::atomic::Ordering::Relaxed);
+        (at > 0).then(|| std::time::Duration::from_millis(self.now_ms().saturating_sub(at)))
+    }
+}
+
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// A place where quota counters live. The memory store serves one process; a shared store

@@ -79,8 +79,8 @@ use tokio::sync::oneshot;
 use super::calendar::{CalendarDay, DayCalendar};
 use super::window::ceil_secs;
 use super::{
-    Admission, Charge, Decision, QuotaStore, StoreError, StoreFuture, Subject, SubjectKind,
-    SubjectUsage, Window, WindowUsage,
+    Admission, Charge, Decision, LastAnswer, QuotaStore, StoreError, StoreFuture, Subject,
+    SubjectKind, SubjectUsage, Window, WindowUsage,
 };
 use crate::clock::Clock;
 use crate::config::StoreUrl;
@@ -112,36 +112,8 @@ pub struct RedisStore {
     skew_ms: AtomicI64,
     /// The day most recently used, so a decision computes no time zone rules.
     today: Mutex<Option<CalendarDay>>,
-    answers: Arc<Answers>,
-}
-
-/// When Redis last answered a decision's script call, whoever still waited for it.
-struct Answers {
-    epoch: std::time::Instant,
-    /// Milliseconds since `epoch`, plus one; 0 before the first answer.
-    last_ms: AtomicU64,
-}
-
-impl Answers {
-    fn new() -> Answers {
-        Answers {
-            epoch: std::time::Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn record(&self) {
-        let now = self.epoch.elapsed().as_millis() as u64 + 1;
-        self.last_ms.fetch_max(now, Ordering::Relaxed);
-    }
-
-    fn since(&self) -> Option<std::time::Duration> {
-        let last = self.last_ms.load(Ordering::Relaxed);
-        (last > 0).then(|| {
-            let now = self.epoch.elapsed().as_millis() as u64 + 1;
-            std::time::Duration::from_millis(now.saturating_sub(last))
-        })
-    }
+    /// When Redis last answered a decision's script call, whoever still waited for it.
+    answers: Arc<LastAnswer>,
 }
 
 /// Which verb the script runs.
@@ -194,7 +166,7 @@ impl RedisStore {
         let cluster = connection.is_cluster();
         let connection = Arc::new(ArcSwap::from_pointee(connection));
         let script = Arc::new(Script::new(SCRIPT));
-        let answers = Arc::new(Answers::new());
+        let answers = Arc::new(LastAnswer::new());
         let batcher = (!cluster).then(|| {
             Arc::new(Batcher {
                 connection: connection.clone(),
@@ -512,7 +484,7 @@ impl BatchState {
 struct Batcher {
     connection: Arc<ArcSwap<SharedRedis>>,
     script: Arc<Script>,
-    answers: Arc<Answers>,
+    answers: Arc<LastAnswer>,
     state: Mutex<BatchState>,
     calls: AtomicU64,
     decisions: AtomicU64,
