@@ -172,8 +172,8 @@ impl JsonLine {
             self.0.push_str("null");
             return;
         };
-        // No early exit: over the short strings of a line, a loop without branches (that
-        // the compiler vectorises) beats stopping at the first odd byte.
+        // No early exit, so the loop has no branch and the compiler may vectorise it: the
+        // strings of a line are short and nearly never need escapes.
         let needs_escape = value.bytes().fold(false, |odd, b| {
             odd | (b < 0x20) | (b == b'"') | (b == b'\\')
         });
