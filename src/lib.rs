@@ -53,6 +53,7 @@ pub mod context;
 pub mod dashboard;
 pub mod demo;
 pub mod error;
+pub mod event_loop;
 pub mod forward;
 pub mod gateway;
 pub mod key_store;

@@ -9,7 +9,8 @@ use std::cell::Cell;
 use std::io;
 
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
+
+use crate::event_loop::EventLoop;
 
 thread_local! {
     /// 1 + this thread's shard number; 0 on every other thread.
@@ -24,47 +25,29 @@ pub fn current() -> usize {
 
 /// Running shards. Dropping this stops them: what still runs on a shard is cancelled.
 pub struct Shards {
-    handles: Vec<Handle>,
+    loops: Vec<EventLoop>,
     next: usize,
-    /// Dropped with `Shards`: each shard's thread leaves its event loop then.
-    _stop: Vec<oneshot::Sender<()>>,
 }
 
 impl Shards {
     pub fn start(count: usize) -> io::Result<Shards> {
-        let mut handles = Vec::with_capacity(count);
-        let mut stops = Vec::with_capacity(count);
-        for number in 0..count {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            handles.push(runtime.handle().clone());
-            let (stop, stopped) = oneshot::channel::<()>();
-            stops.push(stop);
-            std::thread::Builder::new()
-                .name(format!("keygate-shard-{number}"))
-                .spawn(move || {
+        let loops = (0..count)
+            .map(|number| {
+                EventLoop::start(format!("keygate-shard-{number}"), move || {
                     SHARD.with(|shard| shard.set(number + 1));
-                    // A current-thread runtime runs its tasks only inside `block_on`.
-                    runtime.block_on(async {
-                        let _ = stopped.await;
-                    });
-                })?;
-        }
-        Ok(Shards {
-            handles,
-            next: 0,
-            _stop: stops,
-        })
+                })
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(Shards { loops, next: 0 })
     }
 
     /// The shard the next connection goes to: round robin, which spreads connections
     /// evenly however few clients there are (a kernel hash over `SO_REUSEPORT` listeners
     /// would not, with the handful of long-lived connections a sidecar sees).
     pub fn next_in_turn(&mut self) -> &Handle {
-        let handle = &self.handles[self.next % self.handles.len()];
+        let event_loop = &self.loops[self.next % self.loops.len()];
         self.next = self.next.wrapping_add(1);
-        handle
+        event_loop.handle()
     }
 }
 
@@ -85,21 +68,5 @@ mod tests {
         }
         assert_eq!(seen, [1, 2, 1, 2]);
         assert_eq!(current(), 0, "the test's own thread is no shard");
-    }
-
-    #[test]
-    fn dropping_the_shards_ends_their_threads() {
-        let mut shards = Shards::start(1).unwrap();
-        let (alive, ended) = std::sync::mpsc::channel::<()>();
-        // Cancelled with the shard's runtime: its sender is dropped then.
-        shards.next_in_turn().spawn(async move {
-            let _alive = alive;
-            std::future::pending::<()>().await;
-        });
-        drop(shards);
-        assert_eq!(
-            ended.recv_timeout(std::time::Duration::from_secs(5)),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
-        );
     }
 }

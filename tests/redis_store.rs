@@ -600,3 +600,45 @@ async fn a_batch_whose_call_times_out_follows_on_error_for_every_member() {
     );
     sleeper.join().unwrap();
 }
+
+/// A store's calls to Redis run on a thread of their own: a decision reaches Redis, and
+/// its answer comes back, while the runtime that asked polls nothing at all — as when a
+/// burst of thousands of new connections fills its run queue. On that runtime, the
+/// batch call waited its turn behind every one of them at each step, and a 5000-connection
+/// burst made decisions miss `store.timeout` (PERFORMANCE.md, session 5).
+#[test]
+fn decisions_reach_redis_while_the_asking_runtime_is_busy() {
+    let server = RedisServer::start();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Opened on the runtime, as the gateway opens it.
+    let store = runtime
+        .block_on(async { redis_store(&server, Arc::new(OffsetClock::new()), DayCalendar::utc()) });
+    let team = [subject(SubjectKind::Team, "design", 100, 1000)];
+    runtime.block_on(async {
+        let mut decision = std::pin::pin!(store.decide(&team));
+        assert!(
+            futures_util::poll!(&mut decision).is_pending(),
+            "queued, not yet answered"
+        );
+        // The runtime's only thread now blocks: nothing of it runs until Redis has charged
+        // the decision and the store has its answer.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while server
+            .cli(&["HGET", "kg:q:{t:design}", "n"])
+            .is_none_or(|n| n.trim() != "1")
+            || store.since_last_answer().is_none()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the decision did not reach Redis and come back while the runtime was busy"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let decision = decision.await.unwrap();
+        assert!(decision.admitted());
+        assert_eq!(decision.usage[0].minute.used, 1);
+    });
+}

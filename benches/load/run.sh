@@ -12,6 +12,7 @@
 #                      same rounds as "keygate-b": a before/after comparison from one run
 #        INFLIGHT      connections for the in-flight test (default 5000; 0 skips it)
 #        PORT_BASE     first of the ports used (default 28080; the shared harness uses 18xxx)
+#        STORE_TIMEOUT keygate's store.timeout (default 250ms; keygate's own default is 50ms)
 # Needs: nginx libnginx-mod-http-lua lua-nginx-redis wrk redis-server (Debian packages).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -52,7 +53,7 @@ nginx_up() { # conf
 }
 keygate_up() { # name listen admin upstream_port [binary]
   sed -e "s#LISTENPORT#$2#" -e "s#ADMINPORT#$3#" -e "s#UPPORT#$4#" -e "s#REDISPORT#$redis_kg#" \
-    -e "s#STORETIMEOUT#250ms#" -e "s#USAGELOG#$work/$1-usage.log#" "$here/keygate.toml" > "$work/$1.toml"
+    -e "s#STORETIMEOUT#${STORE_TIMEOUT:-250ms}#" -e "s#USAGELOG#$work/$1-usage.log#" "$here/keygate.toml" > "$work/$1.toml"
   # The allocator settings of deploy/systemd and deploy/docker.
   BENCH_UPSTREAM_KEY=sk-upstream-REAL-0123456789 KEYGATE_LOG=warn \
     MIMALLOC_ARENA_EAGER_COMMIT=0 \
@@ -181,6 +182,7 @@ if [ "$inflight" -gt 0 ]; then
     name=${t%%:*}; port=${t##*:}
     # Let the previous target's 5000 connections close (upstream and client side) first.
     sleep 5
+    case $name in keygate*) redis-cli -p "$redis_kg" CONFIG RESETSTAT >/dev/null ;; esac
     out=$(WRK_AUTH="$alpha" wrk -t1 -c"$inflight" -d10s --timeout 10s --latency -s "$here/post.lua" \
       "http://127.0.0.1:$port/v1/text-to-image")
     total=$(echo "$out" | awk '/requests in/ {print $1}')
@@ -194,6 +196,9 @@ if [ "$inflight" -gt 0 ]; then
         | grep -o '"status":[0-9]*,.*"outcome":"[a-z_]*"' | sed -E 's/"status":([0-9]+),.*"outcome":"([a-z_]+)"/\1 \2/' \
         | sort | uniq -c | awk '{printf "%s%s %s x%s", (NR > 1 ? ", " : ""), $2, $3, $1}' || true)
       if [ -n "$refused" ]; then rss="$rss | refused: $refused"; fi
+      # The decisions' script calls (this target alone shares keygate's Redis meanwhile).
+      rss="$rss | $(redis-cli -p "$redis_kg" INFO commandstats | tr -d '\r' | awk -F'[:=,]' -v n="$total" \
+        '/^cmdstat_evalsha:/ {printf "redis: %d EVALSHA (%.1f requests each), %.0f us each", $3, n / $3, $7}')"
     else
       rss="nginx workers VmHWM:"
       for w in $(pgrep -P "$(cat "$work/swap-slow.pid")"); do rss="$rss $(( $(hwm_kb "$w") / 1024 )) MB"; done

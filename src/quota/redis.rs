@@ -26,6 +26,18 @@
 //! window since the last call, so its cost does not depend on the limit or the traffic;
 //! the state is at most 66 small fields, and expires a minute after the day it counts ends.
 //!
+//! # A thread of its own
+//!
+//! Every call to Redis, and the connection's own tasks, run on one thread of the store's
+//! (`keygate-quota`, [`crate::event_loop`]), never on the runtime that serves requests.
+//! There a batch call and the connection's reads waited their turn behind every ready
+//! request task at each step: a burst of 5000 new connections on a slow machine made
+//! decisions miss `store.timeout` by the thousand, and the store's answers came so late
+//! that the replica judged it down and answered everyone `503` for seconds while Redis was
+//! healthy. On its own thread a call goes out and its answer comes back whatever the
+//! request runtime has queued; the price is a wake-up between threads a call
+//! (PERFORMANCE.md, session 5).
+//!
 //! # One clock
 //!
 //! Windows are judged by the Redis server's `TIME`, read inside the script, never by a
@@ -69,6 +81,7 @@
 //! gateway in-process (tests) can hand it an [`crate::clock::OffsetClock`]. With it, tests
 //! cross minute and day boundaries against a real Redis without sleeping.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -84,6 +97,7 @@ use super::{
 };
 use crate::clock::Clock;
 use crate::config::StoreUrl;
+use crate::event_loop::EventLoop;
 use crate::shared_redis::SharedRedis;
 
 const SCRIPT: &str = include_str!("redis_quota.lua");
@@ -114,6 +128,10 @@ pub struct RedisStore {
     today: Mutex<Option<CalendarDay>>,
     /// When Redis last answered a decision's script call, whoever still waited for it.
     answers: Arc<LastAnswer>,
+    /// The thread every call to Redis runs on, with the connection's own tasks: a
+    /// decision's answer never waits its turn behind the request tasks of a burst (5000
+    /// new connections made decisions miss `store.timeout`, PERFORMANCE.md session 5).
+    io: EventLoop,
 }
 
 /// Which verb the script runs.
@@ -161,8 +179,13 @@ impl RedisStore {
         clock: Arc<dyn Clock>,
         calendar: DayCalendar,
     ) -> Result<Self, String> {
-        let connection =
-            SharedRedis::open(url)?.ok_or_else(|| "memory:// is not a Redis URL".to_string())?;
+        let io = EventLoop::start("keygate-quota".into(), || {})
+            .map_err(|e| format!("cannot start the quota store's thread: {e}"))?;
+        // Entered so that the tasks redis-rs spawns for the connection run on that thread.
+        let connection = {
+            let _on_io = io.handle().enter();
+            SharedRedis::open(url)?.ok_or_else(|| "memory:// is not a Redis URL".to_string())?
+        };
         let cluster = connection.is_cluster();
         let connection = Arc::new(ArcSwap::from_pointee(connection));
         let script = Arc::new(Script::new(SCRIPT));
@@ -175,7 +198,7 @@ impl RedisStore {
                 state: Mutex::new(BatchState::default()),
                 calls: AtomicU64::new(0),
                 decisions: AtomicU64::new(0),
-                runtime: tokio::runtime::Handle::try_current().ok(),
+                runtime: io.handle().clone(),
             })
         });
         Ok(Self {
@@ -189,6 +212,20 @@ impl RedisStore {
             skew_ms: AtomicI64::new(0),
             today: Mutex::new(None),
             answers,
+            io,
+        })
+    }
+
+    /// Runs a call to Redis on the store's own thread and waits for it there. Not
+    /// cancelled with the caller: a refund or a usage read, once sent, is seen through.
+    async fn on_io<T: Send + 'static>(
+        &self,
+        call: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.io.handle().spawn(call).await.unwrap_or_else(|_| {
+            Err(StoreError::Unreachable(
+                "the quota store's thread stopped".into(),
+            ))
         })
     }
 
@@ -265,16 +302,22 @@ impl RedisStore {
             let raw = match (&self.batcher, verb) {
                 (Some(batcher), Verb::Decide) => batcher.submit(keys, limits, offset, day).await?,
                 _ => {
-                    let mut call = ScriptCall::new(&self.script, &keys, 2 + decision_args(&keys));
-                    call.arg(verb.as_str()).arg(1);
-                    add_decision(&mut call, offset, day, 1..=keys.len(), &limits);
-                    let text: Vec<u8> = call
-                        .invoke(&self.script, &mut self.connection())
-                        .await
-                        .map_err(store_error)?;
-                    self.answers.record();
-                    let mut answers = parse_answers(&text, 1)?;
-                    answers.swap_remove(0)
+                    let script = self.script.clone();
+                    let mut connection = self.connection();
+                    let last_answer = self.answers.clone();
+                    self.on_io(async move {
+                        let mut call = ScriptCall::new(&script, &keys, 2 + decision_args(&keys));
+                        call.arg(verb.as_str()).arg(1);
+                        add_decision(&mut call, offset, day, 1..=keys.len(), &limits);
+                        let text: Vec<u8> = call
+                            .invoke(&script, &mut connection)
+                            .await
+                            .map_err(store_error)?;
+                        last_answer.record();
+                        let mut answers = parse_answers(&text, 1)?;
+                        Ok(answers.swap_remove(0))
+                    })
+                    .await?
                 }
             };
             let (&status, rest) = raw
@@ -303,7 +346,8 @@ impl RedisStore {
     ) -> Result<(), StoreError> {
         let keys = group.iter().map(|(_, s)| redis_key(s, all)).collect();
         let offset = self.clock.offset_from_wall_ms();
-        refund_keys(self.connection(), &self.script, keys, offset, charge).await
+        let call = refund_keys(self.connection(), self.script.clone(), keys, offset, charge);
+        self.on_io(call).await
     }
 
     async fn decide_groups(&self, subjects: &[Subject]) -> Result<Decision, StoreError> {
@@ -384,8 +428,8 @@ impl RedisStore {
             let script = self.script.clone();
             let offset = self.clock.offset_from_wall_ms();
             let charge = *charge;
-            tokio::spawn(async move {
-                if let Err(error) = refund_keys(connection, &script, keys, offset, charge).await {
+            self.io.handle().spawn(async move {
+                if let Err(error) = refund_keys(connection, script, keys, offset, charge).await {
                     tracing::warn!(%error, "compensating a failed decision did not reach the store");
                 }
             });
@@ -488,11 +532,12 @@ struct Batcher {
     state: Mutex<BatchState>,
     calls: AtomicU64,
     decisions: AtomicU64,
-    /// Where batch calls run: the runtime the store was opened on, next to the Redis
-    /// connection's own task. On a shard ([`crate::shards`]) a call would wait its turn
-    /// behind every connection of that shard at each step, and a burst of new
-    /// connections there made decisions miss `store.timeout` (PERFORMANCE.md, session 4).
-    runtime: Option<tokio::runtime::Handle>,
+    /// Where batch calls run: the store's own thread, next to the Redis connection's
+    /// tasks. On a runtime that also serves requests a call waits its turn behind every
+    /// ready request task at each step, and a burst of new connections made decisions
+    /// miss `store.timeout` (on a shard: PERFORMANCE.md, session 4; on the shared
+    /// runtime: session 5).
+    runtime: tokio::runtime::Handle,
 }
 
 impl Batcher {
@@ -527,11 +572,7 @@ impl Batcher {
             }
         };
         if let Some(jobs) = start {
-            let drive = self.clone().drive(jobs);
-            match &self.runtime {
-                Some(runtime) => runtime.spawn(drive),
-                None => tokio::spawn(drive),
-            };
+            self.runtime.spawn(self.clone().drive(jobs));
         }
         answer.await.unwrap_or_else(|_| {
             Err(StoreError::Unreachable(
@@ -662,18 +703,18 @@ fn decimal(field: &[u8]) -> Option<i64> {
 
 async fn refund_keys(
     mut connection: SharedRedis,
-    script: &Script,
+    script: Arc<Script>,
     keys: Vec<String>,
     offset: i64,
     charge: Charge,
 ) -> Result<(), StoreError> {
-    let mut call = ScriptCall::new(script, &keys, 4);
+    let mut call = ScriptCall::new(&script, &keys, 4);
     call.arg("refund")
         .arg(offset)
         .arg(charge.second)
         .arg(charge.day);
     let _: i64 = call
-        .invoke(script, &mut connection)
+        .invoke(&script, &mut connection)
         .await
         .map_err(store_error)?;
     Ok(())
@@ -833,14 +874,21 @@ impl QuotaStore for RedisStore {
         Box::pin(async move {
             // A fresh connection: a half-open one (peer gone without a reset) would
             // otherwise keep failing every probe.
-            let fresh = SharedRedis::open(&self.url)
-                .map_err(StoreError::Protocol)?
-                .ok_or_else(|| StoreError::Protocol("not a Redis URL".into()))?;
+            let fresh = {
+                let _on_io = self.io.handle().enter();
+                SharedRedis::open(&self.url)
+                    .map_err(StoreError::Protocol)?
+                    .ok_or_else(|| StoreError::Protocol("not a Redis URL".into()))?
+            };
             let mut probe = fresh.clone();
-            let _: String = redis::cmd("PING")
-                .query_async(&mut probe)
-                .await
-                .map_err(store_error)?;
+            self.on_io(async move {
+                let _: String = redis::cmd("PING")
+                    .query_async(&mut probe)
+                    .await
+                    .map_err(store_error)?;
+                Ok(())
+            })
+            .await?;
             self.connection.store(Arc::new(fresh));
             Ok(())
         })
