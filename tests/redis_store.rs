@@ -642,3 +642,91 @@ fn decisions_reach_redis_while_the_asking_runtime_is_busy() {
         assert_eq!(decision.usage[0].minute.used, 1);
     });
 }
+
+/// Concurrent identical decisions (one team's requests) go to Redis as one decision with
+/// their number, and each still gets the answer it would have had alone: exactly the limit
+/// admitted, each admission counted at its own place in every window, the rest refused by
+/// the state those admissions left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_decisions_sent_together_are_answered_one_by_one() {
+    let server = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let store = Arc::new(redis_store(
+        &server,
+        Arc::new(OffsetClock::new()),
+        DayCalendar::utc(),
+    ));
+    let ceiling = subject(SubjectKind::Upstream, "upstream", 25, 1000);
+    let design = Arc::new([
+        subject(SubjectKind::Team, "design", 20, 1000),
+        ceiling.clone(),
+    ]);
+    let research = Arc::new([subject(SubjectKind::Team, "research", 50, 1000), ceiling]);
+    assert!(store.decide(&design[..]).await.unwrap().admitted());
+    // Redis sleeps with the next call in flight: every decision made meanwhile joins the
+    // call after it.
+    let sleeper = server.sleep_in_background(1);
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let subjects = if i % 6 == 5 {
+            research.clone()
+        } else {
+            design.clone()
+        };
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let decision = store.decide(&subjects[..]).await.unwrap();
+            (subjects[0].id.to_string(), decision)
+        }));
+    }
+    let mut decisions = Vec::new();
+    for task in tasks {
+        decisions.push(task.await.unwrap());
+    }
+    sleeper.join().unwrap();
+
+    let admitted: Vec<_> = decisions.iter().filter(|(_, d)| d.admitted()).collect();
+    assert_eq!(
+        admitted.len(),
+        24,
+        "the ceiling's room after the first decision"
+    );
+    let mut ceiling_used: Vec<u64> = admitted
+        .iter()
+        .map(|(_, d)| d.usage[1].minute.used)
+        .collect();
+    ceiling_used.sort_unstable();
+    assert_eq!(
+        ceiling_used,
+        (2..=25).collect::<Vec<_>>(),
+        "each counted at its own place"
+    );
+    for (team, first) in [("design", 2), ("research", 1)] {
+        let mut used: Vec<u64> = admitted
+            .iter()
+            .filter(|(t, _)| t == team)
+            .map(|(_, d)| {
+                assert_eq!(d.usage[0].minute.used, d.usage[0].day.used, "{team}");
+                d.usage[0].minute.used
+            })
+            .collect();
+        used.sort_unstable();
+        let count = used.len() as u64;
+        assert_eq!(used, (first..first + count).collect::<Vec<_>>(), "{team}");
+    }
+    for (team, refused) in decisions.iter().filter(|(_, d)| !d.admitted()) {
+        let (kind, window) = refused.denied_by.expect("a refusal names its window");
+        assert!(refused.retry_after_secs >= 1, "{team}");
+        let full = refused.usage.iter().find(|u| u.kind == kind).unwrap();
+        assert_eq!(window, Window::Minute, "{team}");
+        assert_eq!(
+            full.minute.used, full.minute.limit,
+            "{team}: refused with room left"
+        );
+    }
+    let field = |key: &str, field: &str| server.cli(&["HGET", key, field]).unwrap();
+    assert_eq!(field("kg:q:{upstream}", "n").trim(), "25");
+    assert_eq!(field("kg:q:{upstream}", "dn").trim(), "25");
+    let (calls, decided) = store.batch_stats();
+    assert_eq!(decided, 61);
+    assert!(calls <= 4, "{calls} calls for 61 decisions");
+}

@@ -16,8 +16,9 @@
 -- decide, usage: ARGV[2] = the number of decisions in this call, then per decision:
 --   offset (milliseconds added to the server's TIME: always 0 in production, see
 --   Clock::offset_from_wall_ms; tests move the windows with it), day id, day start ms, day
---   end ms (the calendar day in quotas.day_tz that the caller believes is current), the
---   number of subjects, then per subject: its index in KEYS, rpm, rpd.
+--   end ms (the calendar day in quotas.day_tz that the caller believes is current), times
+--   (how many identical decisions this one stands for, made in a row), the number of
+--   subjects, then per subject: its index in KEYS, rpm, rpd.
 -- refund: KEYS the hashes charged, ARGV[2] unused (offset), ARGV[3] second, ARGV[4] day id.
 --
 -- decide/usage answer one string: the decisions in order, separated by ';', each the
@@ -25,6 +26,9 @@
 --   per subject: minute_used, minute_reset_ms, day_used. One string rather than nested
 --   arrays: parsing a reply value costs the client far more than a byte of it. (Values are
 --   integers written with '%d', exact for 64 bits.)
+--   A decision made `times` > 1 times answers with at most two entries, each starting
+--   `*count,` for that many decisions in a row: the admitted ones (the entry is the first
+--   of them; each next one counts one more in every window's used), then the refused ones.
 --   status 1 = admitted and charged, 0 = refused (nothing charged), 2 = usage only,
 --   -1 = the day sent is not the day at the server's time: {-1, now_ms}, ask again.
 --   denied_window 1 = minute, 2 = day.
@@ -150,8 +154,52 @@ local function room_ms(key, s, rpm, now_s, now_ms)
   return BUCKETS * 1000
 end
 
--- One decision: `keys` its hashes, `limits` rpm/rpd pairs per key. Returns its answer.
-local function decide_one(keys, limits, offset, day_id, day_start, day_end)
+-- The first subject and window without room for one more request (index 0: all have
+-- room), and how long until every window that has none has room again.
+local function refusal(keys, state, dn, limits, now_s, now_ms, day_end)
+  local denied_index, denied_window, retry_ms = 0, 0, 0
+  for i = 1, #keys do
+    local s = state[i]
+    local rpm = limits[2 * i - 1]
+    local rpd = limits[2 * i]
+    if s.n >= rpm then
+      if denied_index == 0 then
+        denied_index, denied_window = i, 1
+      end
+      retry_ms = math.max(retry_ms, room_ms(keys[i], s, rpm, now_s, now_ms))
+    end
+    if dn[i] >= rpd then
+      if denied_index == 0 then
+        denied_index, denied_window = i, 2
+      end
+      retry_ms = math.max(retry_ms, day_end - now_ms)
+    end
+  end
+  return denied_index, denied_window, retry_ms
+end
+
+-- One decision's answer, or `times` identical ones in a row (see the header); `less` is
+-- taken off every used count (the first of `times` admissions is reported).
+local function answer(times, status, now_ms, retry_ms, denied_index, denied_window, state, dn, less)
+  -- '%d', not tostring: Lua's default number format (%.14g) costs several times more.
+  local parts = { string.format('%d,%d,%d,%d,%d', status, now_ms, retry_ms, denied_index, denied_window) }
+  if times > 1 then
+    parts[1] = string.format('*%d,', times) .. parts[1]
+  end
+  for i = 1, #state do
+    local s = state[i]
+    local reset = 60000
+    if s.n > 0 then
+      reset = expiry_ms(s.o, now_ms)
+    end
+    parts[i + 1] = string.format('%d,%d,%d', s.n - less, reset, dn[i] - less)
+  end
+  return table.concat(parts, ',')
+end
+
+-- One decision made `times` times in a row: `keys` its hashes, `limits` rpm/rpd pairs per
+-- key. Returns its answer.
+local function decide_one(keys, limits, offset, day_id, day_start, day_end, times)
   local count = #keys
   local now_ms = base_ms + offset
   -- Time never goes back for counters that have seen a later second (a server clock
@@ -168,6 +216,9 @@ local function decide_one(keys, limits, offset, day_id, day_start, day_end)
   end
 
   if now_ms < day_start or now_ms >= day_end then
+    if times > 1 then
+      return string.format('*%d,%d,%d', times, -1, now_ms)
+    end
     return string.format('%d,%d', -1, now_ms)
   end
 
@@ -202,67 +253,52 @@ local function decide_one(keys, limits, offset, day_id, day_start, day_end)
     end
   end
 
-  local denied_index, denied_window, retry_ms = 0, 0, 0
   local dn = {}
   for i = 1, count do
     local s = state[i]
-    local rpm = limits[2 * i - 1]
-    local rpd = limits[2 * i]
     dn[i] = s.dn
     if s.d ~= day_id then
       dn[i] = 0
     end
-    if s.n >= rpm then
-      if denied_index == 0 then
-        denied_index, denied_window = i, 1
-      end
-      retry_ms = math.max(retry_ms, room_ms(keys[i], s, rpm, now_s, now_ms))
-    end
-    if dn[i] >= rpd then
-      if denied_index == 0 then
-        denied_index, denied_window = i, 2
-      end
-      retry_ms = math.max(retry_ms, day_end - now_ms)
-    end
+  end
+  local denied_index, denied_window, retry_ms = refusal(keys, state, dn, limits, now_s, now_ms, day_end)
+  if op ~= 'decide' then
+    return answer(times, 2, now_ms, retry_ms, denied_index, denied_window, state, dn, 0)
+  end
+  if denied_index ~= 0 then
+    return answer(times, 0, now_ms, retry_ms, denied_index, denied_window, state, dn, 0)
   end
 
-  local status = 2
-  if op == 'decide' then
-    status = 0
-    if denied_index == 0 then
-      status = 1
-      local second = tostring(now_s)
-      -- The hash must outlive the day counter (until the day ends) and the newest bucket.
-      local ttl = math.max(day_end - now_ms, BUCKETS * 1000) + 60000
-      for i = 1, count do
-        local s = state[i]
-        s.pending = s.pending or {}
-        s.pending[second] = (s.pending[second] or 0) + 1
-        if s.n == 0 then
-          s.o = now_s
-        end
-        s.n = s.n + 1
-        dn[i] = dn[i] + 1
-        s.dn = dn[i]
-        s.d = day_id
-        s.e = target
-        s.dirty = true
-        s.ttl = ttl
-      end
-    end
+  -- As many of the identical decisions as every window has room for are admitted (at
+  -- least one: none refused), the rest refused by the state those admissions leave.
+  local admitted = times
+  for i = 1, count do
+    admitted = math.min(admitted, limits[2 * i - 1] - state[i].n, limits[2 * i] - dn[i])
   end
-
-  -- '%d', not tostring: Lua's default number format (%.14g) costs several times more.
-  local answer = { string.format('%d,%d,%d,%d,%d', status, now_ms, retry_ms, denied_index, denied_window) }
+  local second = tostring(now_s)
+  -- The hash must outlive the day counter (until the day ends) and the newest bucket.
+  local ttl = math.max(day_end - now_ms, BUCKETS * 1000) + 60000
   for i = 1, count do
     local s = state[i]
-    local reset = 60000
-    if s.n > 0 then
-      reset = expiry_ms(s.o, now_ms)
+    s.pending = s.pending or {}
+    s.pending[second] = (s.pending[second] or 0) + admitted
+    if s.n == 0 then
+      s.o = now_s
     end
-    answer[i + 1] = string.format('%d,%d,%d', s.n, reset, dn[i])
+    s.n = s.n + admitted
+    dn[i] = dn[i] + admitted
+    s.dn = dn[i]
+    s.d = day_id
+    s.e = target
+    s.dirty = true
+    s.ttl = ttl
   end
-  return table.concat(answer, ',')
+  local yes = answer(admitted, 1, now_ms, 0, 0, 0, state, dn, admitted - 1)
+  if admitted == times then
+    return yes
+  end
+  denied_index, denied_window, retry_ms = refusal(keys, state, dn, limits, now_s, now_ms, day_end)
+  return yes .. ';' .. answer(times - admitted, 0, now_ms, retry_ms, denied_index, denied_window, state, dn, 0)
 end
 
 local answers = {}
@@ -272,8 +308,9 @@ for _ = 1, decisions do
   local day_id = ARGV[at + 1]
   local day_start = tonumber(ARGV[at + 2])
   local day_end = tonumber(ARGV[at + 3])
-  local count = tonumber(ARGV[at + 4])
-  at = at + 5
+  local times = tonumber(ARGV[at + 4])
+  local count = tonumber(ARGV[at + 5])
+  at = at + 6
   local keys, limits = {}, {}
   for i = 1, count do
     keys[i] = KEYS[tonumber(ARGV[at])]
@@ -281,7 +318,7 @@ for _ = 1, decisions do
     limits[2 * i] = tonumber(ARGV[at + 2])
     at = at + 3
   end
-  answers[#answers + 1] = decide_one(keys, limits, offset, day_id, day_start, day_end)
+  answers[#answers + 1] = decide_one(keys, limits, offset, day_id, day_start, day_end, times)
 end
 
 for key, s in pairs(cache) do
