@@ -145,6 +145,8 @@ pub struct RequestContext {
     /// The quota decision admitted and charged this request.
     pub admitted: bool,
     pub upstream_latency: Option<Duration>,
+    /// How long the quota decision took (answered or failed), the store's queue included.
+    pub quota_latency: Option<Duration>,
     /// Upstream calls sent again after a 429, a 503 or a failed connect.
     pub upstream_retries: u32,
     pub bytes_in: Arc<AtomicU64>,
@@ -174,6 +176,7 @@ impl RequestContext {
             auth_failure: None,
             admitted: false,
             upstream_latency: None,
+            quota_latency: None,
             upstream_retries: 0,
             bytes_in: Arc::new(AtomicU64::new(0)),
             bytes_out: 0,

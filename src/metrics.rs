@@ -27,6 +27,13 @@ pub const LATENCY_BUCKETS: [f64; 15] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
+/// Quota decision buckets in seconds: a decision on one Redis takes a fraction of a
+/// millisecond, and `store.timeout` (50 ms by default) is where it stops waiting, so the
+/// buckets are fine below it and few above (decisions late past it still finish).
+pub const DECISION_BUCKETS: [f64; 15] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
 /// Every kind of alert, as the `kind` label of `keygate_alerts_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AlertKind {
@@ -225,19 +232,35 @@ struct RouteLatency {
 }
 
 /// A fixed-bucket histogram: one atomic add per bucket hit, the sum in nanoseconds.
-#[derive(Default)]
 pub struct Histogram {
+    bounds: &'static [f64; LATENCY_BUCKETS.len()],
     buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     sum_nanos: AtomicU64,
 }
 
+impl Default for Histogram {
+    /// Request latency buckets.
+    fn default() -> Self {
+        Histogram::with_bounds(&LATENCY_BUCKETS)
+    }
+}
+
 impl Histogram {
+    pub fn with_bounds(bounds: &'static [f64; LATENCY_BUCKETS.len()]) -> Histogram {
+        Histogram {
+            bounds,
+            buckets: Default::default(),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+
     pub fn observe(&self, value: Duration) {
         let secs = value.as_secs_f64();
-        let index = LATENCY_BUCKETS
+        let index = self
+            .bounds
             .iter()
             .position(|&bound| secs <= bound)
-            .unwrap_or(LATENCY_BUCKETS.len());
+            .unwrap_or(self.bounds.len());
         self.buckets[index].fetch_add(1, Ordering::Relaxed);
         self.sum_nanos.fetch_add(
             u64::try_from(value.as_nanos()).unwrap_or(u64::MAX),
@@ -254,7 +277,7 @@ impl Histogram {
         let sep = if labels.is_empty() { "" } else { "," };
         for (i, bucket) in self.buckets.iter().enumerate() {
             cumulative += bucket.load(Ordering::Relaxed);
-            let le = match LATENCY_BUCKETS.get(i) {
+            let le = match self.bounds.get(i) {
                 Some(bound) => format_float(*bound),
                 None => "+Inf".to_string(),
             };
@@ -323,6 +346,8 @@ pub struct Metrics {
     circuit_state: std::sync::atomic::AtomicU8,
     circuit_opened: AtomicU64,
     usage_log_dropped: [AtomicU64; UsageDrop::ALL.len()],
+    /// How long quota decisions took, the store's queue included.
+    quota_decisions: Histogram,
     /// The `"-"` label, allocated once.
     none: Arc<str>,
 }
@@ -348,6 +373,7 @@ impl Metrics {
             circuit_state: Default::default(),
             circuit_opened: AtomicU64::new(0),
             usage_log_dropped: Default::default(),
+            quota_decisions: Histogram::with_bounds(&DECISION_BUCKETS),
             none: NONE_LABEL.into(),
         }
     }
@@ -387,6 +413,9 @@ impl Metrics {
                 }
             },
         );
+        if let Some(decided_in) = ctx.quota_latency {
+            self.quota_decisions.observe(decided_in);
+        }
         if ctx.upstream_retries > 0 {
             self.upstream_retries
                 .fetch_add(u64::from(ctx.upstream_retries), Ordering::Relaxed);
@@ -619,6 +648,14 @@ impl Metrics {
             "1 while the quota store is unreachable and store.on_error is in force.",
             u8::from(store.degraded()),
         );
+        family(
+            &mut out,
+            "keygate_quota_decision_duration_seconds",
+            "histogram",
+            "Time a quota decision took, the store's queue included: compare with store.timeout.",
+        );
+        self.quota_decisions
+            .render(&mut out, "keygate_quota_decision_duration_seconds", "");
 
         labelled(
             &mut out,

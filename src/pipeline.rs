@@ -262,7 +262,10 @@ async fn quota(
     ctx: &mut RequestContext,
     key: &ApiKey,
 ) -> Result<Option<Decision>, GatewayError> {
-    let decision = match gateway.store.decide(&key.subjects).await {
+    let started = std::time::Instant::now();
+    let decided = gateway.store.decide(&key.subjects).await;
+    ctx.quota_latency = Some(started.elapsed());
+    let decision = match decided {
         Ok(decision) => decision,
         Err(error) => match gateway.edge.on_store_error {
             OnStoreError::Open => {

@@ -299,6 +299,27 @@ async fn every_request_leaves_one_usage_line_that_agrees_with_the_metrics() {
         counted, series_total,
         "no request counted that has no usage line"
     );
+    // Every request that reached the quota step had its decision timed once: those whose
+    // line carries the quota's usage (the store never failed here).
+    let decided = all.iter().filter(|l| !l["minute_limit"].is_null()).count();
+    assert!(decided > 1, "{decided}");
+    assert_eq!(
+        series(
+            &metrics,
+            "keygate_quota_decision_duration_seconds_count",
+            &[]
+        ),
+        Some(decided as f64)
+    );
+    assert_eq!(
+        series(
+            &metrics,
+            "keygate_quota_decision_duration_seconds_bucket",
+            &[("le", "5.0")]
+        ),
+        Some(decided as f64),
+        "a decision on the memory store takes well under 5 s"
+    );
 
     gateway.shutdown().await;
 }
