@@ -20,7 +20,8 @@
 //! - [`config`]: raw TOML → validated [`config::Config`]; [`secret`]: redacted secrets.
 //! - [`server`], [`connection`], [`tls`], [`admin`]: listeners, one connection's timers
 //!   and close, TLS, `/healthz` `/readyz`; [`shards`]: the optional thread-per-core event
-//!   loops proxy connections are handed to.
+//!   loops proxy connections are handed to; [`event_loop`]: a thread with its own event
+//!   loop (each shard, and the quota store's Redis calls).
 //! - [`gateway`]: shared state and the hot-swappable [`gateway::Snapshot`].
 //! - [`pipeline`]: the steps above; [`body`]: streamed, counted bodies.
 //! - [`routing`]: canonical paths and the route table; [`auth`]: tokens → key records;

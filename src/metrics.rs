@@ -652,7 +652,7 @@ impl Metrics {
             &mut out,
             "keygate_quota_decision_duration_seconds",
             "histogram",
-            "Time a quota decision took, the store's queue included: compare with store.timeout.",
+            "Time a quota decision took as the request saw it: the store, its queue and the wait for a worker thread.",
         );
         self.quota_decisions
             .render(&mut out, "keygate_quota_decision_duration_seconds", "");

@@ -173,9 +173,11 @@ if [ "$inflight" -gt 0 ]; then
   nginx_up upstream-slow; nginx_up nginx-swap-slow
   keygate_up keygate-slow "$kg_slow" "$kg_slow_admin" "$slow"
   slow_targets="nginx-swap:$swap_slow keygate:$kg_slow"
+  echo "$kg_slow_admin" > "$work/keygate-slow.admin"
   if [ -n "${KEYGATE_BIN_B:-}" ]; then
     keygate_up keygate-b-slow $((base + 15)) $((base + 16)) "$slow" "$KEYGATE_BIN_B"
     slow_targets="$slow_targets keygate-b:$((base + 15))"
+    echo $((base + 16)) > "$work/keygate-b-slow.admin"
   fi
   echo "# in flight: wrk -t1 -c$inflight -d10s --timeout 10s, upstream answers after 2 s (fd hard limit $(ulimit -Hn))"
   for t in $slow_targets; do
@@ -196,6 +198,15 @@ if [ "$inflight" -gt 0 ]; then
         | grep -o '"status":[0-9]*,.*"outcome":"[a-z_]*"' | sed -E 's/"status":([0-9]+),.*"outcome":"([a-z_]+)"/\1 \2/' \
         | sort | uniq -c | awk '{printf "%s%s %s x%s", (NR > 1 ? ", " : ""), $2, $3, $1}' || true)
       if [ -n "$refused" ]; then rss="$rss | refused: $refused"; fi
+      # How long its decisions took (keygate_quota_decision_duration_seconds; binaries
+      # from before that metric print nothing here).
+      decided=$(curl -s "http://127.0.0.1:$(cat "$work/$name-slow.admin")/metrics" \
+        | awk '/^keygate_quota_decision_duration_seconds_bucket/ {
+            match($0, /le="[^"]*"/); le = substr($0, RSTART + 4, RLENGTH - 5); n[le] = $2; order[++k] = le }
+          END { if (k == 0) exit; total = n["+Inf"]; if (total == 0) exit
+            printf "decisions: %d, within 1 ms %.1f %%, 10 ms %.1f %%, 50 ms %.1f %%", total,
+              100 * n["0.001"] / total, 100 * n["0.01"] / total, 100 * n["0.05"] / total }')
+      if [ -n "$decided" ]; then rss="$rss | $decided"; fi
       # The decisions' script calls (this target alone shares keygate's Redis meanwhile).
       rss="$rss | $(redis-cli -p "$redis_kg" INFO commandstats | tr -d '\r' | awk -F'[:=,]' -v n="$total" \
         '/^cmdstat_evalsha:/ {printf "redis: %d EVALSHA (%.1f requests each), %.0f us each", $3, n / $3, $7}')"
