@@ -148,16 +148,11 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
     let upstream = MockUpstream::start().await;
     upstream.set_reply(Reply::Delayed(Duration::from_millis(1500)));
     let keygate = Keygate::start(&standard_config_text(&upstream.url(), "")).await;
-    let url = format!("http://{}/v1/text-to-image", keygate.proxy);
+    let base_url = format!("http://{}", keygate.proxy);
     let client = client();
     let in_flight: Vec<_> = (0..5)
         .map(|_| {
-            let request = client
-                .post(&url)
-                .bearer_auth(TOKEN_DESIGN_GENERATE)
-                .header("content-type", "application/json")
-                .body(PROMPT_BODY)
-                .send();
+            let request = generate_request(&client, &base_url, Some(TOKEN_DESIGN_GENERATE)).send();
             tokio::spawn(async move {
                 let response = request.await?;
                 let status = response.status().as_u16();
@@ -220,11 +215,12 @@ async fn a_request_outliving_the_grace_is_cut_and_the_process_still_exits_0() {
         .replace("shutdown_grace = \"5s\"", "shutdown_grace = \"1s\"")
         .replace("timeout = \"5s\"", "timeout = \"60s\"");
     let keygate = Keygate::start(&config).await;
-    let request = client()
-        .post(format!("http://{}/v1/text-to-image", keygate.proxy))
-        .bearer_auth(TOKEN_DESIGN_GENERATE)
-        .body(PROMPT_BODY)
-        .send();
+    let request = generate_request(
+        &client(),
+        &format!("http://{}", keygate.proxy),
+        Some(TOKEN_DESIGN_GENERATE),
+    )
+    .send();
     let request = tokio::spawn(request);
     upstream.wait_for(1, Duration::from_secs(10)).await;
     keygate.signal("TERM");

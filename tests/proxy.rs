@@ -156,12 +156,8 @@ async fn proxy_headers_are_rewritten_for_the_upstream() {
 #[tokio::test]
 async fn request_ids_are_kept_when_sane_and_minted_otherwise() {
     let (upstream, gateway) = gateway_with_upstream().await;
-    let sane = gateway
-        .client
-        .post(gateway.url("/v1/text-to-image"))
-        .bearer_auth(TOKEN_DESIGN_GENERATE)
+    let sane = generate_request(&gateway.client, &gateway.proxy, Some(TOKEN_DESIGN_GENERATE))
         .header("x-request-id", "abc-123_x.y:z")
-        .body(PROMPT_BODY)
         .send()
         .await
         .unwrap();
@@ -170,12 +166,8 @@ async fn request_ids_are_kept_when_sane_and_minted_otherwise() {
     let mut minted = Vec::new();
     for bad in ["has spaces in it", &"x".repeat(129), "semi;colon"] {
         let answer = Answer::read(
-            gateway
-                .client
-                .post(gateway.url("/v1/text-to-image"))
-                .bearer_auth(TOKEN_DESIGN_GENERATE)
+            generate_request(&gateway.client, &gateway.proxy, Some(TOKEN_DESIGN_GENERATE))
                 .header("x-request-id", bad)
-                .body(PROMPT_BODY)
                 .send()
                 .await
                 .unwrap(),
@@ -205,13 +197,7 @@ async fn request_ids_are_kept_when_sane_and_minted_otherwise() {
 #[tokio::test]
 async fn every_kind_of_bad_credential_answers_401_with_the_spec_body() {
     let (upstream, gateway) = gateway_with_upstream().await;
-    let post = || {
-        gateway
-            .client
-            .post(gateway.url("/v1/text-to-image"))
-            .header("content-type", "application/json")
-            .body(PROMPT_BODY)
-    };
+    let post = || generate_request(&gateway.client, &gateway.proxy, None);
     let ten_kb = format!("Bearer {}", "a".repeat(10 * 1024));
     let cases: Vec<(&str, reqwest::RequestBuilder)> = vec![
         ("missing", post()),

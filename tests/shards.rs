@@ -33,18 +33,13 @@ async fn sharded_connections_answer_admit_exactly_the_plan_and_drain_on_shutdown
     // shards decide on the same team at once.
     const CLIENTS: u64 = 8;
     let per_client = DESIGN_RPM * 2 / CLIENTS;
-    let url = gateway.url("/v1/text-to-image");
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
-        let (client, url) = (client(), url.clone());
+        let (client, base_url) = (client(), gateway.proxy.clone());
         clients.push(tokio::spawn(async move {
             let mut statuses = Vec::new();
             for _ in 0..per_client {
-                let answer = client
-                    .post(&url)
-                    .bearer_auth(TOKEN_DESIGN_GENERATE)
-                    .header("content-type", "application/json")
-                    .body(PROMPT_BODY)
+                let answer = generate_request(&client, &base_url, Some(TOKEN_DESIGN_GENERATE))
                     .send()
                     .await
                     .expect("the gateway answers");

@@ -41,11 +41,7 @@ async fn an_http2_client_reaches_an_http1_upstream() {
     let upstream = MockUpstream::start().await;
     let gateway = TestGateway::start(config_from(&standard_config_text(&upstream.url(), ""))).await;
     let h2 = h2_client();
-    let response = h2
-        .post(gateway.url("/v1/text-to-image"))
-        .bearer_auth(TOKEN_DESIGN_GENERATE)
-        .header("content-type", "application/json")
-        .body(PROMPT_BODY)
+    let response = generate_request(&h2, &gateway.proxy, Some(TOKEN_DESIGN_GENERATE))
         .send()
         .await
         .unwrap();
@@ -94,10 +90,7 @@ async fn large_bodies_cross_between_an_http2_client_and_an_http1_upstream() {
     assert_eq!(received.body_sha256, keygate::auth::sha256_hex(&body));
 
     upstream.set_reply(Reply::Sized(200, SIZE as u64));
-    let response = h2
-        .post(gateway.url("/v1/text-to-image"))
-        .bearer_auth(TOKEN_DESIGN_GENERATE)
-        .body(PROMPT_BODY)
+    let response = generate_request(&h2, &gateway.proxy, Some(TOKEN_DESIGN_GENERATE))
         .send()
         .await
         .unwrap();
@@ -223,20 +216,17 @@ async fn tls_with_http1_and_http2(shards: Option<usize>) {
     });
     config.server.shards = shards;
     let gateway = TestGateway::start(config).await;
-    let url = format!(
-        "https://localhost:{}/v1/text-to-image",
-        gateway.proxy_addr().port()
-    );
+    let base_url = format!("https://localhost:{}", gateway.proxy_addr().port());
 
     for (http1_only, version) in [(true, Version::HTTP_11), (false, Version::HTTP_2)] {
-        let response = tls_client(&cert, &gateway, http1_only)
-            .post(&url)
-            .bearer_auth(TOKEN_DESIGN_GENERATE)
-            .header("content-type", "application/json")
-            .body(PROMPT_BODY)
-            .send()
-            .await
-            .unwrap();
+        let response = generate_request(
+            &tls_client(&cert, &gateway, http1_only),
+            &base_url,
+            Some(TOKEN_DESIGN_GENERATE),
+        )
+        .send()
+        .await
+        .unwrap();
         assert_eq!(response.version(), version);
         let answer = Answer::read(response).await;
         assert_eq!(answer.status, 200, "{}", answer.body);

@@ -324,11 +324,7 @@ impl TestGateway {
 
     /// `POST /v1/text-to-image` with a token and the seed's JSON body.
     pub async fn generate(&self, token: &str) -> reqwest::Response {
-        self.client
-            .post(self.url("/v1/text-to-image"))
-            .bearer_auth(token)
-            .header("content-type", "application/json")
-            .body(PROMPT_BODY)
+        generate_request(&self.client, &self.proxy, Some(token))
             .send()
             .await
             .expect("request reaches the gateway")
@@ -377,6 +373,26 @@ impl TestGateway {
             running.shutdown().await;
         }
     }
+}
+
+/// The generate request, unsent: `POST {base_url}/v1/text-to-image` with
+/// `Authorization: Bearer <token>` (none when `token` is `None`), `Content-Type:
+/// application/json` and [`PROMPT_BODY`]. `base_url` is scheme and authority, e.g.
+/// `http://127.0.0.1:8080`. Returned as a builder so a caller can add headers or a query,
+/// or build it on a client of its own (HTTP/2, TLS).
+pub fn generate_request(
+    client: &reqwest::Client,
+    base_url: &str,
+    token: Option<&str>,
+) -> reqwest::RequestBuilder {
+    let request = client.post(format!("{base_url}/v1/text-to-image"));
+    let request = match token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    };
+    request
+        .header("content-type", "application/json")
+        .body(PROMPT_BODY)
 }
 
 /// Sends `POST /v1/text-to-image` for every (gateway, token) pair at once and returns the
