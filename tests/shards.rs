@@ -13,11 +13,7 @@ use common::*;
 
 /// Threads of this process named as keygate names its shards.
 fn shard_threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .expect("/proc/self/task lists this process's threads")
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .filter(|name| name.starts_with("keygate-shard-"))
-        .count()
+    threads_named("keygate-shard-")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -375,6 +375,15 @@ impl TestGateway {
     }
 }
 
+/// Threads of this process whose name starts with `prefix` (Linux: `/proc/self/task`).
+pub fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task lists this process's threads")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with(prefix))
+        .count()
+}
+
 /// The generate request, unsent: `POST {base_url}/v1/text-to-image` with
 /// `Authorization: Bearer <token>` (none when `token` is `None`), `Content-Type:
 /// application/json` and [`PROMPT_BODY`]. `base_url` is scheme and authority, e.g.
