@@ -14,10 +14,15 @@
 //! the answers are those of as many calls in a row: exactly the limit is admitted under
 //! excess demand, never more. A batch only forms under load, so an idle gateway still sends
 //! each decision at once; a decision whose caller gave up (`store.timeout`) before its batch
-//! left is dropped from it rather than charged behind the caller's back. The
-//! script replicates `memory.rs` exactly: 61 one-second buckets (the current second and the
-//! 60 before it), refusal order (subject by subject, minute before day), `Retry-After` and
-//! the reset of each window. Refunds and `usage()` are the same script with another verb.
+//! left is dropped from it rather than charged behind the caller's back. Identical
+//! decisions in a call (a team's concurrent requests: same subjects, limits, clock and
+//! day) go in once with their number: the script admits as many as every window has room
+//! for and refuses the rest, and the answer says so in a line the replica expands, each
+//! decision getting the answer it would have had alone (any order of concurrent decisions
+//! is one they could have arrived in). Redis's work then grows with the teams in a call,
+//! not with the requests. The script replicates `memory.rs` exactly: 61 one-second buckets
+//! (the current second and the 60 before it), refusal order (subject by subject, minute
+//! before day), `Retry-After` and the reset of each window. Refunds and `usage()` are the same script with another verb.
 //!
 //! Each subject is one hash: a field per second that holds admissions (at most 61; a
 //! bucket is deleted by the first call after it leaves the window), the running sum `n`
@@ -128,9 +133,8 @@ pub struct RedisStore {
     today: Mutex<Option<CalendarDay>>,
     /// When Redis last answered a decision's script call, whoever still waited for it.
     answers: Arc<LastAnswer>,
-    /// The thread every call to Redis runs on, with the connection's own tasks: a
-    /// decision's answer never waits its turn behind the request tasks of a burst (5000
-    /// new connections made decisions miss `store.timeout`, PERFORMANCE.md session 5).
+    /// The thread every call to Redis runs on, with the connection's own tasks (see "A
+    /// thread of its own" above).
     io: EventLoop,
 }
 
@@ -535,10 +539,7 @@ struct Batcher {
     calls: AtomicU64,
     decisions: AtomicU64,
     /// Where batch calls run: the store's own thread, next to the Redis connection's
-    /// tasks. On a runtime that also serves requests a call waits its turn behind every
-    /// ready request task at each step, and a burst of new connections made decisions
-    /// miss `store.timeout` (on a shard: PERFORMANCE.md, session 4; on the shared
-    /// runtime: session 5).
+    /// tasks (see "A thread of its own" above).
     runtime: tokio::runtime::Handle,
 }
 
