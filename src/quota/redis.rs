@@ -8,8 +8,9 @@
 //! rolling minute and calendar day, and either charges all of them or none. Redis runs a
 //! script alone, so concurrent decisions from any number of replicas are serialised there.
 //!
-//! Decisions do not each pay a round trip: on a single Redis, decisions that arrive while
-//! a call is in flight wait and then go out together as one call (a `Batcher` per store).
+//! Decisions do not each pay a round trip: decisions that arrive while a call is in flight
+//! wait and then go out together as one call (a `Batcher` per store on a single Redis; on
+//! Cluster one per hash tag, as a call may only touch one slot).
 //! The script runs them one after the other, each seeing the charges of those before it, so
 //! the answers are those of as many calls in a row: exactly the limit is admitted under
 //! excess demand, never more. A batch only forms under load, so an idle gateway still sends
@@ -122,9 +123,8 @@ pub struct RedisStore {
     connection: Arc<ArcSwap<SharedRedis>>,
     cluster: bool,
     script: Arc<Script>,
-    /// Coalesces decisions on a single Redis; `None` on Cluster, where a call may only touch
-    /// one slot.
-    batcher: Option<Arc<Batcher>>,
+    /// Where decisions wait to be coalesced into calls.
+    batching: Batching,
     clock: Arc<dyn Clock>,
     calendar: DayCalendar,
     /// Redis's time minus this replica's, learned from every answer.
@@ -194,23 +194,36 @@ impl RedisStore {
         let connection = Arc::new(ArcSwap::from_pointee(connection));
         let script = Arc::new(Script::new(SCRIPT));
         let answers = Arc::new(LastAnswer::new());
-        let batcher = (!cluster).then(|| {
-            Arc::new(Batcher {
-                connection: connection.clone(),
-                script: script.clone(),
-                answers: answers.clone(),
-                state: Mutex::new(BatchState::default()),
-                calls: AtomicU64::new(0),
-                decisions: AtomicU64::new(0),
-                runtime: io.handle().clone(),
+        let new_batcher = {
+            let (connection, script, answers) =
+                (connection.clone(), script.clone(), answers.clone());
+            let runtime = io.handle().clone();
+            Box::new(move || {
+                Arc::new(Batcher {
+                    connection: connection.clone(),
+                    script: script.clone(),
+                    answers: answers.clone(),
+                    state: Mutex::new(BatchState::default()),
+                    calls: AtomicU64::new(0),
+                    decisions: AtomicU64::new(0),
+                    runtime: runtime.clone(),
+                })
             })
-        });
+        };
+        let batching = if cluster {
+            Batching::PerTag {
+                batchers: Mutex::new(hashbrown::HashMap::new()),
+                new_batcher,
+            }
+        } else {
+            Batching::One(new_batcher())
+        };
         Ok(Self {
             url: url.clone(),
             cluster,
             connection,
             script,
-            batcher,
+            batching,
             clock,
             calendar,
             skew_ms: AtomicI64::new(0),
@@ -238,14 +251,44 @@ impl RedisStore {
     }
 
     /// Script calls that carried decisions, and the decisions they carried, since the store
-    /// opened (coalescing on a single Redis; both stay 0 on Cluster).
+    /// opened.
     pub fn batch_stats(&self) -> (u64, u64) {
-        self.batcher.as_ref().map_or((0, 0), |b| {
+        let stats = |b: &Batcher| {
             (
                 b.calls.load(Ordering::Relaxed),
                 b.decisions.load(Ordering::Relaxed),
             )
-        })
+        };
+        match &self.batching {
+            Batching::One(batcher) => stats(batcher),
+            Batching::PerTag { batchers, .. } => batchers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .map(|b| stats(b))
+                .fold((0, 0), |(c, d), (c2, d2)| (c + c2, d + d2)),
+        }
+    }
+
+    /// The batcher a decision over `keys` (one hash tag: see `groups`) waits in.
+    fn batcher_for(&self, keys: &[String]) -> Arc<Batcher> {
+        match &self.batching {
+            Batching::One(batcher) => batcher.clone(),
+            Batching::PerTag {
+                batchers,
+                new_batcher,
+            } => {
+                let tag = keys.first().map_or("", |key| hash_tag(key));
+                let mut batchers = batchers.lock().unwrap_or_else(|p| p.into_inner());
+                match batchers.get(tag) {
+                    Some(batcher) => batcher.clone(),
+                    None => batchers
+                        .entry(tag.into())
+                        .or_insert_with(new_batcher)
+                        .clone(),
+                }
+            }
+        }
     }
 
     /// The day at Redis's time as far as this replica knows it.
@@ -303,9 +346,12 @@ impl RedisStore {
                 .iter()
                 .map(|(_, s)| (s.limits.rpm, s.limits.rpd))
                 .collect();
-            let raw = match (&self.batcher, verb) {
-                (Some(batcher), Verb::Decide) => batcher.submit(keys, limits, offset, day).await?,
-                _ => {
+            let raw = match verb {
+                Verb::Decide => {
+                    let batcher = self.batcher_for(&keys);
+                    batcher.submit(keys, limits, offset, day).await?
+                }
+                Verb::Usage => {
                     let script = self.script.clone();
                     let mut connection = self.connection();
                     let last_answer = self.answers.clone();
@@ -504,6 +550,25 @@ impl ScriptCall {
             answer => answer,
         }
     }
+}
+
+/// Where decisions wait to be coalesced: one batcher on a single Redis; on Cluster one per
+/// hash tag, since a call may only touch one slot (a team and its keys share a tag, the
+/// ceiling has its own). Teams come from the config, so the map stays that small.
+enum Batching {
+    One(Arc<Batcher>),
+    PerTag {
+        batchers: Mutex<hashbrown::HashMap<Box<str>, Arc<Batcher>>>,
+        new_batcher: Box<dyn Fn() -> Arc<Batcher> + Send + Sync>,
+    },
+}
+
+/// The hash tag of a key (`{…}`, braces included), or the whole key without one: keys with
+/// the same tag live in the same slot.
+fn hash_tag(key: &str) -> &str {
+    key.find('{')
+        .and_then(|open| Some((open, open + 1 + key[open + 1..].find('}')?)))
+        .map_or(key, |(open, close)| &key[open..=close])
 }
 
 /// One decision waiting for a call.
@@ -1026,6 +1091,15 @@ mod tests {
             parse_answers(b"1,2;3", 1),
             Err(StoreError::Protocol(_))
         ));
+    }
+
+    #[test]
+    fn keys_with_one_hash_tag_share_a_batcher() {
+        assert_eq!(hash_tag("kg:q:{t:design}"), "{t:design}");
+        assert_eq!(hash_tag("kg:q:{t:design}:k:tight"), "{t:design}");
+        assert_eq!(hash_tag("kg:q:{upstream}"), "{upstream}");
+        assert_eq!(hash_tag("no-tag"), "no-tag");
+        assert_eq!(hash_tag("open{only"), "open{only");
     }
 
     #[test]
