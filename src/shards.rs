@@ -1,7 +1,8 @@
 //! Owns the proxy's shards (`server.shards`): threads that each run their own
 //! single-threaded event loop. The listener hands every accepted connection to the next
-//! shard, and the connection, its requests and what they start (upstream connections,
-//! Redis batches) stay on that thread: no hand-off between threads on the request path.
+//! shard, and the connection, its requests and the upstream connections they open stay on
+//! that thread (calls to Redis run on the quota store's own thread, see
+//! [`crate::quota::redis`]).
 //! On the 2-core bench one thread's event loop cost ~20 % less CPU a request than tokio's
 //! two work-stealing workers (PERFORMANCE.md, session 4).
 

@@ -23,7 +23,8 @@
 //! is one they could have arrived in). Redis's work then grows with the teams in a call,
 //! not with the requests. The script replicates `memory.rs` exactly: 61 one-second buckets
 //! (the current second and the 60 before it), refusal order (subject by subject, minute
-//! before day), `Retry-After` and the reset of each window. Refunds and `usage()` are the same script with another verb.
+//! before day), `Retry-After` and the reset of each window. Refunds and `usage()` are the
+//! same script with another verb.
 //!
 //! Each subject is one hash: a field per second that holds admissions (at most 61; a
 //! bucket is deleted by the first call after it leaves the window), the running sum `n`
@@ -194,29 +195,10 @@ impl RedisStore {
         let connection = Arc::new(ArcSwap::from_pointee(connection));
         let script = Arc::new(Script::new(SCRIPT));
         let answers = Arc::new(LastAnswer::new());
-        let new_batcher = {
-            let (connection, script, answers) =
-                (connection.clone(), script.clone(), answers.clone());
-            let runtime = io.handle().clone();
-            Box::new(move || {
-                Arc::new(Batcher {
-                    connection: connection.clone(),
-                    script: script.clone(),
-                    answers: answers.clone(),
-                    state: Mutex::new(BatchState::default()),
-                    calls: AtomicU64::new(0),
-                    decisions: AtomicU64::new(0),
-                    runtime: runtime.clone(),
-                })
-            })
-        };
         let batching = if cluster {
-            Batching::PerTag {
-                batchers: Mutex::new(hashbrown::HashMap::new()),
-                new_batcher,
-            }
+            Batching::PerTag(Mutex::new(hashbrown::HashMap::new()))
         } else {
-            Batching::One(new_batcher())
+            Batching::One(Batcher::new(&connection, &script, &answers, &io))
         };
         Ok(Self {
             url: url.clone(),
@@ -261,7 +243,7 @@ impl RedisStore {
         };
         match &self.batching {
             Batching::One(batcher) => stats(batcher),
-            Batching::PerTag { batchers, .. } => batchers
+            Batching::PerTag(batchers) => batchers
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .values()
@@ -270,25 +252,29 @@ impl RedisStore {
         }
     }
 
-    /// The batcher a decision over `keys` (one hash tag: see `groups`) waits in.
-    fn batcher_for(&self, keys: &[String]) -> Arc<Batcher> {
-        match &self.batching {
-            Batching::One(batcher) => batcher.clone(),
-            Batching::PerTag {
-                batchers,
-                new_batcher,
-            } => {
+    /// Queues a decision over `keys` (one hash tag: see `groups`) in its batcher and waits
+    /// for its raw script answer.
+    async fn submit(
+        &self,
+        keys: Vec<String>,
+        limits: Vec<(u64, u64)>,
+        offset: i64,
+        day: CalendarDay,
+    ) -> Result<Vec<i64>, StoreError> {
+        let batcher = match &self.batching {
+            Batching::One(batcher) => return batcher.submit(keys, limits, offset, day).await,
+            Batching::PerTag(batchers) => {
                 let tag = keys.first().map_or("", |key| hash_tag(key));
                 let mut batchers = batchers.lock().unwrap_or_else(|p| p.into_inner());
-                match batchers.get(tag) {
-                    Some(batcher) => batcher.clone(),
-                    None => batchers
-                        .entry(tag.into())
-                        .or_insert_with(new_batcher)
-                        .clone(),
-                }
+                batchers
+                    .entry_ref(tag)
+                    .or_insert_with(|| {
+                        Batcher::new(&self.connection, &self.script, &self.answers, &self.io)
+                    })
+                    .clone()
             }
-        }
+        };
+        batcher.submit(keys, limits, offset, day).await
     }
 
     /// The day at Redis's time as far as this replica knows it.
@@ -347,10 +333,7 @@ impl RedisStore {
                 .map(|(_, s)| (s.limits.rpm, s.limits.rpd))
                 .collect();
             let raw = match verb {
-                Verb::Decide => {
-                    let batcher = self.batcher_for(&keys);
-                    batcher.submit(keys, limits, offset, day).await?
-                }
+                Verb::Decide => self.submit(keys, limits, offset, day).await?,
                 Verb::Usage => {
                     let script = self.script.clone();
                     let mut connection = self.connection();
@@ -557,17 +540,15 @@ impl ScriptCall {
 /// ceiling has its own). Teams come from the config, so the map stays that small.
 enum Batching {
     One(Arc<Batcher>),
-    PerTag {
-        batchers: Mutex<hashbrown::HashMap<Box<str>, Arc<Batcher>>>,
-        new_batcher: Box<dyn Fn() -> Arc<Batcher> + Send + Sync>,
-    },
+    PerTag(Mutex<hashbrown::HashMap<String, Arc<Batcher>>>),
 }
 
-/// The hash tag of a key (`{…}`, braces included), or the whole key without one: keys with
-/// the same tag live in the same slot.
+/// What Redis Cluster hashes of a key: its hash tag (`{…}`, braces included, when not
+/// empty), or else the whole key. Keys with the same result live in the same slot.
 fn hash_tag(key: &str) -> &str {
     key.find('{')
         .and_then(|open| Some((open, open + 1 + key[open + 1..].find('}')?)))
+        .filter(|(open, close)| close - open > 1)
         .map_or(key, |(open, close)| &key[open..=close])
 }
 
@@ -609,6 +590,23 @@ struct Batcher {
 }
 
 impl Batcher {
+    fn new(
+        connection: &Arc<ArcSwap<SharedRedis>>,
+        script: &Arc<Script>,
+        answers: &Arc<LastAnswer>,
+        io: &EventLoop,
+    ) -> Arc<Batcher> {
+        Arc::new(Batcher {
+            connection: connection.clone(),
+            script: script.clone(),
+            answers: answers.clone(),
+            state: Mutex::new(BatchState::default()),
+            calls: AtomicU64::new(0),
+            decisions: AtomicU64::new(0),
+            runtime: io.handle().clone(),
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BatchState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -1094,12 +1092,15 @@ mod tests {
     }
 
     #[test]
-    fn keys_with_one_hash_tag_share_a_batcher() {
+    fn hash_tags_are_what_redis_cluster_hashes() {
         assert_eq!(hash_tag("kg:q:{t:design}"), "{t:design}");
         assert_eq!(hash_tag("kg:q:{t:design}:k:tight"), "{t:design}");
         assert_eq!(hash_tag("kg:q:{upstream}"), "{upstream}");
         assert_eq!(hash_tag("no-tag"), "no-tag");
         assert_eq!(hash_tag("open{only"), "open{only");
+        // An empty tag is no tag: Redis hashes the whole key.
+        assert_eq!(hash_tag("a{}b"), "a{}b");
+        assert_eq!(hash_tag("a{}b{c}"), "a{}b{c}");
     }
 
     #[test]
