@@ -103,14 +103,6 @@ async fn sharded_connections_answer_admit_exactly_the_plan_and_drain_on_shutdown
     }
     stopping.await.unwrap();
     // A shard's thread leaves once its event loop is dropped, just after the listener
-    // returns; there is no event for a thread's end to await here, so it is polled.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while shard_threads() > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} shard threads still run after shutdown",
-            shard_threads()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // returns.
+    threads_end("keygate-shard-").await;
 }

@@ -384,6 +384,20 @@ pub fn threads_named(prefix: &str) -> usize {
         .count()
 }
 
+/// Waits up to 5 s for every thread whose name starts with `prefix` to end, and fails the
+/// test otherwise. A thread's end has no event to await, so it is polled.
+pub async fn threads_end(prefix: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while threads_named(prefix) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} threads named {prefix}* still run",
+            threads_named(prefix)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The generate request, unsent: `POST {base_url}/v1/text-to-image` with
 /// `Authorization: Bearer <token>` (none when `token` is `None`), `Content-Type:
 /// application/json` and [`PROMPT_BODY`]. `base_url` is scheme and authority, e.g.
