@@ -178,14 +178,20 @@ local function refusal(keys, state, dn, limits, now_s, now_ms, day_end)
   return denied_index, denied_window, retry_ms
 end
 
--- One decision's answer, or `times` identical ones in a row (see the header); `less` is
--- taken off every used count (the first of `times` admissions is reported).
+-- What an answer for `times` identical decisions in a row starts with (see the header).
+local function repeated(times)
+  if times > 1 then
+    return string.format('*%d,', times)
+  end
+  return ''
+end
+
+-- One decision's answer, or `times` identical ones in a row; `less` is taken off every
+-- used count (the first of `times` admissions is reported).
 local function answer(times, status, now_ms, retry_ms, denied_index, denied_window, state, dn, less)
   -- '%d', not tostring: Lua's default number format (%.14g) costs several times more.
-  local parts = { string.format('%d,%d,%d,%d,%d', status, now_ms, retry_ms, denied_index, denied_window) }
-  if times > 1 then
-    parts[1] = string.format('*%d,', times) .. parts[1]
-  end
+  local parts = { repeated(times) ..
+    string.format('%d,%d,%d,%d,%d', status, now_ms, retry_ms, denied_index, denied_window) }
   for i = 1, #state do
     local s = state[i]
     local reset = 60000
@@ -216,10 +222,7 @@ local function decide_one(keys, limits, offset, day_id, day_start, day_end, time
   end
 
   if now_ms < day_start or now_ms >= day_end then
-    if times > 1 then
-      return string.format('*%d,%d,%d', times, -1, now_ms)
-    end
-    return string.format('%d,%d', -1, now_ms)
+    return repeated(times) .. string.format('%d,%d', -1, now_ms)
   end
 
   -- The window is the current second and the 60 before it: buckets up to `target` left it.
