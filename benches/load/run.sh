@@ -202,7 +202,7 @@ if [ "$inflight" -gt 0 ]; then
       # from before that metric print nothing here).
       decided=$(curl -s "http://127.0.0.1:$(cat "$work/$name-slow.admin")/metrics" \
         | awk '/^keygate_quota_decision_duration_seconds_bucket/ {
-            match($0, /le="[^"]*"/); le = substr($0, RSTART + 4, RLENGTH - 5); n[le] = $2; order[++k] = le }
+            match($0, /le="[^"]*"/); le = substr($0, RSTART + 4, RLENGTH - 5); n[le] = $2; k++ }
           END { if (k == 0) exit; total = n["+Inf"]; if (total == 0) exit
             printf "decisions: %d, within 1 ms %.1f %%, 10 ms %.1f %%, 50 ms %.1f %%", total,
               100 * n["0.001"] / total, 100 * n["0.01"] / total, 100 * n["0.05"] / total }')
