@@ -765,3 +765,46 @@ async fn identical_decisions_sent_together_are_answered_one_by_one() {
     assert_eq!(decided, 61);
     assert!(calls <= 4, "{calls} calls for 61 decisions");
 }
+
+/// Identical decisions sent together by a replica that has the day wrong (near midnight,
+/// before it learned Redis's time): the script answers them all "not that day" at once,
+/// each asks again with the day Redis named, and the day's limit is still admitted exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_decisions_on_the_wrong_day_each_ask_again() {
+    let server = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    // Redis says 23:59:58.5; this replica believes it is already 00:00:01.5 tomorrow.
+    let clock = Arc::new(SkewedClock {
+        shift_ms: shift_to("2026-11-27T23:59:58.5Z"),
+        skew_ms: 3_000,
+    });
+    let store = Arc::new(redis_store(&server, clock, DayCalendar::utc()));
+    let team = Arc::new([subject(SubjectKind::Team, "design", 100, 5)]);
+    // Redis sleeps with the first decision in flight: the others queue with the same
+    // wrong day and go out together.
+    let sleeper = server.sleep_in_background(1);
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (store, team) = (store.clone(), team.clone());
+        tasks.push(tokio::spawn(async move { store.decide(&team[..]).await }));
+    }
+    let mut admitted = Vec::new();
+    for task in tasks {
+        let decision = task.await.unwrap().expect("a decision after asking again");
+        if let Some(admission) = decision.admission {
+            admitted.push(admission.day);
+        } else {
+            assert_eq!(decision.denied_by, Some((SubjectKind::Team, Window::Day)));
+        }
+    }
+    sleeper.join().unwrap();
+    assert_eq!(
+        admitted,
+        vec![20261127; 5],
+        "the day's limit, on Redis's day"
+    );
+    let field = |f: &str| server.cli(&["HGET", "kg:q:{t:design}", f]).unwrap();
+    assert_eq!(field("d").trim(), "20261127");
+    assert_eq!(field("dn").trim(), "5");
+    let (calls, decisions) = store.batch_stats();
+    assert!(calls < decisions, "{calls} calls for {decisions} decisions");
+}
