@@ -3,7 +3,6 @@
 //! are ([`crate::shards`]), the connection cap, the HTTP/1 and HTTP/2 limits, and graceful
 //! shutdown on SIGTERM/SIGINT. One connection's life is [`crate::connection`].
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -204,11 +203,10 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
         tls,
         shards,
         shutdown_rx.clone(),
+        // The pipeline's own future, no `async` block around it: hyper keeps it in a box
+        // per connection, and a block awaiting it would hold it twice.
         move |endpoints, request| {
-            let gateway = proxy_gateway.clone();
-            async move {
-                Ok::<_, Infallible>(crate::pipeline::handle(gateway, endpoints, request).await)
-            }
+            crate::pipeline::handle(proxy_gateway.clone(), endpoints, request)
         },
     ));
     reopen_usage_log_on_hangup(&gateway, &mut tasks, shutdown_rx.clone());
@@ -230,10 +228,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<RunningGatew
         None,
         None,
         shutdown_rx,
-        move |_endpoints, request| {
-            let gateway = admin_gateway.clone();
-            async move { Ok::<_, Infallible>(crate::admin::handle(gateway, request).await) }
-        },
+        move |_endpoints, request| crate::admin::handle(admin_gateway.clone(), request),
     ));
     tracing::info!(
         proxy = %proxy_addr,
@@ -373,9 +368,7 @@ async fn serve_listener<F, Fut>(
     service: F,
 ) where
     F: Fn(connection::Endpoints, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<hyper::Response<crate::body::ResponseBody>, Infallible>>
-        + Send
-        + 'static,
+    Fut: std::future::Future<Output = hyper::Response<crate::body::ResponseBody>> + Send + 'static,
 {
     let builder = Arc::new(connection_builder(&settings));
     let timeouts = Timeouts {
@@ -444,8 +437,11 @@ async fn serve_listener<F, Fut>(
                 connection::serve(stream, peer, local, builder, timeouts, service, shutdown).await;
                 return;
             };
-            let stream =
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+            // Boxed: a TLS session and its handshake take kilobytes, and a task is sized
+            // for the largest state its future can be in, plain connections included.
+            Box::pin(async move {
+                let handshake = acceptor.accept(stream);
+                let stream = match tokio::time::timeout(handshake_timeout, handshake).await {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -456,7 +452,9 @@ async fn serve_listener<F, Fut>(
                         return;
                     }
                 };
-            connection::serve(stream, peer, local, builder, timeouts, service, shutdown).await;
+                connection::serve(stream, peer, local, builder, timeouts, service, shutdown).await;
+            })
+            .await;
         };
         match &mut shards {
             Some(shards) => connections.spawn_on(serve, shards.next_in_turn()),

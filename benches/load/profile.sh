@@ -6,8 +6,10 @@
 #
 # Usage: benches/load/profile.sh [requests] [connections]   (defaults: 20000, 16)
 # Env:   KEYGATE_BIN, PORT_BASE (default 28180), OUT (the callgrind file)
-#        PROFILER=perf  sample wall-clock CPU instead (perf record -e cpu-clock -g; for
+#        PROFILER=perf  sample wall-clock CPU instead (perf record -e cpu-clock; for
 #                       machines without hardware counters), report in $OUT.perf.txt
+#        PERF_CALL_GRAPH=dwarf  call stacks that see through the release build's missing
+#                       frame pointers (default fp), PERF_FREQ samples/s (default 2000)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -34,7 +36,7 @@ nginx -c "$work/upstream.conf" -p "$work" -e "$work/upstream.err"
 sed -e "s#LISTENPORT#$kg#" -e "s#ADMINPORT#$kg_admin#" -e "s#UPPORT#$up#" -e "s#REDISPORT#$redis_port#" \
   -e "s#STORETIMEOUT#5s#" -e "s#USAGELOG#$work/usage.log#" "$here/keygate.toml" > "$work/keygate.toml"
 if [ "${PROFILER:-callgrind}" = perf ]; then
-  profiler=(perf record -e cpu-clock -F 2000 -g -o "$out.perf")
+  profiler=(perf record -e cpu-clock -F "${PERF_FREQ:-2000}" --call-graph "${PERF_CALL_GRAPH:-fp}" -o "$out.perf")
 else
   profiler=(valgrind --tool=callgrind --callgrind-out-file="$out" --dump-instr=no)
 fi
