@@ -117,7 +117,10 @@ impl UpstreamPool {
         loop {
             let (mut sender, reused) = match self.checkout() {
                 Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
+                // Boxed: connecting (the connector's and the handshake's state, 1.3 KB) is
+                // rare once the pool is warm, and inline it would be part of every request's
+                // future, on every layer that holds this one.
+                None => (Box::pin(self.connect()).await?, false),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
