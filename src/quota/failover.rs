@@ -411,6 +411,7 @@ mod tests {
     use crate::config::StoreUrl;
     use crate::quota::{Limits, SubjectKind};
     use std::sync::atomic::AtomicUsize;
+    use std::task::Poll;
 
     /// A store that fails while `down` is set, and counts the calls it gets. While
     /// `answering` is set it says it answered a call a moment ago (to callers before these).
@@ -418,6 +419,8 @@ mod tests {
         down: AtomicBool,
         slow: AtomicBool,
         answering: AtomicBool,
+        /// When set, the next decision's answer waits for this signal.
+        held: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
         calls: AtomicUsize,
         memory: MemoryStore,
     }
@@ -431,9 +434,13 @@ mod tests {
                 Ok(self.memory.decide_now(subjects))
             };
             let slow = self.slow.load(Ordering::SeqCst);
+            let held = self.held.lock().unwrap().take();
             Box::pin(async move {
                 if slow {
                     tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+                if let Some(signal) = held {
+                    let _ = signal.await;
                 }
                 result
             })
@@ -466,6 +473,7 @@ mod tests {
             down: AtomicBool::new(false),
             slow: AtomicBool::new(false),
             answering: AtomicBool::new(false),
+            held: Mutex::new(None),
             calls: AtomicUsize::new(0),
             memory: MemoryStore::new(clock.clone(), DayCalendar::utc()),
         });
@@ -535,6 +543,31 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_millis(50));
         let error = store.decide(&team(10)).await.unwrap_err();
         assert!(matches!(error, StoreError::Degraded(_)), "{error}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_in_before_the_timeout_counts_though_the_caller_resumes_after_it() {
+        let (flaky, store) = setup(OnStoreError::Closed);
+        let (answer, held) = tokio::sync::oneshot::channel();
+        *flaky.held.lock().unwrap() = Some(held);
+        let subjects = team(10);
+        let mut asking = std::pin::pin!(store.decide(&subjects));
+        let first = std::future::poll_fn(|cx| Poll::Ready(asking.as_mut().poll(cx))).await;
+        assert!(first.is_pending(), "waiting for the store");
+        // The answer comes 10 ms in, but the caller (a busy worker thread) only looks again
+        // at 100 ms, when the 50 ms timer has fired too. The answer is there, so it is the
+        // decision: the timeout stands in only for an answer that is not.
+        tokio::time::advance(Duration::from_millis(10)).await;
+        answer.send(()).unwrap();
+        tokio::time::advance(Duration::from_millis(90)).await;
+        let again = std::future::poll_fn(|cx| Poll::Ready(asking.as_mut().poll(cx))).await;
+        let Poll::Ready(decided) = again else {
+            panic!("the answer is in")
+        };
+        assert!(decided
+            .expect("the store's answer, not a timeout")
+            .admitted());
+        assert_eq!(store.health().error_count(), 0);
     }
 
     #[tokio::test(start_paused = true)]
