@@ -33,7 +33,7 @@ for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break;
 redis-cli -p "$redis_port" ping >/dev/null || { echo "redis on $redis_port did not start" >&2; exit 1; }
 sed -e "s#PREFIX#$work#g" -e "s#UPPORT#$up#g" "$here/upstream.conf" > "$work/upstream.conf"
 nginx -c "$work/upstream.conf" -p "$work" -e "$work/upstream.err"
-sed -e "s#LISTENPORT#$kg#" -e "s#ADMINPORT#$kg_admin#" -e "s#UPPORT#$up#" -e "s#REDISPORT#$redis_port#" \
+sed -e "s#LISTENPORT#$kg#" -e "s#ADMINPORT#$kg_admin#" -e "s#UPPORT#$up#" -e "s#STOREURL#redis://127.0.0.1:$redis_port#" \
   -e "s#STORETIMEOUT#5s#" -e "s#USAGELOG#$work/usage.log#" "$here/keygate.toml" > "$work/keygate.toml"
 if [ "${PROFILER:-callgrind}" = perf ]; then
   profiler=(perf record -e cpu-clock -F "${PERF_FREQ:-2000}" --call-graph "${PERF_CALL_GRAPH:-fp}" -o "$out.perf")

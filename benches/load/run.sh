@@ -13,6 +13,8 @@
 #        INFLIGHT      connections for the in-flight test (default 5000; 0 skips it)
 #        PORT_BASE     first of the ports used (default 28080; the shared harness uses 18xxx)
 #        STORE_TIMEOUT keygate's store.timeout (default 250ms; keygate's own default is 50ms)
+#        STORE=cluster keygate's quotas on a Redis Cluster of three masters (redis+cluster://)
+#                      instead of one Redis; Redis CPU and commands are summed over the three
 # Needs: nginx libnginx-mod-http-lua lua-nginx-redis wrk redis-server (Debian packages).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -25,6 +27,9 @@ up=$base; swap=$((base + 1)); lua=$((base + 2)); kg=$((base + 3)); kg_admin=$((b
 kg_b=$((base + 5)); kg_b_admin=$((base + 6))
 slow=$((base + 10)); swap_slow=$((base + 11)); kg_slow=$((base + 13)); kg_slow_admin=$((base + 14))
 redis_lua=$((base + 20)); redis_kg=$((base + 21))
+# keygate's Redis: one server, or the three masters of a cluster.
+kg_redis_ports=$redis_kg
+if [ "${STORE:-redis}" = cluster ]; then kg_redis_ports="$redis_kg $((base + 22)) $((base + 23))"; fi
 bin=${KEYGATE_BIN:-${CARGO_TARGET_DIR:-$repo/target}/release/keygate}
 if [ ! -x "$bin" ]; then (cd "$repo" && cargo build --release --bin keygate); fi
 
@@ -39,12 +44,34 @@ cleanup() {
 }
 trap cleanup EXIT
 
-redis_up() { # port
-  redis-server --port "$1" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
-    --pidfile "$work/redis-$1.pid" --logfile "$work/redis-$1.log"
-  for _ in $(seq 50); do redis-cli -p "$1" ping >/dev/null 2>&1 && return; sleep 0.1; done
-  echo "redis on $1 did not start" >&2; exit 1
+redis_up() { # port [more redis-server arguments]
+  local port=$1; shift
+  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+    --pidfile "$work/redis-$port.pid" --logfile "$work/redis-$port.log" "$@"
+  for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && return; sleep 0.1; done
+  echo "redis on $port did not start" >&2; exit 1
 }
+# keygate's store: one Redis, or three cluster masters joined (cluster bus on port + 100).
+kg_store_up() {
+  if [ "${STORE:-redis}" != cluster ]; then
+    redis_up "$redis_kg"; store_url="redis://127.0.0.1:$redis_kg"; return
+  fi
+  local p nodes=()
+  for p in $kg_redis_ports; do
+    redis_up "$p" --cluster-enabled yes --cluster-config-file "$work/nodes-$p.conf" \
+      --cluster-port $((p + 100)) --cluster-node-timeout 5000
+    nodes+=("127.0.0.1:$p")
+  done
+  redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >/dev/null
+  for p in $kg_redis_ports; do
+    for _ in $(seq 100); do
+      redis-cli -p "$p" CLUSTER INFO | grep -q 'cluster_state:ok' && break; sleep 0.1
+    done
+  done
+  store_url="redis+cluster://$(IFS=,; echo "${nodes[*]}")"
+}
+# A command to each of keygate's Redis servers.
+kg_redis() { local p; for p in $kg_redis_ports; do redis-cli -p "$p" "$@"; done; }
 nginx_up() { # conf
   sed -e "s#PREFIX#$work#g" -e "s#REDISPORT#$redis_lua#g" -e "s#SWAPSLOWPORT#$swap_slow#g" \
     -e "s#UPPORT#$up#g" -e "s#SWAPPORT#$swap#g" -e "s#LUAPORT#$lua#g" -e "s#SLOWPORT#$slow#g" \
@@ -52,7 +79,7 @@ nginx_up() { # conf
   nginx -c "$work/$1.conf" -p "$work" -e "$work/$1.err"
 }
 keygate_up() { # name listen admin upstream_port [binary]
-  sed -e "s#LISTENPORT#$2#" -e "s#ADMINPORT#$3#" -e "s#UPPORT#$4#" -e "s#REDISPORT#$redis_kg#" \
+  sed -e "s#LISTENPORT#$2#" -e "s#ADMINPORT#$3#" -e "s#UPPORT#$4#" -e "s#STOREURL#$store_url#" \
     -e "s#STORETIMEOUT#${STORE_TIMEOUT:-250ms}#" -e "s#USAGELOG#$work/$1-usage.log#" "$here/keygate.toml" > "$work/$1.toml"
   # The allocator settings of deploy/systemd and deploy/docker.
   BENCH_UPSTREAM_KEY=sk-upstream-REAL-0123456789 KEYGATE_LOG=warn \
@@ -84,11 +111,11 @@ serving_pids() { # name
 redis_pid() { # name
   case $1 in
     nginx-lua-redis) cat "$work/redis-$redis_lua.pid" ;;
-    keygate*) cat "$work/redis-$redis_kg.pid" ;;
+    keygate*) for p in $kg_redis_ports; do cat "$work/redis-$p.pid"; done | xargs ;;
   esac
 }
 
-redis_up "$redis_lua"; redis_up "$redis_kg"
+redis_up "$redis_lua"; kg_store_up
 for c in upstream nginx-swap nginx-lua-redis; do nginx_up "$c"; done
 keygate_up keygate "$kg" "$kg_admin" "$up"
 targets="direct:$up nginx-swap:$swap nginx-lua-redis:$lua keygate:$kg"
@@ -109,7 +136,7 @@ for r in $(seq 1 "$rounds"); do
   for t in $targets; do
     name=${t%%:*}; port=${t##*:}
     auth=$alpha; [ "$name" = direct ] && auth="Bearer sk-upstream-REAL-0123456789"
-    case $name in keygate*) redis-cli -p "$redis_kg" CONFIG RESETSTAT >/dev/null ;; esac
+    case $name in keygate*) kg_redis CONFIG RESETSTAT >/dev/null ;; esac
     pids=$(serving_pids "$name"); rpid=$(redis_pid "$name")
     # shellcheck disable=SC2086
     cpu0=$(cpu_ticks $pids); rcpu0=$(cpu_ticks $rpid); sys0=$(sys_ticks $pids)
@@ -139,8 +166,8 @@ for r in $(seq 1 "$rounds"); do
     fi
     echo "$name cpu $(awk -v c=$((cpu1 - cpu0)) -v n="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN {print c * 1e6 / hz / n}')" >> "$work/cpu"
     if [ "$name" != "${name#keygate}" ]; then
-      stats=$(redis-cli -p "$redis_kg" INFO commandstats | tr -d '\r')
-      evalsha=$(echo "$stats" | awk -F'[:=,]' '/^cmdstat_evalsha:/ {print $3}')
+      stats=$(kg_redis INFO commandstats | tr -d '\r')
+      evalsha=$(echo "$stats" | awk -F'[:=,]' '/^cmdstat_evalsha:/ {s+=$3} END {print s+0}')
       all=$(echo "$stats" | awk -F'[:=,]' '/^cmdstat_/ && !/cmdstat_(info|config)/ {s+=$3} END {print s+0}')
       extra="$extra $(awk -v e="${evalsha:-0}" -v a="$all" -v n="$total" \
         'BEGIN {printf "redis: %.3f EVALSHA/request, %.2f commands run/request (script calls included)", e/n, a/n}')"
@@ -184,7 +211,7 @@ if [ "$inflight" -gt 0 ]; then
     name=${t%%:*}; port=${t##*:}
     # Let the previous target's 5000 connections close (upstream and client side) first.
     sleep 5
-    case $name in keygate*) redis-cli -p "$redis_kg" CONFIG RESETSTAT >/dev/null ;; esac
+    case $name in keygate*) kg_redis CONFIG RESETSTAT >/dev/null ;; esac
     out=$(WRK_AUTH="$alpha" wrk -t1 -c"$inflight" -d10s --timeout 10s --latency -s "$here/post.lua" \
       "http://127.0.0.1:$port/v1/text-to-image")
     total=$(echo "$out" | awk '/requests in/ {print $1}')
@@ -208,8 +235,9 @@ if [ "$inflight" -gt 0 ]; then
               100 * n["0.001"] / total, 100 * n["0.01"] / total, 100 * n["0.05"] / total }')
       if [ -n "$decided" ]; then rss="$rss | $decided"; fi
       # The decisions' script calls (this target alone shares keygate's Redis meanwhile).
-      rss="$rss | $(redis-cli -p "$redis_kg" INFO commandstats | tr -d '\r' | awk -F'[:=,]' -v n="$total" \
-        '/^cmdstat_evalsha:/ {printf "redis: %d EVALSHA (%.1f requests each), %.0f us each", $3, n / $3, $7}')"
+      rss="$rss | $(kg_redis INFO commandstats | tr -d '\r' | awk -F'[:=,]' -v n="$total" \
+        '/^cmdstat_evalsha:/ {c += $3; u += $5}
+        END {if (c) printf "redis: %d EVALSHA (%.1f requests each), %.0f us each", c, n / c, u / c}')"
     else
       rss="nginx workers VmHWM:"
       for w in $(pgrep -P "$(cat "$work/swap-slow.pid")"); do rss="$rss $(( $(hwm_kb "$w") / 1024 )) MB"; done
