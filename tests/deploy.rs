@@ -153,6 +153,45 @@ fn configs_shipped_in_deploy_files_are_valid() {
     assert_eq!(checked, 2, "sidecar and fleet ConfigMaps");
 }
 
+/// Peak memory per request in flight to an HTTPS upstream, with room: 51 KB measured
+/// (5000 in flight, PERFORMANCE.md session 6), and what a replica holds with none.
+const BYTES_PER_REQUEST_IN_FLIGHT: u64 = 56 * 1024;
+const BASE_BYTES: u64 = 32 * 1024 * 1024;
+
+fn quantity_bytes(quantity: &str) -> u64 {
+    let units = [("Ki", 1 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30)];
+    let (number, unit) = units
+        .iter()
+        .find_map(|(suffix, unit)| quantity.strip_suffix(suffix).map(|n| (n, *unit)))
+        .unwrap_or_else(|| panic!("memory quantity {quantity:?}: use Ki, Mi or Gi"));
+    number.parse::<u64>().unwrap() * unit
+}
+
+/// A replica at its connection cap answers the next client 503; over its memory limit it is
+/// killed with every request in flight. So the cap must come first.
+#[test]
+fn memory_limits_hold_max_connections_requests_in_flight() {
+    for (variant, container) in [("sidecar", "initContainers"), ("fleet", "containers")] {
+        let dir = deploy_dir().join("k8s").join(variant);
+        let deployment = &yaml_documents(&dir.join("deployment.yaml"))[0];
+        let keygate = &deployment["spec"]["template"]["spec"][container][0];
+        assert_eq!(keygate["name"], "keygate", "{variant}");
+        let limit = quantity_bytes(keygate["resources"]["limits"]["memory"].as_str().unwrap());
+        let configmap = &yaml_documents(&dir.join("configmap.yaml"))[0];
+        let config =
+            keygate::config::Config::from_toml(configmap["data"]["keygate.toml"].as_str().unwrap())
+                .unwrap();
+        let cap = config.server.max_connections as u64;
+        let needed = BASE_BYTES + cap * BYTES_PER_REQUEST_IN_FLIGHT;
+        assert!(
+            needed <= limit,
+            "{variant}: {cap} requests in flight need ~{} MiB, the limit is {} MiB",
+            needed >> 20,
+            limit >> 20
+        );
+    }
+}
+
 #[test]
 fn dockerfile_copies_what_exists_and_the_context_keeps_it() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
