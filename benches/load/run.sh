@@ -13,6 +13,8 @@
 #        INFLIGHT      connections for the in-flight test (default 5000; 0 skips it)
 #        PORT_BASE     first of the ports used (default 28080; the shared harness uses 18xxx)
 #        STORE_TIMEOUT keygate's store.timeout (default 250ms; keygate's own default is 50ms)
+#        UPSTREAM_TLS=1 the in-flight test's slow upstream speaks HTTPS (a CA made here with
+#                      openssl), to keygate and to nginx-swap alike, as a real upstream does
 #        STORE=cluster keygate's quotas on a Redis Cluster of three masters (redis+cluster://)
 #                      instead of one Redis; Redis CPU and commands are summed over the three
 # Needs: nginx libnginx-mod-http-lua lua-nginx-redis wrk redis-server (Debian packages).
@@ -76,11 +78,32 @@ nginx_up() { # conf
   sed -e "s#PREFIX#$work#g" -e "s#REDISPORT#$redis_lua#g" -e "s#SWAPSLOWPORT#$swap_slow#g" \
     -e "s#UPPORT#$up#g" -e "s#SWAPPORT#$swap#g" -e "s#LUAPORT#$lua#g" -e "s#SLOWPORT#$slow#g" \
     -e "s#SLOWSECS#2#g" "$here/$1.conf" > "$work/$1.conf"
+  if [ -n "${UPSTREAM_TLS:-}" ]; then
+    case $1 in
+      upstream-slow) sed -i -e "s#listen 127.0.0.1:$slow #listen 127.0.0.1:$slow ssl #" \
+        -e "s#^http {#http {\n  ssl_certificate $work/upstream.pem; ssl_certificate_key $work/upstream.key;#" \
+        "$work/$1.conf" ;;
+      nginx-swap-slow) sed -i "s#proxy_pass http://imagen#proxy_pass https://imagen#" "$work/$1.conf" ;;
+    esac
+  fi
   nginx -c "$work/$1.conf" -p "$work" -e "$work/$1.err"
+}
+# A CA and a certificate for localhost / 127.0.0.1 signed by it, for UPSTREAM_TLS.
+make_upstream_cert() {
+  openssl req -x509 -newkey rsa:2048 -nodes -keyout "$work/ca.key" -out "$work/ca.pem" -days 2 \
+    -subj "/CN=keygate bench CA" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -keyout "$work/upstream.key" -out "$work/upstream.csr" \
+    -subj "/CN=localhost" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' > "$work/upstream.ext"
+  openssl x509 -req -in "$work/upstream.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
+    -out "$work/upstream.pem" -days 2 -extfile "$work/upstream.ext" 2>/dev/null
 }
 keygate_up() { # name listen admin upstream_port [binary]
   sed -e "s#LISTENPORT#$2#" -e "s#ADMINPORT#$3#" -e "s#UPPORT#$4#" -e "s#STOREURL#$store_url#" \
     -e "s#STORETIMEOUT#${STORE_TIMEOUT:-250ms}#" -e "s#USAGELOG#$work/$1-usage.log#" "$here/keygate.toml" > "$work/$1.toml"
+  if [ -n "${UPSTREAM_TLS:-}" ] && [ "$4" = "$slow" ]; then
+    sed -i "s#^url = \"http://127.0.0.1:$slow\"#url = \"https://localhost:$slow\"\nca_file = \"$work/ca.pem\"#" "$work/$1.toml"
+  fi
   # The allocator settings of deploy/systemd and deploy/docker.
   BENCH_UPSTREAM_KEY=sk-upstream-REAL-0123456789 KEYGATE_LOG=warn \
     MIMALLOC_ARENA_EAGER_COMMIT=0 \
@@ -197,6 +220,7 @@ awk '$2 == "cpu" { c[$1] += $3; n[$1]++ } END { for (t in c) printf "%-16s %6.1f
 echo "# keygate peak RSS after the throughput rounds: $(( $(hwm_kb "$(cat "$work/keygate.pid")") / 1024 )) MB"
 
 if [ "$inflight" -gt 0 ]; then
+  if [ -n "${UPSTREAM_TLS:-}" ]; then make_upstream_cert; fi
   nginx_up upstream-slow; nginx_up nginx-swap-slow
   keygate_up keygate-slow "$kg_slow" "$kg_slow_admin" "$slow"
   slow_targets="nginx-swap:$swap_slow keygate:$kg_slow"
@@ -206,7 +230,7 @@ if [ "$inflight" -gt 0 ]; then
     slow_targets="$slow_targets keygate-b:$((base + 15))"
     echo $((base + 16)) > "$work/keygate-b-slow.admin"
   fi
-  echo "# in flight: wrk -t1 -c$inflight -d10s --timeout 10s, upstream answers after 2 s (fd hard limit $(ulimit -Hn))"
+  echo "# in flight: wrk -t1 -c$inflight -d10s --timeout 10s, upstream answers after 2 s${UPSTREAM_TLS:+ over HTTPS} (fd hard limit $(ulimit -Hn))"
   for t in $slow_targets; do
     name=${t%%:*}; port=${t##*:}
     # Let the previous target's 5000 connections close (upstream and client side) first.
