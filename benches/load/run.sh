@@ -13,8 +13,9 @@
 #        INFLIGHT      connections for the in-flight test (default 5000; 0 skips it)
 #        PORT_BASE     first of the ports used (default 28080; the shared harness uses 18xxx)
 #        STORE_TIMEOUT keygate's store.timeout (default 250ms; keygate's own default is 50ms)
-#        UPSTREAM_TLS=1 the in-flight test's slow upstream speaks HTTPS (a CA made here with
-#                      openssl), to keygate and to nginx-swap alike, as a real upstream does
+#        UPSTREAM_TLS=1 the upstream stand-ins (fast and slow) speak HTTPS (a CA made here with
+#                      openssl) to keygate and to the nginx peers alike, as a real upstream
+#                      does; "direct" is then HTTPS too
 #        STORE=cluster keygate's quotas on a Redis Cluster of three masters (redis+cluster://)
 #                      instead of one Redis; Redis CPU and commands are summed over the three
 # Needs: nginx libnginx-mod-http-lua lua-nginx-redis wrk redis-server (Debian packages).
@@ -80,10 +81,10 @@ nginx_up() { # conf
     -e "s#SLOWSECS#2#g" "$here/$1.conf" > "$work/$1.conf"
   if [ -n "${UPSTREAM_TLS:-}" ]; then
     case $1 in
-      upstream-slow) sed -i -e "s#listen 127.0.0.1:$slow #listen 127.0.0.1:$slow ssl #" \
+      upstream | upstream-slow) sed -i -e "s#listen \(127.0.0.1:[0-9]*\) #listen \1 ssl #" \
         -e "s#^http {#http {\n  ssl_certificate $work/upstream.pem; ssl_certificate_key $work/upstream.key;#" \
         "$work/$1.conf" ;;
-      nginx-swap-slow) sed -i "s#proxy_pass http://imagen#proxy_pass https://imagen#" "$work/$1.conf" ;;
+      *) sed -i "s#proxy_pass http://imagen#proxy_pass https://imagen#" "$work/$1.conf" ;;
     esac
   fi
   nginx -c "$work/$1.conf" -p "$work" -e "$work/$1.err"
@@ -101,8 +102,8 @@ make_upstream_cert() {
 keygate_up() { # name listen admin upstream_port [binary]
   sed -e "s#LISTENPORT#$2#" -e "s#ADMINPORT#$3#" -e "s#UPPORT#$4#" -e "s#STOREURL#$store_url#" \
     -e "s#STORETIMEOUT#${STORE_TIMEOUT:-250ms}#" -e "s#USAGELOG#$work/$1-usage.log#" "$here/keygate.toml" > "$work/$1.toml"
-  if [ -n "${UPSTREAM_TLS:-}" ] && [ "$4" = "$slow" ]; then
-    sed -i "s#^url = \"http://127.0.0.1:$slow\"#url = \"https://localhost:$slow\"\nca_file = \"$work/ca.pem\"#" "$work/$1.toml"
+  if [ -n "${UPSTREAM_TLS:-}" ]; then
+    sed -i "s#^url = \"http://127.0.0.1:$4\"#url = \"https://localhost:$4\"\nca_file = \"$work/ca.pem\"#" "$work/$1.toml"
   fi
   # The allocator settings of deploy/systemd and deploy/docker.
   BENCH_UPSTREAM_KEY=sk-upstream-REAL-0123456789 KEYGATE_LOG=warn \
@@ -139,6 +140,7 @@ redis_pid() { # name
 }
 
 redis_up "$redis_lua"; kg_store_up
+if [ -n "${UPSTREAM_TLS:-}" ]; then make_upstream_cert; fi
 for c in upstream nginx-swap nginx-lua-redis; do nginx_up "$c"; done
 keygate_up keygate "$kg" "$kg_admin" "$up"
 targets="direct:$up nginx-swap:$swap nginx-lua-redis:$lua keygate:$kg"
@@ -152,7 +154,7 @@ for port in $swap $lua $kg ${KEYGATE_BIN_B:+$kg_b}; do
 done
 
 echo "# machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "# wrk -t1 -c$conns -d${secs}s, POST text-to-image (post.lua), $rounds rounds alternating"
+echo "# wrk -t1 -c$conns -d${secs}s, POST text-to-image (post.lua), $rounds rounds alternating${UPSTREAM_TLS:+, HTTPS upstream}"
 declare -A sum_rps
 results="$work/results"
 for r in $(seq 1 "$rounds"); do
@@ -169,8 +171,9 @@ for r in $(seq 1 "$rounds"); do
         -o "$work/perf.txt" -- sleep "$secs" &
       perf_pid=$!
     fi
-    out=$(WRK_AUTH="$auth" wrk -t1 -c$conns -d"${secs}s" --latency -s "$here/post.lua" \
-      "http://127.0.0.1:$port/v1/text-to-image")
+    url="http://127.0.0.1:$port/v1/text-to-image"
+    if [ "$name" = direct ] && [ -n "${UPSTREAM_TLS:-}" ]; then url="https://localhost:$port/v1/text-to-image"; fi
+    out=$(WRK_AUTH="$auth" wrk -t1 -c$conns -d"${secs}s" --latency -s "$here/post.lua" "$url")
     # shellcheck disable=SC2086
     cpu1=$(cpu_ticks $pids); rcpu1=$(cpu_ticks $rpid); sys1=$(sys_ticks $pids)
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
@@ -220,7 +223,6 @@ awk '$2 == "cpu" { c[$1] += $3; n[$1]++ } END { for (t in c) printf "%-16s %6.1f
 echo "# keygate peak RSS after the throughput rounds: $(( $(hwm_kb "$(cat "$work/keygate.pid")") / 1024 )) MB"
 
 if [ "$inflight" -gt 0 ]; then
-  if [ -n "${UPSTREAM_TLS:-}" ]; then make_upstream_cert; fi
   nginx_up upstream-slow; nginx_up nginx-swap-slow
   keygate_up keygate-slow "$kg_slow" "$kg_slow_admin" "$slow"
   slow_targets="nginx-swap:$swap_slow keygate:$kg_slow"
