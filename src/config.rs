@@ -47,6 +47,7 @@ struct RawServer {
     body_min_rate: Option<u64>,
     idle_timeout: Option<String>,
     max_connections: Option<u64>,
+    max_requests_in_flight: Option<u64>,
     http2_max_concurrent_streams: Option<u32>,
     worker_threads: Option<u64>,
     shards: Option<u64>,
@@ -226,6 +227,10 @@ pub struct ServerConfig {
     pub body_min_rate: u64,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Proxied requests served at once, HTTP/2 streams included (a connection can carry
+    /// `http2_max_concurrent_streams` of them): what bounds memory under a burst. More
+    /// get 503 at once. Defaults to `max_connections`.
+    pub max_requests_in_flight: usize,
     pub http2_max_concurrent_streams: u32,
     /// Threads that serve requests; `None`: one per CPU this process may use (its cgroup's
     /// quota included). One suits a sidecar: no hand-offs between threads (PERFORMANCE.md).
@@ -1081,10 +1086,16 @@ fn validate_server(
             format!("{max_header_bytes} is out of range (8192 to 1048576)"),
         );
     }
-    let max_connections = at_least_one(
+    let max_connections = capacity(
         raw.max_connections,
         8192,
         "server.max_connections",
+        problems,
+    );
+    let max_requests_in_flight = capacity(
+        raw.max_requests_in_flight,
+        max_connections,
+        "server.max_requests_in_flight",
         problems,
     );
     let streams = at_least_one(
@@ -1135,11 +1146,24 @@ fn validate_server(
             "server.idle_timeout",
             problems,
         ),
-        max_connections: max_connections as usize,
+        max_connections,
+        max_requests_in_flight,
         http2_max_concurrent_streams: streams,
         worker_threads,
         shards,
     }
+}
+
+/// More connections or requests at once than this is a typo, not a machine (and more than
+/// a semaphore can count).
+const MAX_CAPACITY: u64 = 10_000_000;
+
+fn capacity(value: Option<u64>, default: usize, field: &str, problems: &mut Problems) -> usize {
+    let n = value.unwrap_or(default as u64);
+    if !(1..=MAX_CAPACITY).contains(&n) {
+        problems.add(field, format!("{n} is not in 1..={MAX_CAPACITY}"));
+    }
+    n.clamp(1, MAX_CAPACITY) as usize
 }
 
 /// More threads than this is a typo, not a machine.
@@ -1623,6 +1647,30 @@ scope = "generate"
         let config = Config::from_toml(&minimal()).unwrap();
         assert_eq!(config.anomalies, AnomalyConfig::default());
         assert_eq!(config.alerts.max_attempts, 5);
+    }
+
+    #[test]
+    fn requests_in_flight_default_to_the_connection_cap_and_both_are_bounded() {
+        let with =
+            |settings: &str| minimal().replacen("[server]", &format!("[server]\n{settings}"), 1);
+        let config = Config::from_toml(&minimal()).unwrap();
+        assert_eq!(config.server.max_connections, 8192);
+        assert_eq!(config.server.max_requests_in_flight, 8192);
+        let config = Config::from_toml(&with("max_connections = 100")).unwrap();
+        assert_eq!(config.server.max_requests_in_flight, 100);
+        let config = Config::from_toml(&with("max_requests_in_flight = 50")).unwrap();
+        assert_eq!(config.server.max_requests_in_flight, 50);
+        let err = Config::from_toml(&with(
+            "max_connections = 0\nmax_requests_in_flight = 10000001",
+        ))
+        .unwrap_err();
+        let all = err.problems.join("\n");
+        for needle in [
+            "server.max_connections: 0 is not in 1..=10000000",
+            "server.max_requests_in_flight: 10000001 is not in 1..=10000000",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
     }
 
     #[test]

@@ -103,7 +103,9 @@ pub enum GatewayError {
     Internal(String),
     #[error("no upstream key available for env {0:?}")]
     UpstreamKeyUnavailable(String),
-    #[error("too many connections")]
+    /// Over `server.max_connections` (answered by the listener) or
+    /// `server.max_requests_in_flight` (by the pipeline).
+    #[error("over capacity: server.max_connections or server.max_requests_in_flight reached")]
     Overloaded,
     /// The upstream failed again and again; its circuit is open for the cool-down.
     #[error("upstream circuit open")]

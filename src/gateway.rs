@@ -15,6 +15,7 @@ use crate::auth::{ApiKey, KeyOrigin, KeyRegistry};
 use crate::clock::Clock;
 use crate::config::{parse_sha256_hex, Config, OnStoreError};
 use crate::forward::Upstream;
+use crate::in_flight::InFlight;
 use crate::key_store::{KeyStore, StoredKey};
 use crate::observe::Observer;
 use crate::quota::calendar::DayCalendar;
@@ -240,6 +241,9 @@ pub struct Gateway {
     pub circuit: Arc<crate::circuit::CircuitBreaker>,
     pub clock: Arc<dyn Clock>,
     pub edge: EdgeSettings,
+    /// Proxied requests being served, up to `server.max_requests_in_flight` (fixed at
+    /// start, like the listener's connection cap).
+    pub requests_in_flight: Arc<InFlight>,
     pub request_ids: RequestIds,
     pub observer: Observer,
     pub throttle: AddressThrottle,
@@ -288,6 +292,8 @@ impl Gateway {
             config.upstream.circuit,
             observer.metrics.clone(),
         ));
+        let requests_in_flight = InFlight::new(config.server.max_requests_in_flight);
+        observer.set_requests_in_flight(requests_in_flight.clone());
         Ok(Self {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config.clone(), &admin_keys, None)),
             sources: Mutex::new((config, admin_keys)),
@@ -299,6 +305,7 @@ impl Gateway {
             retry,
             circuit,
             clock,
+            requests_in_flight,
             edge,
             request_ids: RequestIds::default(),
             throttle,

@@ -22,7 +22,8 @@
 //!   and close, TLS, `/healthz` `/readyz`; [`shards`]: the optional thread-per-core event
 //!   loops proxy connections are handed to; [`event_loop`]: a thread with its own event
 //!   loop (each shard, and the quota store's Redis calls).
-//! - [`gateway`]: shared state and the hot-swappable [`gateway::Snapshot`].
+//! - [`gateway`]: shared state and the hot-swappable [`gateway::Snapshot`];
+//!   [`in_flight`]: the cap on requests served at once.
 //! - [`pipeline`]: the steps above; [`body`]: streamed, counted bodies.
 //! - [`routing`]: canonical paths and the route table; [`auth`]: tokens → key records;
 //!   [`scope`]: permission levels; [`client_addr`]: who the client is.
@@ -57,6 +58,7 @@ pub mod error;
 pub mod event_loop;
 pub mod forward;
 pub mod gateway;
+pub mod in_flight;
 pub mod key_store;
 pub mod metrics;
 pub mod observe;

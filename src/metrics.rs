@@ -17,6 +17,7 @@ use hashbrown::{DefaultHashBuilder, Equivalent, HashTable};
 use crate::circuit::CircuitState;
 use crate::context::{Outcome, Rejection, RequestContext};
 use crate::error::AuthFailure;
+use crate::in_flight::InFlight;
 
 /// The label value of a request without a key, a team or a route.
 pub const NONE_LABEL: &str = "-";
@@ -481,7 +482,7 @@ impl Metrics {
     }
 
     /// Renders every family as Prometheus text.
-    pub fn render(&self, store: &dyn StoreHealthView) -> String {
+    pub fn render(&self, store: &dyn StoreHealthView, in_flight: Option<&InFlight>) -> String {
         let mut out = String::with_capacity(16 * 1024);
         family(
             &mut out,
@@ -648,6 +649,20 @@ impl Metrics {
             "1 while the quota store is unreachable and store.on_error is in force.",
             u8::from(store.degraded()),
         );
+        if let Some(in_flight) = in_flight {
+            scalar(
+                &mut out,
+                ("keygate_requests_in_flight", "gauge"),
+                "Proxied requests being served now, HTTP/2 streams included.",
+                in_flight.current(),
+            );
+            scalar(
+                &mut out,
+                ("keygate_requests_in_flight_limit", "gauge"),
+                "server.max_requests_in_flight: more at once are answered 503.",
+                in_flight.limit(),
+            );
+        }
         family(
             &mut out,
             "keygate_quota_decision_duration_seconds",

@@ -4,6 +4,7 @@
 //! decision reported, and the usage line (and the live anomaly detection fed from it)
 //! handed to the writer thread without waiting.
 
+use crate::in_flight::InFlight;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ pub struct Observer {
     /// The latest alerts raised here, for the dashboard.
     pub recent_alerts: Arc<RecentAlerts>,
     store_health: Arc<dyn StoreHealthView>,
+    requests_in_flight: Option<Arc<InFlight>>,
     /// `alerts.thresholds` in millionths, for exact integer crossing checks.
     thresholds_ppm: Vec<(f64, u64)>,
 }
@@ -91,6 +93,7 @@ impl Observer {
             series: Arc::default(),
             recent_alerts: Arc::default(),
             store_health: Arc::new(UnreportedStoreHealth),
+            requests_in_flight: None,
             thresholds_ppm: thresholds
                 .iter()
                 .map(|t| (*t, (t * 1_000_000.0).round() as u64))
@@ -102,6 +105,11 @@ impl Observer {
     /// `keygate_store_degraded` instead of the errors the request path saw.
     pub fn set_store_health(&mut self, health: Arc<dyn StoreHealthView>) {
         self.store_health = health;
+    }
+
+    /// The count and cap behind `keygate_requests_in_flight` and its `_limit`.
+    pub fn set_requests_in_flight(&mut self, in_flight: Arc<InFlight>) {
+        self.requests_in_flight = Some(in_flight);
     }
 
     pub fn store_health(&self) -> &dyn StoreHealthView {
@@ -166,7 +174,8 @@ impl Observer {
 
     /// The `/metrics` body.
     pub fn render_metrics(&self) -> String {
-        self.metrics.render(&*self.store_health)
+        self.metrics
+            .render(&*self.store_health, self.requests_in_flight.as_deref())
     }
 }
 

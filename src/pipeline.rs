@@ -1,7 +1,8 @@
 //! Owns the request path, one visible step at a time:
 //! route → authenticate → authorize → quota → forward → finish.
 //! Each step returns `Result<_, GatewayError>`; the finish step runs for every request,
-//! whatever step ended it, when the response body is done or dropped.
+//! whatever step ended it, when the response body is done or dropped. Before the first, a
+//! request takes its slot under `server.max_requests_in_flight` ([`crate::in_flight`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,9 +53,17 @@ pub async fn handle(
         .and_then(|v| v.to_str().ok())
         .map(|ua| truncate(ua, MAX_USER_AGENT).to_string());
 
-    let response = match run(&gateway, &snapshot, &mut ctx, endpoints, request).await {
-        Ok(response) => response,
-        Err(error) => error_response(&mut ctx, error),
+    // Before any work: past `server.max_requests_in_flight` a request costs a 503, not
+    // memory. The slot is held until the answer's body ends (in `Finish`), or dropped with
+    // this future when the client goes first.
+    let slot = gateway.requests_in_flight.try_enter();
+    let response = if slot.is_none() {
+        error_response(&mut ctx, GatewayError::Overloaded)
+    } else {
+        match run(&gateway, &snapshot, &mut ctx, endpoints, request).await {
+            Ok(response) => response,
+            Err(error) => error_response(&mut ctx, error),
+        }
     };
     let (mut parts, body) = response.into_parts();
     parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
@@ -64,7 +73,11 @@ pub async fn handle(
             .insert(X_KEYGATE_RETRIES, HeaderValue::from(ctx.upstream_retries));
     }
     ctx.status = parts.status.as_u16();
-    let finish = Box::new(Finish { gateway, ctx });
+    let finish = Box::new(Finish {
+        gateway,
+        ctx,
+        _slot: slot,
+    });
     Response::from_parts(parts, body.with_finish(finish))
 }
 
@@ -481,11 +494,14 @@ pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Res
 struct Finish {
     gateway: Arc<Gateway>,
     ctx: RequestContext,
+    _slot: Option<crate::in_flight::InFlightSlot>,
 }
 
 impl OnFinish for Finish {
     fn finish(self: Box<Self>, bytes_out: u64, end: BodyEnd) {
-        let Finish { gateway, mut ctx } = *self;
+        let Finish {
+            gateway, mut ctx, ..
+        } = *self;
         ctx.bytes_out = bytes_out;
         match end {
             BodyEnd::Complete => {}

@@ -170,7 +170,7 @@ fn quantity_bytes(quantity: &str) -> u64 {
 /// A replica at its connection cap answers the next client 503; over its memory limit it is
 /// killed with every request in flight. So the cap must come first.
 #[test]
-fn memory_limits_hold_max_connections_requests_in_flight() {
+fn memory_limits_hold_max_requests_in_flight() {
     for (variant, container) in [("sidecar", "initContainers"), ("fleet", "containers")] {
         let dir = deploy_dir().join("k8s").join(variant);
         let deployment = &yaml_documents(&dir.join("deployment.yaml"))[0];
@@ -181,7 +181,8 @@ fn memory_limits_hold_max_connections_requests_in_flight() {
         let config =
             keygate::config::Config::from_toml(configmap["data"]["keygate.toml"].as_str().unwrap())
                 .unwrap();
-        let cap = config.server.max_connections as u64;
+        // HTTP/2 streams included: the connection cap alone would not bound them.
+        let cap = config.server.max_requests_in_flight as u64;
         let needed = BASE_BYTES + cap * BYTES_PER_REQUEST_IN_FLIGHT;
         assert!(
             needed <= limit,

@@ -582,6 +582,63 @@ async fn an_http2_client_that_grants_no_window_is_cut_off_after_the_idle_timeout
     logs::assert_clean(ALL_SECRETS);
 }
 
+/// One HTTP/2 connection carries up to `http2_max_concurrent_streams` requests, so the
+/// connection cap alone does not bound what is in flight (nor the memory it takes).
+#[tokio::test]
+async fn requests_over_max_requests_in_flight_get_503_even_on_one_http2_connection() {
+    let upstream = MockUpstream::start().await;
+    upstream.set_reply(Reply::Hang);
+    let gateway = gateway(&upstream, |c| c.server.max_requests_in_flight = 2).await;
+    let gw = gateway.proxy_addr();
+    let uri = format!("http://{gw}/v1/models");
+    let mut client = h2c::connect(gw).await;
+    let request = || h2c::get(http::Method::GET, &uri, TOKEN_DESIGN_GENERATE);
+
+    // Two requests the upstream holds take both slots.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (response, _) = client.send_request(request(), true).unwrap();
+        held.push(response);
+    }
+    upstream.wait_for(2, Duration::from_secs(5)).await;
+    let (status, body) = h2c::send(&mut client, request()).await.unwrap();
+    assert_eq!(status, 503);
+    assert_eq!(
+        body,
+        r#"{"error":{"code":"service_unavailable","message":"Service temporarily unavailable. Please try again later."}}"#
+    );
+    assert_eq!(upstream.count(), 2, "refused before the upstream");
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        common::observe::series(
+            &metrics,
+            "keygate_rejections_total",
+            &[("reason", "overloaded")]
+        ),
+        Some(1.0)
+    );
+    let gauge = |name| common::observe::series(&metrics, name, &[]);
+    assert_eq!(gauge("keygate_requests_in_flight"), Some(2.0));
+    assert_eq!(gauge("keygate_requests_in_flight_limit"), Some(2.0));
+
+    // The client gives up on one (its stream is reset): that slot comes back.
+    upstream.set_reply(Reply::Json(200, common::upstream::OK_JSON));
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _) = h2c::send(&mut client, request()).await.unwrap();
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503);
+        assert!(Instant::now() < deadline, "the slot never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(held);
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
 #[tokio::test]
 async fn http2_settings_are_bounded_and_rapid_resets_do_not_hurt() {
     let upstream = MockUpstream::start().await;

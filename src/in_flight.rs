@@ -1,0 +1,87 @@
+//! Owns the count of proxied requests being served and its cap,
+//! `server.max_requests_in_flight`: what bounds a replica's memory when HTTP/2 clients
+//! multiply each connection by its streams.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Requests being served, against a fixed cap. A request that finds the cap reached is
+/// refused at once, never queued: so an atomic count, not a semaphore (tokio's takes a
+/// lock on every release to look for waiters there would never be).
+pub struct InFlight {
+    count: AtomicUsize,
+    limit: usize,
+}
+
+/// One request's place under the cap, given back when dropped.
+pub struct InFlightSlot(Arc<InFlight>);
+
+impl InFlight {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            count: AtomicUsize::new(0),
+            limit,
+        })
+    }
+
+    /// A slot, or `None` when `limit` requests hold one.
+    pub fn try_enter(self: &Arc<Self>) -> Option<InFlightSlot> {
+        self.count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InFlightSlot(self.clone()))
+    }
+
+    pub fn current(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
+impl Drop for InFlightSlot {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_holds_and_a_dropped_slot_comes_back() {
+        let in_flight = InFlight::new(2);
+        let first = in_flight.try_enter().expect("room for two");
+        let _second = in_flight.try_enter().expect("room for two");
+        assert!(in_flight.try_enter().is_none(), "the third is refused");
+        assert_eq!(in_flight.current(), 2, "a refusal holds nothing");
+        drop(first);
+        assert_eq!(in_flight.current(), 1);
+        assert!(in_flight.try_enter().is_some());
+    }
+
+    #[test]
+    fn threads_racing_for_slots_never_pass_the_cap() {
+        let in_flight = InFlight::new(3);
+        let peak = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    for _ in 0..10_000 {
+                        if let Some(slot) = in_flight.try_enter() {
+                            peak.fetch_max(in_flight.current(), Ordering::Relaxed);
+                            drop(slot);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(peak.load(Ordering::Relaxed) <= 3);
+        assert_eq!(in_flight.current(), 0, "every slot given back");
+    }
+}
