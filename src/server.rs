@@ -4,7 +4,6 @@
 //! shutdown on SIGTERM/SIGINT. One connection's life is [`crate::connection`].
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +23,7 @@ use crate::connection::{self, Timeouts};
 use crate::metrics::Metrics;
 use crate::shards::Shards;
 use crate::shared_redis::SharedRedis;
+use crate::telemetry::OncePerSecond;
 use crate::usage_log::UsageConsumer;
 
 use crate::clock::{Clock, SystemClock};
@@ -488,13 +488,9 @@ enum Accepted {
     Moving(std::net::TcpStream),
 }
 
-/// One warning per second at most: a flood over the cap must not flood the log too.
 fn warn_over_capacity() {
-    static LAST_WARNED: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    if LAST_WARNED.swap(now, Ordering::Relaxed) != now {
+    static WARNED: OncePerSecond = OncePerSecond::new();
+    if WARNED.ready() {
         tracing::warn!("connections refused: server.max_connections reached");
     }
 }

@@ -608,6 +608,10 @@ async fn requests_over_max_requests_in_flight_get_503_even_on_one_http2_connecti
         r#"{"error":{"code":"service_unavailable","message":"Service temporarily unavailable. Please try again later."}}"#
     );
     assert_eq!(upstream.count(), 2, "refused before the upstream");
+    assert!(
+        logs::captured().contains("requests refused: server.max_requests_in_flight reached"),
+        "the operator is told, once a second at most"
+    );
     let metrics = gateway.metrics().await;
     assert_eq!(
         common::observe::series(
