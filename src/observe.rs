@@ -4,7 +4,6 @@
 //! decision reported, and the usage line (and the live anomaly detection fed from it)
 //! handed to the writer thread without waiting.
 
-use crate::in_flight::InFlight;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use crate::alerts::{AlertDedupe, AlertDispatcher, AlertEvent, Alerts};
 use crate::anomaly::{Detector, Finding, COOLDOWN_MINUTES};
 use crate::config::Config;
 use crate::context::RequestContext;
+use crate::in_flight::InFlight;
 use crate::metrics::{Metrics, StoreHealthView, UnreportedStoreHealth};
 use crate::quota::failover::StoreHealth;
 use crate::quota::{Window, WindowUsage};
