@@ -122,7 +122,6 @@ const MAX_BATCH: usize = 128;
 pub struct RedisStore {
     url: StoreUrl,
     connection: Arc<ArcSwap<SharedRedis>>,
-    cluster: bool,
     script: Arc<Script>,
     /// Where decisions wait to be coalesced into calls.
     batching: Batching,
@@ -202,7 +201,6 @@ impl RedisStore {
         };
         Ok(Self {
             url: url.clone(),
-            cluster,
             connection,
             script,
             batching,
@@ -230,6 +228,11 @@ impl RedisStore {
 
     fn connection(&self) -> SharedRedis {
         SharedRedis::clone(&self.connection.load())
+    }
+
+    /// On Cluster the batching is per hash tag (set once, from the connection's kind).
+    fn is_cluster(&self) -> bool {
+        matches!(self.batching, Batching::PerTag(_))
     }
 
     /// Script calls that carried decisions, and the decisions they carried, since the store
@@ -305,7 +308,7 @@ impl RedisStore {
     /// Cluster the team-tagged subjects first, then the ceiling.
     fn groups<'s>(&self, subjects: &'s [Subject]) -> Vec<Vec<(usize, &'s Subject)>> {
         let indexed = subjects.iter().enumerate();
-        if !self.cluster {
+        if !self.is_cluster() {
             return vec![indexed.collect()];
         }
         let (ceiling, tagged): (Vec<_>, Vec<_>) =
@@ -1030,7 +1033,7 @@ impl QuotaStore for RedisStore {
     }
 
     fn kind(&self) -> &'static str {
-        if self.cluster {
+        if self.is_cluster() {
             "redis-cluster"
         } else {
             "redis"
