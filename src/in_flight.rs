@@ -5,12 +5,15 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::telemetry::OncePerSecond;
+
 /// Requests being served, against a fixed cap. A request that finds the cap reached is
 /// refused at once, never queued: so an atomic count, not a semaphore (tokio's takes a
 /// lock on every release to look for waiters there would never be).
 pub struct InFlight {
     count: AtomicUsize,
     limit: usize,
+    refusals_logged: OncePerSecond,
 }
 
 /// One request's place under the cap, given back when dropped.
@@ -21,17 +24,25 @@ impl InFlight {
         Arc::new(Self {
             count: AtomicUsize::new(0),
             limit,
+            refusals_logged: OncePerSecond::new(),
         })
     }
 
-    /// A slot, or `None` when `limit` requests hold one.
+    /// A slot, or `None` when `limit` requests hold one (and a warning, once a second at
+    /// most).
     pub fn try_enter(self: &Arc<Self>) -> Option<InFlightSlot> {
-        self.count
+        let entered = self
+            .count
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.limit).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| InFlightSlot(self.clone()))
+            });
+        if entered.is_err() && self.refusals_logged.ready() {
+            tracing::warn!(
+                limit = self.limit,
+                "requests refused: server.max_requests_in_flight reached"
+            );
+        }
+        entered.ok().map(|_| InFlightSlot(self.clone()))
     }
 
     pub fn current(&self) -> usize {

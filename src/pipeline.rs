@@ -58,13 +58,6 @@ pub async fn handle(
     // this future when the client goes first.
     let slot = gateway.requests_in_flight.try_enter();
     let response = if slot.is_none() {
-        static WARNED: crate::telemetry::OncePerSecond = crate::telemetry::OncePerSecond::new();
-        if WARNED.ready() {
-            tracing::warn!(
-                limit = gateway.requests_in_flight.limit(),
-                "requests refused: server.max_requests_in_flight reached"
-            );
-        }
         error_response(&mut ctx, GatewayError::Overloaded)
     } else {
         match run(&gateway, &snapshot, &mut ctx, endpoints, request).await {
