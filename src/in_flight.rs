@@ -78,21 +78,27 @@ mod tests {
 
     #[test]
     fn threads_racing_for_slots_never_pass_the_cap() {
-        let in_flight = InFlight::new(3);
-        let peak = AtomicUsize::new(0);
+        let in_flight = InFlight::new(1);
+        // Counted apart from the cap's own count: slots actually held at once (a check
+        // and an increment that were not one step would let a second in now and then).
+        let (held, peak) = (AtomicUsize::new(0), AtomicUsize::new(0));
         std::thread::scope(|scope| {
             for _ in 0..8 {
                 scope.spawn(|| {
                     for _ in 0..10_000 {
                         if let Some(slot) = in_flight.try_enter() {
-                            peak.fetch_max(in_flight.current(), Ordering::Relaxed);
+                            let now = held.fetch_add(1, Ordering::SeqCst) + 1;
+                            peak.fetch_max(now, Ordering::SeqCst);
+                            // Held across a switch, so that others try meanwhile.
+                            std::thread::yield_now();
+                            held.fetch_sub(1, Ordering::SeqCst);
                             drop(slot);
                         }
                     }
                 });
             }
         });
-        assert!(peak.load(Ordering::Relaxed) <= 3);
+        assert_eq!(peak.load(Ordering::SeqCst), 1);
         assert_eq!(in_flight.current(), 0, "every slot given back");
     }
 }
