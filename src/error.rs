@@ -103,9 +103,9 @@ pub enum GatewayError {
     Internal(String),
     #[error("no upstream key available for env {0:?}")]
     UpstreamKeyUnavailable(String),
-    /// Over `server.max_connections` (answered by the listener) or
-    /// `server.max_requests_in_flight` (by the pipeline).
-    #[error("over capacity: server.max_connections or server.max_requests_in_flight reached")]
+    /// Over `server.max_requests_in_flight`. The listener answers a connection over
+    /// `server.max_connections` with the same body, and logs that cause itself.
+    #[error("server.max_requests_in_flight reached")]
     Overloaded,
     /// The upstream failed again and again; its circuit is open for the cool-down.
     #[error("upstream circuit open")]
