@@ -109,6 +109,7 @@ struct RawStore {
     on_error: Option<String>,
     timeout: Option<String>,
     expected_replicas: Option<u64>,
+    local_slices: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -355,6 +356,8 @@ pub struct StoreConfig {
     pub on_error: OnStoreError,
     pub timeout: Duration,
     pub expected_replicas: u64,
+    /// Take room from Redis ahead of requests, for the rest of a second (`quota::slices`).
+    pub local_slices: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1381,6 +1384,13 @@ fn validate_store(raw: RawStore, problems: &mut Problems) -> StoreConfig {
         "store.expected_replicas",
         problems,
     );
+    let local_slices = raw.local_slices.unwrap_or(false);
+    if local_slices && url == StoreUrl::Memory {
+        problems.add(
+            "store.local_slices",
+            "true needs a shared store (redis:// or redis+cluster://): memory:// already decides in process".to_string(),
+        );
+    }
     StoreConfig {
         url,
         on_error,
@@ -1391,6 +1401,7 @@ fn validate_store(raw: RawStore, problems: &mut Problems) -> StoreConfig {
             problems,
         ),
         expected_replicas,
+        local_slices,
     }
 }
 
@@ -1563,6 +1574,19 @@ scope = "generate"
         assert_eq!(config.store.timeout, Duration::from_millis(50));
         assert_eq!(config.upstream.url.to_string(), "https://api.imagen.ai/");
         assert!(config.keys[0].scopes.contains(Scope::Generate));
+    }
+
+    #[test]
+    fn local_slices_need_a_shared_store() {
+        let config = Config::from_toml(&minimal()).unwrap();
+        assert!(!config.store.local_slices, "off by default");
+        let err = Config::from_toml(&(minimal() + "\n[store]\nlocal_slices = true\n")).unwrap_err();
+        assert_eq!(
+            err.problems,
+            ["store.local_slices: true needs a shared store (redis:// or redis+cluster://): memory:// already decides in process"]
+        );
+        let shared = minimal() + "\n[store]\nurl = \"redis://127.0.0.1:1\"\nlocal_slices = true\n";
+        assert!(Config::from_toml(&shared).unwrap().store.local_slices);
     }
 
     #[test]

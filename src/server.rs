@@ -119,7 +119,9 @@ pub fn build_store(
     match &config.store.url {
         StoreUrl::Memory => Ok(Arc::new(MemoryStore::new(clock, calendar))),
         url @ (StoreUrl::Redis(_) | StoreUrl::Cluster(_)) => Ok(Arc::new(
-            RedisStore::open(url, clock, calendar).map_err(StartError::Store)?,
+            RedisStore::open(url, clock, calendar)
+                .map_err(StartError::Store)?
+                .with_local_slices(config.store.local_slices),
         )),
     }
 }

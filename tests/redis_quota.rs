@@ -478,3 +478,71 @@ async fn a_replica_starts_while_redis_is_down_and_joins_it_later() {
     );
     gateway.shutdown().await;
 }
+
+/// A token of a team on a plan big enough for local slices.
+const TOKEN_BULK: &str = "kg_prod_bulk_generate_token_000000000000000011";
+
+/// `store.local_slices` end to end: a busy team on a big plan is served mostly from its
+/// replica's slice, each answer still carrying its own count, and Redis counts exactly what
+/// was admitted once the slice's second is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_slices_serve_a_busy_team_with_each_answer_its_own_count() {
+    let redis = RedisServer::start();
+    let upstream = MockUpstream::start().await;
+    let extra = format!(
+        "[plans.bulk]\nrpm = 1000000\nrpd = 1000000\n\
+         [[teams]]\nname = \"bulk\"\nplan = \"bulk\"\n\
+         [[keys]]\nid = \"bulk-1\"\nteam = \"bulk\"\ntoken_sha256 = \"{}\"\n\
+         scopes = [\"generate\"]\nenv = \"prod\"\n",
+        hash(TOKEN_BULK)
+    );
+    let store = format!("{STRICT}\nlocal_slices = true");
+    let gateway =
+        Arc::new(TestGateway::start(config(&upstream, &redis.url(), &store, &extra)).await);
+    const REQUESTS: usize = 400;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let gateway = gateway.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut remaining = Vec::new();
+            for _ in 0..REQUESTS / 8 {
+                let response = gateway.generate(TOKEN_BULK).await;
+                assert_eq!(response.status(), 200);
+                remaining.push(
+                    response.headers()["x-ratelimit-remaining"]
+                        .to_str()
+                        .unwrap()
+                        .to_string(),
+                );
+            }
+            remaining
+        }));
+    }
+    let mut remaining = std::collections::HashSet::new();
+    for task in tasks {
+        remaining.extend(task.await.unwrap());
+    }
+    assert_eq!(remaining.len(), REQUESTS, "each admission its own count");
+    let stats = redis.cli(&["INFO", "commandstats"]).unwrap();
+    let scripts: usize = stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().unwrap());
+    assert!(
+        scripts * 2 < REQUESTS,
+        "{scripts} script calls for {REQUESTS} requests: slices served too few"
+    );
+    let start = Instant::now();
+    while field(&redis, "kg:q:{t:bulk}", "n").as_deref() != Some("400") {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "Redis counts {:?}, not the 400 admitted, after the slice's second",
+            field(&redis, "kg:q:{t:bulk}", "n")
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(field(&redis, "kg:q:{t:bulk}", "dn").as_deref(), Some("400"));
+    Arc::into_inner(gateway).unwrap().shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}

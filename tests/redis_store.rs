@@ -570,6 +570,7 @@ async fn a_batch_whose_call_times_out_follows_on_error_for_every_member() {
             on_error: mode,
             timeout: std::time::Duration::from_millis(150),
             expected_replicas: 1,
+            local_slices: false,
         };
         Arc::new(FailoverStore::new(
             shared,

@@ -18,6 +18,9 @@
 #                      does; "direct" is then HTTPS too
 #        STORE=cluster keygate's quotas on a Redis Cluster of three masters (redis+cluster://)
 #                      instead of one Redis; Redis CPU and commands are summed over the three
+#        LOCAL_SLICES=1 keygate (not keygate-b) takes local slices of quota ahead of its
+#                      requests (store.local_slices); with KEYGATE_BIN_B set to the same
+#                      binary, a run compares slices against call-per-decision
 # Needs: nginx libnginx-mod-http-lua lua-nginx-redis wrk redis-server (Debian packages).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -102,6 +105,9 @@ make_upstream_cert() {
 keygate_up() { # name listen admin upstream_port [binary]
   sed -e "s#LISTENPORT#$2#" -e "s#ADMINPORT#$3#" -e "s#UPPORT#$4#" -e "s#STOREURL#$store_url#" \
     -e "s#STORETIMEOUT#${STORE_TIMEOUT:-250ms}#" -e "s#USAGELOG#$work/$1-usage.log#" "$here/keygate.toml" > "$work/$1.toml"
+  if [ -n "${LOCAL_SLICES:-}" ] && [ "$1" = "${1#keygate-b}" ]; then
+    sed -i "s#^\[store\]#[store]\nlocal_slices = true#" "$work/$1.toml"
+  fi
   if [ -n "${UPSTREAM_TLS:-}" ]; then
     sed -i "s#^url = \"http://127.0.0.1:$4\"#url = \"https://localhost:$4\"\nca_file = \"$work/ca.pem\"#" "$work/$1.toml"
   fi

@@ -482,6 +482,7 @@ mod tests {
             on_error: mode,
             timeout: Duration::from_millis(50),
             expected_replicas: 4,
+            local_slices: false,
         };
         let store = FailoverStore::new(flaky.clone(), &settings, clock, DayCalendar::utc());
         (flaky, store)

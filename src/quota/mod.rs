@@ -10,6 +10,7 @@ pub mod failover;
 pub mod memory;
 pub mod redis;
 pub mod report;
+pub(crate) mod slices;
 pub mod window;
 
 use std::future::Future;
@@ -34,7 +35,7 @@ impl Window {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Limits {
     pub rpm: u64,
     pub rpd: u64,
@@ -62,7 +63,7 @@ impl SubjectKind {
 
 /// One counted thing with its limits. Built once per key when the config loads, so a
 /// decision allocates nothing to describe what it counts.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Subject {
     pub kind: SubjectKind,
     pub id: Arc<str>,

@@ -33,6 +33,11 @@
 //! window since the last call, so its cost does not depend on the limit or the traffic;
 //! the state is at most 66 small fields, and expires a minute after the day it counts ends.
 //!
+//! With `store.local_slices`, a busy team's decision also asks for extra admissions in the
+//! same run (the script's `optional`, after every decision of the call, capped to a share of
+//! the room left), which the replica hands out for the rest of that second of Redis's
+//! without a call: [`super::slices`].
+//!
 //! # A thread of its own
 //!
 //! Every call to Redis, and the connection's own tasks, run on one thread of the store's
@@ -91,12 +96,14 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind, ToRedisArgs};
 use tokio::sync::oneshot;
 
 use super::calendar::{CalendarDay, DayCalendar};
+use super::slices::{SliceAsk, Slices, Take};
 use super::window::ceil_secs;
 use super::{
     Admission, Charge, Decision, LastAnswer, QuotaStore, StoreError, StoreFuture, Subject,
@@ -136,6 +143,8 @@ pub struct RedisStore {
     /// The thread every call to Redis runs on, with the connection's own tasks (see "A
     /// thread of its own" above).
     io: EventLoop,
+    /// Room taken ahead of requests (`store.local_slices`, [`super::slices`]); `None`: off.
+    slices: Option<Arc<Slices>>,
 }
 
 /// Which verb the script runs.
@@ -210,7 +219,15 @@ impl RedisStore {
             today: Mutex::new(None),
             answers,
             io,
+            slices: None,
         })
+    }
+
+    /// Takes local slices of quota ahead of requests (`store.local_slices`): see
+    /// [`super::slices`].
+    pub fn with_local_slices(mut self, on: bool) -> Self {
+        self.slices = on.then(Arc::default);
+        self
     }
 
     /// Runs a call to Redis on the store's own thread and waits for it there. Not
@@ -263,9 +280,12 @@ impl RedisStore {
         limits: Vec<(u64, u64)>,
         offset: i64,
         day: CalendarDay,
+        slice: Option<SliceAsk>,
     ) -> Result<Vec<i64>, StoreError> {
         let batcher = match &self.batching {
-            Batching::One(batcher) => return batcher.submit(keys, limits, offset, day).await,
+            Batching::One(batcher) => {
+                return batcher.submit(keys, limits, offset, day, slice).await
+            }
             Batching::PerTag(batchers) => {
                 let tag = keys.first().map_or("", |key| hash_tag(key));
                 let mut batchers = batchers.lock().unwrap_or_else(|p| p.into_inner());
@@ -277,7 +297,7 @@ impl RedisStore {
                     .clone()
             }
         };
-        batcher.submit(keys, limits, offset, day).await
+        batcher.submit(keys, limits, offset, day, slice).await
     }
 
     /// The day at Redis's time as far as this replica knows it.
@@ -297,6 +317,12 @@ impl RedisStore {
     fn day_at(&self, ms: i64) -> CalendarDay {
         let at = jiff::Timestamp::from_millisecond(ms).unwrap_or(jiff::Timestamp::MAX);
         self.calendar.day_at(at)
+    }
+
+    /// What is left of Redis's current second, as far as this replica knows its time.
+    fn ms_left_in_second(&self) -> i64 {
+        let at = self.clock.now().as_millisecond() + self.skew_ms.load(Ordering::Relaxed);
+        1000 - at.rem_euclid(1000)
     }
 
     fn learn_time(&self, redis_now_ms: i64) {
@@ -326,6 +352,22 @@ impl RedisStore {
         all: &[Subject],
     ) -> Result<Answer, StoreError> {
         let offset = self.clock.offset_from_wall_ms();
+        // Slices hold whole decisions: on Cluster with a ceiling a decision is two groups.
+        let slices = match &self.slices {
+            Some(slices) if verb == Verb::Decide && group.len() == all.len() => Some(slices),
+            _ => None,
+        };
+        let mut slice = None;
+        if let Some(slices) = slices {
+            match slices.take(all, offset, self.ms_left_in_second(), Instant::now()) {
+                Take::Slot(slot) => {
+                    let raw = nth_admission(slot.first, slot.index);
+                    return parse_answer(1, &raw[1..], group.len(), slot.day);
+                }
+                Take::Ask(ask) => slice = Some(ask),
+                Take::Alone => {}
+            }
+        }
         let mut day = self.expected_day();
         for _ in 0..DAY_ATTEMPTS {
             // Built per attempt and moved into the call: a second attempt (the day turned
@@ -336,7 +378,7 @@ impl RedisStore {
                 .map(|(_, s)| (s.limits.rpm, s.limits.rpd))
                 .collect();
             let raw = match verb {
-                Verb::Decide => self.submit(keys, limits, offset, day).await?,
+                Verb::Decide => self.submit(keys, limits, offset, day, slice.take()).await?,
                 Verb::Usage => {
                     let script = self.script.clone();
                     let mut connection = self.connection();
@@ -344,7 +386,7 @@ impl RedisStore {
                     self.on_io(async move {
                         let mut call = ScriptCall::new(&script, &keys, 2 + decision_args(&keys));
                         call.arg(verb.as_str()).arg(1);
-                        add_decision(&mut call, offset, day, 1, 1..=keys.len(), &limits);
+                        add_decision(&mut call, offset, day, (1, 0), 1..=keys.len(), &limits);
                         let text: Vec<u8> = call
                             .invoke(&script, &mut connection)
                             .await
@@ -367,7 +409,11 @@ impl RedisStore {
                 day = self.day_at(now_ms);
                 continue;
             }
-            return parse_answer(status, rest, group.len(), day);
+            let answer = parse_answer(status, rest, group.len(), day)?;
+            if let Some(slices) = slices {
+                slices.learn_room(all, least_room(group, &answer));
+            }
+            return Ok(answer);
         }
         Err(StoreError::Protocol(format!(
             "no agreement on the calendar day after {DAY_ATTEMPTS} attempts"
@@ -382,7 +428,14 @@ impl RedisStore {
     ) -> Result<(), StoreError> {
         let keys = group.iter().map(|(_, s)| redis_key(s, all)).collect();
         let offset = self.clock.offset_from_wall_ms();
-        let call = refund_keys(self.connection(), self.script.clone(), keys, offset, charge);
+        let call = refund_keys(
+            self.connection(),
+            self.script.clone(),
+            keys,
+            offset,
+            charge,
+            1,
+        );
         self.on_io(call).await
     }
 
@@ -465,7 +518,7 @@ impl RedisStore {
             let offset = self.clock.offset_from_wall_ms();
             let charge = *charge;
             self.io.handle().spawn(async move {
-                if let Err(error) = refund_keys(connection, script, keys, offset, charge).await {
+                if let Err(error) = refund_keys(connection, script, keys, offset, charge, 1).await {
                     tracing::warn!(%error, "compensating a failed decision did not reach the store");
                 }
             });
@@ -474,12 +527,13 @@ impl RedisStore {
 }
 
 /// Appends one decision to a script call: its clock offset and day, how many identical
-/// decisions it stands for, then each subject's index in KEYS (1-based) with its limits.
+/// decisions it stands for and how many of those (the last) are for a slice, then each
+/// subject's index in KEYS (1-based) with its limits.
 fn add_decision(
     call: &mut ScriptCall,
     offset: i64,
     day: CalendarDay,
-    times: usize,
+    (times, optional): (u64, u64),
     key_indexes: impl IntoIterator<Item = usize>,
     limits: &[(u64, u64)],
 ) {
@@ -488,6 +542,7 @@ fn add_decision(
         .arg(day.start_ms)
         .arg(day.end_ms)
         .arg(times)
+        .arg(optional)
         .arg(limits.len());
     for (index, (rpm, rpd)) in key_indexes.into_iter().zip(limits) {
         call.arg(index).arg(rpm).arg(rpd);
@@ -496,7 +551,7 @@ fn add_decision(
 
 /// How many arguments [`add_decision`] adds for a decision over `keys`.
 fn decision_args<K>(keys: &[K]) -> usize {
-    6 + 3 * keys.len()
+    7 + 3 * keys.len()
 }
 
 /// One `EVALSHA` of the script, written straight into a command sized up front. redis-rs'
@@ -561,6 +616,8 @@ struct Job {
     limits: Vec<(u64, u64)>,
     offset: i64,
     day: CalendarDay,
+    /// Also asks for this many more admissions, kept for this replica's slice.
+    slice: Option<SliceAsk>,
     reply: oneshot::Sender<Result<Vec<i64>, StoreError>>,
 }
 
@@ -621,6 +678,7 @@ impl Batcher {
         limits: Vec<(u64, u64)>,
         offset: i64,
         day: CalendarDay,
+        slice: Option<SliceAsk>,
     ) -> Result<Vec<i64>, StoreError> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
@@ -628,6 +686,7 @@ impl Batcher {
             limits,
             offset,
             day,
+            slice,
             reply,
         };
         let start = {
@@ -660,8 +719,12 @@ impl Batcher {
                 self.calls.fetch_add(1, Ordering::Relaxed);
                 self.decisions
                     .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+                let sent = Instant::now();
                 match self.call(&jobs).await {
-                    Ok(answers) => {
+                    Ok((answers, grants)) => {
+                        for grant in grants {
+                            self.keep_slice(&jobs[grant.job], grant, sent);
+                        }
                         for (job, answer) in jobs.drain(..).zip(answers) {
                             let _ = job.reply.send(Ok(answer));
                         }
@@ -682,12 +745,42 @@ impl Batcher {
         }
     }
 
+    /// Keeps a slice Redis granted with a job's decision, and refunds what is left of it
+    /// when its second is over (and what was left of a slice it replaced, now).
+    fn keep_slice(&self, job: &Job, grant: SliceGrant, sent: Instant) {
+        let Some(ask) = &job.slice else { return };
+        let Some(granted) = ask.grant(grant.first, grant.count, job.day, job.offset, sent) else {
+            return;
+        };
+        let refunds = || SliceRefund {
+            connection: self.connection.clone(),
+            script: self.script.clone(),
+            keys: job.keys.clone(),
+            offset: job.offset,
+        };
+        if let Some(unused) = granted.replaced {
+            self.runtime.spawn(refunds().send(unused));
+        }
+        let slices = ask.slices().clone();
+        let subjects: Box<[Subject]> = ask.subjects().into();
+        let refund = refunds();
+        self.runtime.spawn(async move {
+            tokio::time::sleep_until(granted.until.into()).await;
+            if let Some(unused) = slices.expire(&subjects, granted.generation) {
+                refund.send(unused).await;
+            }
+        });
+    }
+
     /// One script call for every decision in `jobs`, keys shared between them sent once,
     /// and identical decisions (same subjects, limits, clock and day: a team's concurrent
     /// requests) sent once with their number. The script runs them in a row, so each gets
     /// the answer it would have had alone; the batch's decisions were concurrent, so any
     /// order of them is one they could have arrived in. Answers come back in `jobs`' order.
-    async fn call(&self, jobs: &[Job]) -> Result<Vec<Vec<i64>>, StoreError> {
+    /// A job asking for a slice adds its extra admissions after all of its run's own, so a
+    /// slice never takes room a request in the call needed; the slices granted come back
+    /// apart.
+    async fn call(&self, jobs: &[Job]) -> Result<(Vec<Vec<i64>>, Vec<SliceGrant>), StoreError> {
         type Signature<'j> = (&'j [String], &'j [(u64, u64)], i64, i64);
         let mut runs: Vec<Vec<usize>> = Vec::new();
         let mut run_of: hashbrown::HashMap<Signature<'_>, usize> = hashbrown::HashMap::new();
@@ -699,6 +792,14 @@ impl Batcher {
             });
             runs[run].push(j);
         }
+        // Per run: the job whose slice its extra admissions go to, and how many.
+        let extras: Vec<Option<(usize, u64)>> = runs
+            .iter()
+            .map(|run| {
+                run.iter()
+                    .find_map(|&j| jobs[j].slice.as_ref().map(|ask| (j, ask.extra)))
+            })
+            .collect();
         let mut keys: Vec<&str> = Vec::new();
         let mut indexes: hashbrown::HashMap<&str, usize> = hashbrown::HashMap::new();
         let mut job_indexes: Vec<usize> = Vec::with_capacity(runs.len() * 2);
@@ -717,17 +818,12 @@ impl Batcher {
         let mut call = ScriptCall::new(&self.script, &keys, args);
         call.arg(Verb::Decide.as_str()).arg(runs.len());
         let mut at = 0;
-        for run in &runs {
+        for (run, extra) in runs.iter().zip(&extras) {
             let job = &jobs[run[0]];
             let indexes = job_indexes[at..at + job.keys.len()].iter().copied();
-            add_decision(
-                &mut call,
-                job.offset,
-                job.day,
-                run.len(),
-                indexes,
-                &job.limits,
-            );
+            let optional = extra.map_or(0, |(_, n)| n);
+            let times = (run.len() as u64 + optional, optional);
+            add_decision(&mut call, job.offset, job.day, times, indexes, &job.limits);
             at += job.keys.len();
         }
         let mut connection = SharedRedis::clone(&self.connection.load());
@@ -736,78 +832,213 @@ impl Batcher {
             .await
             .map_err(store_error)?;
         self.answers.record();
-        let in_run_order = parse_answers(&text, jobs.len())?;
-        if runs.len() == jobs.len() {
-            // Every decision its own: run order is job order.
-            return Ok(in_run_order);
-        }
+        let mut entries = parse_entries(&text)?.into_iter();
         let mut answers: Vec<Vec<i64>> = vec![Vec::new(); jobs.len()];
-        for (j, answer) in runs.iter().flatten().zip(in_run_order) {
-            answers[*j] = answer;
+        let mut grants = Vec::new();
+        for (run, extra) in runs.iter().zip(&extras) {
+            let times = run.len() as u64 + extra.map_or(0, |(_, n)| n);
+            let mut run_answers =
+                RunAnswers::take(&mut entries, times).ok_or_else(|| malformed_answer(&text))?;
+            for &j in run {
+                answers[j] = run_answers.next_answer();
+            }
+            if let (Some((j, _)), Some((first, count))) = (extra, run_answers.admitted_rest()) {
+                grants.push(SliceGrant {
+                    job: *j,
+                    first,
+                    count,
+                });
+            }
         }
-        Ok(answers)
+        if entries.next().is_some() {
+            return Err(StoreError::Protocol(format!(
+                "more answers than {} decisions",
+                jobs.len()
+            )));
+        }
+        Ok((answers, grants))
+    }
+}
+
+/// Admissions Redis granted for a job's slice: the first one's answer and their number.
+struct SliceGrant {
+    job: usize,
+    first: Vec<i64>,
+    count: u64,
+}
+
+/// Where a slice's unused admissions go back to.
+struct SliceRefund {
+    connection: Arc<ArcSwap<SharedRedis>>,
+    script: Arc<Script>,
+    keys: Vec<String>,
+    offset: i64,
+}
+
+impl SliceRefund {
+    async fn send(self, unused: super::slices::Unused) {
+        let charge = Charge {
+            second: unused.second,
+            day: unused.day,
+        };
+        let connection = SharedRedis::clone(&self.connection.load());
+        let refunded = refund_keys(
+            connection,
+            self.script,
+            self.keys,
+            self.offset,
+            charge,
+            unused.count,
+        );
+        if let Err(error) = refunded.await {
+            tracing::warn!(%error, count = unused.count, "refunding a slice's unused admissions did not reach the store");
+        }
     }
 }
 
 /// The script's answer: one decision per `;`, each a list of `,`-separated integers, or
 /// `*count,` and a list for `count` identical decisions in a row (when admitted, each next
-/// one counted one more in every window). Parsed straight off the bytes: splitting `str`s
-/// and `parse::<i64>` cost ~2 400 instructions a decision (callgrind), more than all the
-/// rest of a decision's bookkeeping here.
-fn parse_answers(text: &[u8], expected: usize) -> Result<Vec<Vec<i64>>, StoreError> {
-    let malformed = || {
-        StoreError::Protocol(format!(
-            "unexpected script answer {:?}",
-            String::from_utf8_lossy(text)
-        ))
-    };
-    let mut answers = Vec::with_capacity(expected);
-    for answer in text.split(|&b| b == b';') {
-        let (times, answer) = match answer {
+/// one counted one more in every window: [`nth_admission`]). Parsed straight off the bytes:
+/// splitting `str`s and `parse::<i64>` cost ~2 400 instructions a decision (callgrind),
+/// more than all the rest of a decision's bookkeeping here.
+fn parse_entries(text: &[u8]) -> Result<Vec<Entry>, StoreError> {
+    let mut entries = Vec::new();
+    for entry in text.split(|&b| b == b';') {
+        let (times, entry) = match entry {
             [b'*', rest @ ..] => {
-                let comma = rest.iter().position(|&b| b == b',').ok_or_else(malformed)?;
+                let comma = rest
+                    .iter()
+                    .position(|&b| b == b',')
+                    .ok_or_else(|| malformed_answer(text))?;
                 let times = decimal(&rest[..comma])
                     .filter(|&n| n > 1)
-                    .ok_or_else(malformed)?;
-                (times, &rest[comma + 1..])
+                    .ok_or_else(|| malformed_answer(text))?;
+                (times as u64, &rest[comma + 1..])
             }
-            answer => (1, answer),
+            entry => (1, entry),
         };
-        let numbers = answer
+        let numbers = entry
             .split(|&b| b == b',')
             .map(decimal)
             .collect::<Option<Vec<i64>>>()
-            .ok_or_else(malformed)?;
-        if times == 1 {
-            answers.push(numbers);
-            continue;
-        }
-        if times as usize > expected.saturating_sub(answers.len()) {
-            return Err(StoreError::Protocol(format!(
-                "more answers than {expected} decisions"
-            )));
-        }
-        let admitted = numbers.first() == Some(&1);
-        for n in 0..times {
-            let mut copy = numbers.clone();
-            if admitted {
-                // Per subject after the five leading fields: minute used, reset, day used.
-                for subject in copy.get_mut(5..).unwrap_or_default().chunks_exact_mut(3) {
-                    subject[0] += n;
-                    subject[2] += n;
-                }
-            }
-            answers.push(copy);
+            .ok_or_else(|| malformed_answer(text))?;
+        entries.push(Entry { times, numbers });
+    }
+    Ok(entries)
+}
+
+fn malformed_answer(text: &[u8]) -> StoreError {
+    StoreError::Protocol(format!(
+        "unexpected script answer {:?}",
+        String::from_utf8_lossy(text)
+    ))
+}
+
+/// `times` decisions in a row answered alike.
+struct Entry {
+    times: u64,
+    numbers: Vec<i64>,
+}
+
+impl Entry {
+    fn admitted(&self) -> bool {
+        self.numbers.first() == Some(&1)
+    }
+
+    /// The answer of this entry's `n`-th decision.
+    fn nth(&self, n: u64) -> Vec<i64> {
+        if self.admitted() {
+            nth_admission(self.numbers.clone(), n)
+        } else {
+            self.numbers.clone()
         }
     }
-    if answers.len() != expected {
+}
+
+/// The answer of the `n`-th of identical admissions in a row, the first answered `first`:
+/// each next one counted one more in every window.
+fn nth_admission(mut first: Vec<i64>, n: u64) -> Vec<i64> {
+    // Per subject after the five leading fields: minute used, reset, day used.
+    for subject in first.get_mut(5..).unwrap_or_default().chunks_exact_mut(3) {
+        subject[0] += n as i64;
+        subject[2] += n as i64;
+    }
+    first
+}
+
+/// The answers of one decision made `times` times in a row: one entry, or its admitted
+/// entry then its refused one, handed out in order.
+struct RunAnswers {
+    entries: Vec<Entry>,
+    /// The entry handing out, and how many of it have been.
+    at: usize,
+    given: u64,
+}
+
+impl RunAnswers {
+    /// The entries that answer `times` decisions; `None` when they do not add up.
+    fn take(entries: &mut impl Iterator<Item = Entry>, times: u64) -> Option<RunAnswers> {
+        let mut taken = Vec::with_capacity(2);
+        let mut counted = 0;
+        while counted < times {
+            let entry = entries.next()?;
+            counted += entry.times;
+            taken.push(entry);
+        }
+        (counted == times).then_some(RunAnswers {
+            entries: taken,
+            at: 0,
+            given: 0,
+        })
+    }
+
+    fn next_answer(&mut self) -> Vec<i64> {
+        while self.entries[self.at].times == self.given {
+            self.at += 1;
+            self.given = 0;
+        }
+        let answer = self.entries[self.at].nth(self.given);
+        self.given += 1;
+        answer
+    }
+
+    /// What is left of the admitted entry once every decision of the call had its answer:
+    /// the first one's answer and how many.
+    fn admitted_rest(&self) -> Option<(Vec<i64>, u64)> {
+        let entry = self.entries.get(self.at)?;
+        let left = entry.times - self.given;
+        (entry.admitted() && left > 0).then(|| (entry.nth(self.given), left))
+    }
+}
+
+/// The answers of `expected` decisions in a row, every entry expanded.
+fn parse_answers(text: &[u8], expected: usize) -> Result<Vec<Vec<i64>>, StoreError> {
+    let mut entries = parse_entries(text)?.into_iter();
+    let mut run = RunAnswers::take(&mut entries, expected as u64).ok_or_else(|| {
+        StoreError::Protocol(format!(
+            "fewer answers than {expected} decisions: {:?}",
+            String::from_utf8_lossy(text)
+        ))
+    })?;
+    if entries.next().is_some() {
         return Err(StoreError::Protocol(format!(
-            "{} answers to {} decisions",
-            answers.len(),
-            expected
+            "more answers than {expected} decisions"
         )));
     }
-    Ok(answers)
+    Ok((0..expected).map(|_| run.next_answer()).collect())
+}
+
+/// The least room left in any window of a decision's subjects, after it.
+fn least_room(group: &[(usize, &Subject)], answer: &Answer) -> u64 {
+    group
+        .iter()
+        .zip(&answer.windows)
+        .map(|((_, subject), (minute_used, _, day_used))| {
+            (subject.limits.rpm.saturating_sub(*minute_used))
+                .min(subject.limits.rpd.saturating_sub(*day_used))
+        })
+        .min()
+        .unwrap_or(0)
 }
 
 /// A decimal `i64` with an optional leading `-`, as Lua's `%d` writes it; `None` for
@@ -835,18 +1066,21 @@ fn decimal(field: &[u8]) -> Option<i64> {
     }
 }
 
+/// Takes `count` admissions back from the bucket and day they were charged to.
 async fn refund_keys(
     mut connection: SharedRedis,
     script: Arc<Script>,
     keys: Vec<String>,
     offset: i64,
     charge: Charge,
+    count: u64,
 ) -> Result<(), StoreError> {
-    let mut call = ScriptCall::new(&script, &keys, 4);
+    let mut call = ScriptCall::new(&script, &keys, 5);
     call.arg("refund")
         .arg(offset)
         .arg(charge.second)
-        .arg(charge.day);
+        .arg(charge.day)
+        .arg(count);
     let _: i64 = call
         .invoke(&script, &mut connection)
         .await

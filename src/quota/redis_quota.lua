@@ -17,9 +17,12 @@
 --   offset (milliseconds added to the server's TIME: always 0 in production, see
 --   Clock::offset_from_wall_ms; tests move the windows with it), day id, day start ms, day
 --   end ms (the calendar day in quotas.day_tz that the caller believes is current), times
---   (how many identical decisions this one stands for, made in a row), the number of
+--   (how many identical decisions this one stands for, made in a row), optional (how many
+--   of those, the last, are a replica's local slice: see SLICE_SHARE), the number of
 --   subjects, then per subject: its index in KEYS, rpm, rpd.
--- refund: KEYS the hashes charged, ARGV[2] unused (offset), ARGV[3] second, ARGV[4] day id.
+-- refund: KEYS the hashes charged, ARGV[2] unused (offset), ARGV[3] second, ARGV[4] day id,
+--   ARGV[5] how many admissions to take back (1 when absent; a replica's unused slice is
+--   many at once).
 --
 -- decide/usage answer one string: the decisions in order, separated by ';', each the
 --   comma-separated integers status, now_ms, retry_ms, denied_index, denied_window, then
@@ -36,6 +39,9 @@
 -- answers as that many calls in a row, for one round trip.
 
 local BUCKETS = 61
+-- A replica's slice gets at most this share of the room left after the decisions before
+-- it (ROOM_SHARE in src/quota/slices.rs).
+local SLICE_SHARE = 64
 
 local op = ARGV[1]
 local t = redis.call('TIME')
@@ -74,27 +80,30 @@ if op == 'refund' then
   local field = ARGV[3]
   local second = tonumber(field)
   local day = ARGV[4]
+  local back = tonumber(ARGV[5] or '1')
   for i = 1, #KEYS do
     local key = KEYS[i]
     local f = redis.call('HMGET', key, field, 'e', 'n', 'o', 'd', 'dn')
     -- A bucket that has been evicted is gone: the refund only undoes its own charge.
     local count = tonumber(f[1])
     if count and count > 0 then
-      local n = math.max((tonumber(f[3]) or count) - 1, 0)
+      local taken = math.min(back, count)
+      local n = math.max((tonumber(f[3]) or count) - taken, 0)
       local o = tonumber(f[4])
-      if count == 1 then
+      if taken == count then
         redis.call('HDEL', key, field)
         if n > 0 and o == second then
           local e = tonumber(f[2]) or (second - BUCKETS)
           o = oldest_in(key, second + 1, e + BUCKETS)
         end
       else
-        redis.call('HINCRBY', key, field, -1)
+        redis.call('HINCRBY', key, field, -taken)
       end
       redis.call('HSET', key, 'n', tostring(n), 'o', tostring(o or second))
     end
-    if f[5] == day and tonumber(f[6] or 0) > 0 then
-      redis.call('HINCRBY', key, 'dn', -1)
+    local dn = tonumber(f[6] or 0)
+    if f[5] == day and dn > 0 then
+      redis.call('HINCRBY', key, 'dn', -math.min(back, dn))
     end
   end
   return 1
@@ -205,7 +214,7 @@ end
 
 -- One decision made `times` times in a row: `keys` its hashes, `limits` rpm/rpd pairs per
 -- key. Returns its answer.
-local function decide_one(keys, limits, offset, day_id, day_start, day_end, times)
+local function decide_one(keys, limits, offset, day_id, day_start, day_end, times, optional)
   local count = #keys
   local now_ms = base_ms + offset
   -- Time never goes back for counters that have seen a later second (a server clock
@@ -273,10 +282,16 @@ local function decide_one(keys, limits, offset, day_id, day_start, day_end, time
   end
 
   -- As many of the identical decisions as every window has room for are admitted (at
-  -- least one: none refused), the rest refused by the state those admissions leave.
-  local admitted = times
+  -- least one: none refused), the rest refused by the state those admissions leave. The
+  -- optional ones (a slice) only get room the others left, and a share of it.
+  local room = math.huge
   for i = 1, count do
-    admitted = math.min(admitted, limits[2 * i - 1] - state[i].n, limits[2 * i] - dn[i])
+    room = math.min(room, limits[2 * i - 1] - state[i].n, limits[2 * i] - dn[i])
+  end
+  local required = times - optional
+  local admitted = math.min(required, room)
+  if room > required then
+    admitted = admitted + math.min(optional, math.floor((room - required) / SLICE_SHARE))
   end
   local second = tostring(now_s)
   -- The hash must outlive the day counter (until the day ends) and the newest bucket.
@@ -312,8 +327,9 @@ for _ = 1, decisions do
   local day_start = tonumber(ARGV[at + 2])
   local day_end = tonumber(ARGV[at + 3])
   local times = tonumber(ARGV[at + 4])
-  local count = tonumber(ARGV[at + 5])
-  at = at + 6
+  local optional = tonumber(ARGV[at + 5])
+  local count = tonumber(ARGV[at + 6])
+  at = at + 7
   local keys, limits = {}, {}
   for i = 1, count do
     keys[i] = KEYS[tonumber(ARGV[at])]
@@ -321,7 +337,7 @@ for _ = 1, decisions do
     limits[2 * i] = tonumber(ARGV[at + 2])
     at = at + 3
   end
-  answers[#answers + 1] = decide_one(keys, limits, offset, day_id, day_start, day_end, times)
+  answers[#answers + 1] = decide_one(keys, limits, offset, day_id, day_start, day_end, times, optional)
 end
 
 for key, s in pairs(cache) do

@@ -1,0 +1,390 @@
+//! Owns local slices of quota (`store.local_slices`): room a replica takes from Redis ahead
+//! of its requests, for the rest of one of Redis's seconds, so that a busy team's decisions
+//! need no call to Redis, nor a hand-off to the store's thread, while its slice lasts.
+//!
+//! # Why no limit is ever passed
+//!
+//! A slice is charged in Redis before any of it is used, by the same script and in the same
+//! call as a decision of its own: it is that decision made `1 + extra` times in a row, the
+//! extra admissions kept here. Each is charged to the one-second bucket of Redis's time at
+//! the call, and is only handed out while that second lasts: the slice's deadline is the
+//! instant the call was sent plus what was left of Redis's second when the script ran, so
+//! it falls at or before the real end of that second. An admission from a slice is then
+//! exactly an admission that second would have counted, and the rolling minute and the
+//! day see it where it belongs. A test clock moved meanwhile (another offset) voids it.
+//!
+//! # What it costs
+//!
+//! Slots a replica holds are used as far as every other replica can tell until the
+//! second ends; then the unused ones are refunded to that bucket and day. A slice is
+//! at most 1/[`ROOM_SHARE`] of the least room any of its windows had at the last answer,
+//! sized to this replica's own demand for the rest of the second; a set of subjects with
+//! less than [`MIN_SLICE`] to take is decided call by call as before. So no more than the
+//! limit is ever admitted, and under excess demand the limit is reached within a second
+//! of the slices' refunds: a burst that ends within one second may be admitted that
+//! many short of it. Off by default.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::calendar::CalendarDay;
+use super::Subject;
+
+/// A slice is at most this fraction of the least room left in its windows.
+pub(crate) const ROOM_SHARE: u64 = 64;
+/// Below this, a slice is not worth its call and its refund.
+pub(crate) const MIN_SLICE: u64 = 16;
+/// Most admissions one slice holds.
+const MAX_SLICE: u64 = 1 << 16;
+/// The period this replica's demand per set of subjects is counted over.
+const PERIOD: Duration = Duration::from_secs(1);
+
+/// Every set of subjects this replica has decided for (bounded by the config's keys), with
+/// its demand and its slice.
+#[derive(Default)]
+pub(crate) struct Slices {
+    sets: Mutex<hashbrown::HashMap<Vec<Subject>, SetState>>,
+}
+
+#[derive(Default)]
+struct SetState {
+    period_start: Option<Instant>,
+    seen: u64,
+    /// Decisions in the last whole period, per second.
+    rate: u64,
+    /// The least room any window had at the last answer from Redis.
+    room: u64,
+    /// A slice has been asked for and its call has not answered yet.
+    asking: bool,
+    slice: Option<Slice>,
+    generation: u64,
+}
+
+struct Slice {
+    /// The script's answer for the slice's first admission.
+    first: Vec<i64>,
+    day: CalendarDay,
+    offset: i64,
+    until: Instant,
+    granted: u64,
+    taken: u64,
+    generation: u64,
+}
+
+/// An admission taken from a slice: the `index`-th of the slice, whose first admission the
+/// script answered `first`.
+pub(crate) struct Slot {
+    pub first: Vec<i64>,
+    pub index: u64,
+    pub day: CalendarDay,
+}
+
+/// What a decision does.
+pub(crate) enum Take {
+    Slot(Slot),
+    /// Ask Redis, and for a slice with it.
+    Ask(SliceAsk),
+    /// Ask Redis for this decision alone.
+    Alone,
+}
+
+/// Unused admissions of a slice whose second is over, to be refunded to its bucket and day.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Unused {
+    pub count: u64,
+    pub second: i64,
+    pub day: i64,
+}
+
+/// A slice granted: when its second is over, [`Slices::expire`] with `generation`.
+pub(crate) struct Granted {
+    pub until: Instant,
+    pub generation: u64,
+    /// A slice it replaced before that one's timer ran.
+    pub replaced: Option<Unused>,
+}
+
+impl Slices {
+    /// An admission from this replica's slice for `subjects`, or what to ask Redis.
+    /// `ms_left`: this replica's estimate of what is left of Redis's current second.
+    pub(crate) fn take(
+        self: &Arc<Self>,
+        subjects: &[Subject],
+        offset: i64,
+        ms_left: i64,
+        now: Instant,
+    ) -> Take {
+        let mut sets = self.lock();
+        let state = sets.entry_ref(subjects).or_default();
+        let start = *state.period_start.get_or_insert(now);
+        let elapsed = now.saturating_duration_since(start);
+        if elapsed >= PERIOD {
+            state.rate = state.seen * 1000 / (elapsed.as_millis() as u64).max(1);
+            state.seen = 0;
+            state.period_start = Some(now);
+        }
+        state.seen += 1;
+        if let Some(slice) = state.slice.as_mut() {
+            if slice.offset == offset && now < slice.until && slice.taken < slice.granted {
+                let index = slice.taken;
+                slice.taken += 1;
+                return Take::Slot(Slot {
+                    first: slice.first.clone(),
+                    index,
+                    day: slice.day,
+                });
+            }
+        }
+        if state.asking {
+            return Take::Alone;
+        }
+        let demand = state.rate.max(state.seen) * ms_left.clamp(0, 1000) as u64 / 1000;
+        let extra = demand.min(state.room / ROOM_SHARE).min(MAX_SLICE);
+        if extra < MIN_SLICE {
+            return Take::Alone;
+        }
+        state.asking = true;
+        Take::Ask(SliceAsk {
+            slices: self.clone(),
+            subjects: subjects.into(),
+            extra,
+        })
+    }
+
+    /// Learns the least room left in `subjects`' windows from an answer of Redis's.
+    pub(crate) fn learn_room(&self, subjects: &[Subject], room: u64) {
+        if let Some(state) = self.lock().get_mut(subjects) {
+            state.room = room;
+        }
+    }
+
+    /// Ends a slice whose second is over, unless a newer one replaced it: its unused
+    /// admissions, if any.
+    pub(crate) fn expire(&self, subjects: &[Subject], generation: u64) -> Option<Unused> {
+        let mut sets = self.lock();
+        let state = sets.get_mut(subjects)?;
+        if state.slice.as_ref()?.generation != generation {
+            return None;
+        }
+        state.slice.take().and_then(Slice::unused)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, hashbrown::HashMap<Vec<Subject>, SetState>> {
+        self.sets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Slice {
+    fn unused(self) -> Option<Unused> {
+        let count = self.granted - self.taken;
+        (count > 0).then(|| Unused {
+            count,
+            second: self.first.get(1).map_or(0, |ms| ms.div_euclid(1000)),
+            day: self.day.id,
+        })
+    }
+}
+
+/// A decision that asks Redis for `extra` more admissions for this replica's slice. Dropped
+/// without a grant (refused, failed, its caller gone before the call left), the set may
+/// ask again.
+pub(crate) struct SliceAsk {
+    slices: Arc<Slices>,
+    subjects: Box<[Subject]>,
+    pub extra: u64,
+}
+
+impl SliceAsk {
+    /// Keeps `granted` admissions, the first answered `first` (Redis's time in it), from a
+    /// call sent at `sent`.
+    pub(crate) fn grant(
+        &self,
+        first: Vec<i64>,
+        granted: u64,
+        day: CalendarDay,
+        offset: i64,
+        sent: Instant,
+    ) -> Option<Granted> {
+        let now_ms = *first.get(1)?;
+        let until = sent + Duration::from_millis((1000 - now_ms.rem_euclid(1000)) as u64);
+        let mut sets = self.slices.lock();
+        let state = sets.get_mut(&self.subjects[..])?;
+        state.generation += 1;
+        let generation = state.generation;
+        let replaced = state
+            .slice
+            .replace(Slice {
+                first,
+                day,
+                offset,
+                until,
+                granted,
+                taken: 0,
+                generation,
+            })
+            .and_then(Slice::unused);
+        Some(Granted {
+            until,
+            generation,
+            replaced,
+        })
+    }
+
+    pub(crate) fn subjects(&self) -> &[Subject] {
+        &self.subjects
+    }
+
+    pub(crate) fn slices(&self) -> &Arc<Slices> {
+        &self.slices
+    }
+}
+
+impl Drop for SliceAsk {
+    fn drop(&mut self) {
+        if let Some(state) = self.slices.lock().get_mut(&self.subjects[..]) {
+            state.asking = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quota::{Limits, SubjectKind};
+
+    fn team(id: &str) -> Vec<Subject> {
+        vec![Subject {
+            kind: SubjectKind::Team,
+            id: id.into(),
+            limits: Limits {
+                rpm: 1_000_000,
+                rpd: 1_000_000,
+            },
+        }]
+    }
+
+    fn day() -> CalendarDay {
+        crate::quota::calendar::DayCalendar::utc().day_at(jiff::Timestamp::UNIX_EPOCH)
+    }
+
+    /// A set that has seen `rate` decisions in its last second with `room` left.
+    fn busy(slices: &Arc<Slices>, subjects: &[Subject], rate: u64, room: u64, t0: Instant) {
+        for _ in 0..rate {
+            assert!(matches!(slices.take(subjects, 0, 1000, t0), Take::Alone));
+        }
+        slices.learn_room(subjects, room);
+    }
+
+    /// A set busy at `rate` a second, with plenty of room, asking for a slice a second
+    /// later with `ms_left` of Redis's second left: the set and that instant.
+    fn asking(rate: u64, ms_left: i64) -> (Arc<Slices>, Vec<Subject>, SliceAsk, Instant) {
+        let slices = Arc::new(Slices::default());
+        let alpha = team("alpha");
+        let t0 = Instant::now();
+        busy(&slices, &alpha, rate, 1_000_000, t0);
+        let t1 = t0 + PERIOD;
+        let Take::Ask(ask) = slices.take(&alpha, 0, ms_left, t1) else {
+            panic!("a busy set with room asks for a slice")
+        };
+        (slices, alpha, ask, t1)
+    }
+
+    #[test]
+    fn the_script_caps_a_slice_at_the_same_share() {
+        let script = include_str!("redis_quota.lua");
+        assert!(script.contains(&format!("local SLICE_SHARE = {ROOM_SHARE}\n")));
+    }
+
+    #[test]
+    fn a_slice_is_sized_by_demand_and_room_and_lasts_its_second() {
+        // Half a second left of Redis's: half of the last second's demand.
+        let (slices, alpha, ask, t1) = asking(1000, 500);
+        assert_eq!(ask.extra, 500);
+        // One ask at a time.
+        assert!(matches!(slices.take(&alpha, 0, 500, t1), Take::Alone));
+        // Redis ran the script 300 ms before its second's end.
+        let first = vec![1, 5_000_700, 0, 0, 0, 10, 60_000, 10];
+        let granted = ask.grant(first, 3, day(), 0, t1).unwrap();
+        assert_eq!(granted.until, t1 + Duration::from_millis(300));
+        assert!(granted.replaced.is_none());
+        for index in 0..3 {
+            let Take::Slot(slot) = slices.take(&alpha, 0, 500, t1) else {
+                panic!("slot {index}")
+            };
+            assert_eq!(slot.index, index);
+            assert_eq!(slot.first[5], 10);
+        }
+        assert!(matches!(slices.take(&alpha, 0, 500, t1), Take::Alone));
+        assert_eq!(slices.expire(&alpha, granted.generation), None, "all used");
+    }
+
+    #[test]
+    fn unused_slots_come_back_once_and_never_after_the_deadline() {
+        let (slices, alpha, ask, t1) = asking(100, 1000);
+        let granted = ask
+            .grant(vec![1, 7_000_000, 0, 0, 0, 1, 60_000, 1], 50, day(), 0, t1)
+            .unwrap();
+        drop(ask);
+        assert!(matches!(slices.take(&alpha, 0, 1000, t1), Take::Slot(_)));
+        // Another clock offset (a test moved time) cannot use it.
+        assert!(!matches!(slices.take(&alpha, 5, 1000, t1), Take::Slot(_)));
+        // At the deadline the slice is over, whether or not its timer ran yet.
+        let end = t1 + Duration::from_millis(1000);
+        assert!(!matches!(slices.take(&alpha, 0, 1000, end), Take::Slot(_)));
+        let unused = Unused {
+            count: 49,
+            second: 7_000,
+            day: day().id,
+        };
+        assert_eq!(slices.expire(&alpha, granted.generation), Some(unused));
+        assert_eq!(slices.expire(&alpha, granted.generation), None);
+    }
+
+    #[test]
+    fn little_room_or_demand_means_no_slice() {
+        let slices = Arc::new(Slices::default());
+        let t0 = Instant::now();
+        let t1 = t0 + PERIOD;
+        let quiet = team("quiet");
+        busy(&slices, &quiet, MIN_SLICE - 1, 1_000_000, t0);
+        assert!(matches!(slices.take(&quiet, 0, 1000, t1), Take::Alone));
+        // Busy, but 1/64 of the room left is under the least slice.
+        let full = team("full");
+        busy(&slices, &full, 1000, ROOM_SHARE * MIN_SLICE - 1, t0);
+        assert!(matches!(slices.take(&full, 0, 1000, t1), Take::Alone));
+        busy(&slices, &full, 0, ROOM_SHARE * MIN_SLICE, t0);
+        let Take::Ask(ask) = slices.take(&full, 0, 1000, t1) else {
+            panic!("room for the least slice")
+        };
+        assert_eq!(ask.extra, MIN_SLICE);
+    }
+
+    #[test]
+    fn a_grant_replacing_a_slice_before_its_timer_hands_back_its_unused_slots() {
+        let (slices, alpha, ask, t1) = asking(1000, 1000);
+        let first = vec![1, 9_000_500, 0, 0, 0, 1, 60_000, 1];
+        let old = ask.grant(first, 20, day(), 0, t1).unwrap();
+        drop(ask);
+        for _ in 0..5 {
+            assert!(matches!(slices.take(&alpha, 0, 1000, t1), Take::Slot(_)));
+        }
+        // Its second is over and its timer has not run yet: the next decision asks anew.
+        let t2 = old.until;
+        let Take::Ask(ask) = slices.take(&alpha, 0, 1000, t2) else {
+            panic!("an ended slice asks again")
+        };
+        let first = vec![1, 9_001_000, 0, 0, 0, 6, 60_000, 6];
+        let new = ask.grant(first, 30, day(), 0, t2).unwrap();
+        let unused = Unused {
+            count: 15,
+            second: 9_000,
+            day: day().id,
+        };
+        assert_eq!(new.replaced, Some(unused), "the old slice's rest, once");
+        assert_eq!(slices.expire(&alpha, old.generation), None);
+        assert_eq!(
+            slices.expire(&alpha, new.generation).map(|u| u.count),
+            Some(30)
+        );
+    }
+}

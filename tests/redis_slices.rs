@@ -1,0 +1,171 @@
+//! Local slices of quota (`store.local_slices`) against a real redis-server: replicas that
+//! take room ahead of their requests still never admit more than a limit, reach exactly
+//! the limit under excess demand once the slices' seconds end, give unused slots back to
+//! Redis, and never use a slice outside the second it was charged to.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keygate::clock::OffsetClock;
+use keygate::config::StoreUrl;
+use keygate::quota::calendar::DayCalendar;
+use keygate::quota::redis::RedisStore;
+use keygate::quota::{Limits, QuotaStore, Subject, SubjectKind};
+
+use common::redis::RedisServer;
+
+fn team(id: &str, rpm: u64, rpd: u64) -> Arc<[Subject]> {
+    Arc::new([Subject {
+        kind: SubjectKind::Team,
+        id: id.into(),
+        limits: Limits { rpm, rpd },
+    }])
+}
+
+fn sliced_store(server: &RedisServer, clock: Arc<OffsetClock>) -> Arc<RedisStore> {
+    Arc::new(
+        RedisStore::open(&StoreUrl::Redis(server.url()), clock, DayCalendar::utc())
+            .expect("store opens")
+            .with_local_slices(true),
+    )
+}
+
+fn field(server: &RedisServer, key: &str, field: &str) -> u64 {
+    server
+        .cli(&["HGET", key, field])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// Polls `done` every 10 ms until it holds, for at most `limit`: for effects that land
+/// when a slice's second ends (a refund), which no event of the store's announces.
+fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Decides for `subjects` on `store` until a decision is answered from the store's slice
+/// (fewer decisions sent to Redis than made); returns how many were admitted.
+async fn until_sliced(store: &RedisStore, subjects: &[Subject]) -> u64 {
+    let start = Instant::now();
+    let mut admitted = 0;
+    loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no slice after {admitted} decisions"
+        );
+        let (_, sent_before) = store.batch_stats();
+        assert!(store.decide(subjects).await.unwrap().admitted());
+        admitted += 1;
+        if store.batch_stats().1 == sent_before {
+            return admitted;
+        }
+    }
+}
+
+/// Three replicas with slices share one team of 60 000 a minute. The first takes a slice and
+/// then has no more requests; the other two hammer the team from 16 tasks each, past its
+/// limit. Never more than the limit is admitted, and exactly the limit is in the end: the
+/// first replica's unused slots come back when their second ends (without that refund
+/// they would stay charged for a minute). Most decisions need no call to Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slices_admit_exactly_the_limit_across_replicas_and_never_more() {
+    const LIMIT: u64 = 60_000;
+    let server = RedisServer::start();
+    let stores: Vec<_> = (0..3)
+        .map(|_| sliced_store(&server, Arc::new(OffsetClock::new())))
+        .collect();
+    let subjects = team("busy", LIMIT, 1_000_000);
+    let first = until_sliced(&stores[0], &subjects).await;
+    assert!(field(&server, "kg:q:{t:busy}", "n") > first, "a slice held");
+    let admitted = Arc::new(AtomicU64::new(first));
+    let made = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut tasks = Vec::new();
+    for store in &stores[1..] {
+        for _ in 0..16 {
+            let (store, subjects) = (store.clone(), subjects.clone());
+            let (admitted, made, stop) = (admitted.clone(), made.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let decision = store.decide(&subjects).await.unwrap();
+                    made.fetch_add(1, Ordering::Relaxed);
+                    if decision.admitted() && admitted.fetch_add(1, Ordering::Relaxed) + 1 >= LIMIT
+                    {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let admitted = admitted.load(Ordering::Relaxed);
+    assert_eq!(
+        admitted, LIMIT,
+        "exactly the limit admitted (within 20 s of excess demand)"
+    );
+    assert_eq!(field(&server, "kg:q:{t:busy}", "n"), LIMIT);
+    assert_eq!(field(&server, "kg:q:{t:busy}", "dn"), LIMIT);
+    let made = made.load(Ordering::Relaxed);
+    let sent: u64 = stores[1..].iter().map(|s| s.batch_stats().1).sum();
+    assert!(
+        sent * 2 < made,
+        "{sent} of {made} decisions went to Redis: slices answered too few"
+    );
+}
+
+/// A slice is charged in Redis before it is used, and what is left of it goes back to
+/// Redis's bucket and day when its second ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_slots_go_back_when_their_second_ends() {
+    let server = RedisServer::start();
+    let store = sliced_store(&server, Arc::new(OffsetClock::new()));
+    let subjects = team("steady", 1_000_000, 1_000_000);
+    let admitted = until_sliced(&store, &subjects).await;
+    let held = field(&server, "kg:q:{t:steady}", "n");
+    assert!(
+        held > admitted,
+        "{admitted} admitted and only {held} charged: a slice is charged before use"
+    );
+    wait_until(Duration::from_secs(3), "the unused slots refunded", || {
+        field(&server, "kg:q:{t:steady}", "n") == admitted
+    });
+    assert_eq!(field(&server, "kg:q:{t:steady}", "dn"), admitted);
+    // The report of a decision after it counts what was admitted, not what was held.
+    let decision = store.decide(&subjects).await.unwrap();
+    assert_eq!(decision.usage[0].minute.used, admitted + 1);
+}
+
+/// A slice belongs to the second of Redis's time it was charged to: a clock moved on (a
+/// test's offset) cannot spend it in a later window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slice_is_never_spent_on_another_clock() {
+    let server = RedisServer::start();
+    let clock = Arc::new(OffsetClock::new());
+    let store = sliced_store(&server, clock.clone());
+    let subjects = team("moved", 1_000_000, 1_000_000);
+    until_sliced(&store, &subjects).await;
+    clock.advance(Duration::from_secs(61));
+    let (_, sent_before) = store.batch_stats();
+    let decision = store.decide(&subjects).await.unwrap();
+    assert_eq!(
+        store.batch_stats().1,
+        sent_before + 1,
+        "decided by Redis, not by the old slice"
+    );
+    assert_eq!(
+        decision.usage[0].minute.used, 1,
+        "a fresh minute, a minute later"
+    );
+}
