@@ -28,7 +28,8 @@
 //! - [`routing`]: canonical paths and the route table; [`auth`]: tokens → key records;
 //!   [`scope`]: permission levels; [`client_addr`]: who the client is.
 //! - [`quota`]: the store trait, window arithmetic, the memory and Redis stores, the
-//!   outage modes, quota headers; [`shared_redis`]: the connection to a fleet's Redis.
+//!   outage modes, quota headers, local slices of a busy team's room (Redis);
+//!   [`shared_redis`]: the connection to a fleet's Redis.
 //! - [`forward`]: the upstream request and header rewrite; [`upstream_pool`]: the kept-alive
 //!   HTTP/1.1 connections to the upstream; [`upstream_keys`]: real keys;
 //!   [`retry`]: retries of 429 / 503 / failed connects with backoff and key failover;
