@@ -184,3 +184,53 @@ async fn a_slice_is_never_spent_on_another_clock() {
         "a fresh minute, a minute later"
     );
 }
+
+/// The script gives a slice at most 1/64 of the room its windows have left after the
+/// decisions ahead of it, whatever a replica asks for: run on Redis directly, one decision
+/// asking for 100 optional admissions more.
+#[test]
+fn the_script_caps_a_slice_at_a_share_of_the_room_left() {
+    let server = RedisServer::start();
+    let day = DayCalendar::utc().day_at(jiff::Timestamp::now());
+    let decide = |key: &str, rpm: u64| -> String {
+        let (id, start, end) = (
+            day.id.to_string(),
+            day.start_ms.to_string(),
+            day.end_ms.to_string(),
+        );
+        let rpm = rpm.to_string();
+        let args = [
+            "EVAL",
+            include_str!("../src/quota/redis_quota.lua"),
+            "1",
+            key,
+            "decide",
+            "1",
+            "0",
+            &id,
+            &start,
+            &end,
+            "101",
+            "100",
+            "1",
+            "1",
+            &rpm,
+            "1000000",
+        ];
+        server
+            .cli(&args)
+            .expect("the script runs")
+            .trim()
+            .to_string()
+    };
+    // 1 000 a minute: the decision, then 15 of its slice (999 / 64), the rest refused.
+    let roomy = decide("kg:q:{t:roomy}", 1000);
+    assert!(roomy.starts_with("*16,1,"), "{roomy}");
+    assert!(roomy.contains(";*85,0,"), "{roomy}");
+    assert_eq!(field(&server, "kg:q:{t:roomy}", "n"), 16);
+    // 20 a minute: the decision alone, no slice.
+    let tight = decide("kg:q:{t:tight}", 20);
+    assert!(tight.starts_with("1,"), "{tight}");
+    assert!(tight.contains(";*100,0,"), "{tight}");
+    assert_eq!(field(&server, "kg:q:{t:tight}", "n"), 1);
+}

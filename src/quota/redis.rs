@@ -272,22 +272,12 @@ impl RedisStore {
         }
     }
 
-    /// Queues a decision over `keys` (one hash tag: see `groups`) in its batcher and waits
-    /// for its raw script answer.
-    async fn submit(
-        &self,
-        keys: Vec<String>,
-        limits: Vec<(u64, u64)>,
-        offset: i64,
-        day: CalendarDay,
-        slice: Option<SliceAsk>,
-    ) -> Result<Vec<i64>, StoreError> {
+    /// Queues a decision in its batcher and waits for its raw script answer.
+    async fn submit(&self, request: Request) -> Result<Vec<i64>, StoreError> {
         let batcher = match &self.batching {
-            Batching::One(batcher) => {
-                return batcher.submit(keys, limits, offset, day, slice).await
-            }
+            Batching::One(batcher) => return batcher.submit(request).await,
             Batching::PerTag(batchers) => {
-                let tag = keys.first().map_or("", |key| hash_tag(key));
+                let tag = request.keys.first().map_or("", |key| hash_tag(key));
                 let mut batchers = batchers.lock().unwrap_or_else(|p| p.into_inner());
                 batchers
                     .entry_ref(tag)
@@ -297,12 +287,12 @@ impl RedisStore {
                     .clone()
             }
         };
-        batcher.submit(keys, limits, offset, day, slice).await
+        batcher.submit(request).await
     }
 
     /// The day at Redis's time as far as this replica knows it.
     fn expected_day(&self) -> CalendarDay {
-        let at = self.clock.now().as_millisecond() + self.skew_ms.load(Ordering::Relaxed);
+        let at = self.redis_now_ms();
         let mut today = self.today.lock().unwrap_or_else(|p| p.into_inner());
         match *today {
             Some(day) if day.contains(at) => day,
@@ -319,10 +309,9 @@ impl RedisStore {
         self.calendar.day_at(at)
     }
 
-    /// What is left of Redis's current second, as far as this replica knows its time.
-    fn ms_left_in_second(&self) -> i64 {
-        let at = self.clock.now().as_millisecond() + self.skew_ms.load(Ordering::Relaxed);
-        1000 - at.rem_euclid(1000)
+    /// Redis's time as far as this replica knows it.
+    fn redis_now_ms(&self) -> i64 {
+        self.clock.now().as_millisecond() + self.skew_ms.load(Ordering::Relaxed)
     }
 
     fn learn_time(&self, redis_now_ms: i64) {
@@ -359,7 +348,8 @@ impl RedisStore {
         };
         let mut slice = None;
         if let Some(slices) = slices {
-            match slices.take(all, offset, self.ms_left_in_second(), Instant::now()) {
+            let ms_left = || 1000 - self.redis_now_ms().rem_euclid(1000);
+            match slices.take(all, offset, ms_left, Instant::now()) {
                 Take::Slot(slot) => {
                     let raw = nth_admission(slot.first, slot.index);
                     return parse_answer(1, &raw[1..], group.len(), slot.day);
@@ -378,7 +368,16 @@ impl RedisStore {
                 .map(|(_, s)| (s.limits.rpm, s.limits.rpd))
                 .collect();
             let raw = match verb {
-                Verb::Decide => self.submit(keys, limits, offset, day, slice.take()).await?,
+                Verb::Decide => {
+                    let request = Request {
+                        keys,
+                        limits,
+                        offset,
+                        day,
+                        slice: slice.take(),
+                    };
+                    self.submit(request).await?
+                }
                 Verb::Usage => {
                     let script = self.script.clone();
                     let mut connection = self.connection();
@@ -610,14 +609,20 @@ fn hash_tag(key: &str) -> &str {
         .map_or(key, |(open, close)| &key[open..=close])
 }
 
-/// One decision waiting for a call.
-struct Job {
+/// One decision for a batcher: its hashes (one hash tag: see `groups`) with their limits,
+/// the clock offset and day it is made on.
+struct Request {
     keys: Vec<String>,
     limits: Vec<(u64, u64)>,
     offset: i64,
     day: CalendarDay,
     /// Also asks for this many more admissions, kept for this replica's slice.
     slice: Option<SliceAsk>,
+}
+
+/// One decision waiting for a call.
+struct Job {
+    request: Request,
     reply: oneshot::Sender<Result<Vec<i64>, StoreError>>,
 }
 
@@ -672,23 +677,9 @@ impl Batcher {
     }
 
     /// Queues a decision and waits for its raw script answer.
-    async fn submit(
-        self: &Arc<Self>,
-        keys: Vec<String>,
-        limits: Vec<(u64, u64)>,
-        offset: i64,
-        day: CalendarDay,
-        slice: Option<SliceAsk>,
-    ) -> Result<Vec<i64>, StoreError> {
+    async fn submit(self: &Arc<Self>, request: Request) -> Result<Vec<i64>, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let job = Job {
-            keys,
-            limits,
-            offset,
-            day,
-            slice,
-            reply,
-        };
+        let job = Job { request, reply };
         let start = {
             let mut state = self.lock();
             state.queue.push(job);
@@ -723,7 +714,7 @@ impl Batcher {
                 match self.call(&jobs).await {
                     Ok((answers, grants)) => {
                         for grant in grants {
-                            self.keep_slice(&jobs[grant.job], grant, sent);
+                            self.keep_slice(&jobs[grant.job].request, grant, sent);
                         }
                         for (job, answer) in jobs.drain(..).zip(answers) {
                             let _ = job.reply.send(Ok(answer));
@@ -747,9 +738,13 @@ impl Batcher {
 
     /// Keeps a slice Redis granted with a job's decision, and refunds what is left of it
     /// when its second is over (and what was left of a slice it replaced, now).
-    fn keep_slice(&self, job: &Job, grant: SliceGrant, sent: Instant) {
+    fn keep_slice(&self, job: &Request, grant: SliceGrant, sent: Instant) {
         let Some(ask) = &job.slice else { return };
-        let Some(granted) = ask.grant(grant.first, grant.count, job.day, job.offset, sent) else {
+        let Some(&charged_at_ms) = grant.first.get(1) else {
+            return;
+        };
+        let slice = (grant.first, grant.count);
+        let Some(granted) = ask.grant(slice, charged_at_ms, job.day, job.offset, sent) else {
             return;
         };
         let refunds = || SliceRefund {
@@ -784,7 +779,7 @@ impl Batcher {
         type Signature<'j> = (&'j [String], &'j [(u64, u64)], i64, i64);
         let mut runs: Vec<Vec<usize>> = Vec::new();
         let mut run_of: hashbrown::HashMap<Signature<'_>, usize> = hashbrown::HashMap::new();
-        for (j, job) in jobs.iter().enumerate() {
+        for (j, Job { request: job, .. }) in jobs.iter().enumerate() {
             let signature = (&job.keys[..], &job.limits[..], job.offset, job.day.id);
             let run = *run_of.entry(signature).or_insert_with(|| {
                 runs.push(Vec::new());
@@ -797,7 +792,7 @@ impl Batcher {
             .iter()
             .map(|run| {
                 run.iter()
-                    .find_map(|&j| jobs[j].slice.as_ref().map(|ask| (j, ask.extra)))
+                    .find_map(|&j| jobs[j].request.slice.as_ref().map(|ask| (j, ask.extra)))
             })
             .collect();
         let mut keys: Vec<&str> = Vec::new();
@@ -805,7 +800,7 @@ impl Batcher {
         let mut job_indexes: Vec<usize> = Vec::with_capacity(runs.len() * 2);
         let mut args = 2;
         for run in &runs {
-            let job = &jobs[run[0]];
+            let job = &jobs[run[0]].request;
             for key in &job.keys {
                 let index = *indexes.entry(key.as_str()).or_insert_with(|| {
                     keys.push(key);
@@ -819,7 +814,7 @@ impl Batcher {
         call.arg(Verb::Decide.as_str()).arg(runs.len());
         let mut at = 0;
         for (run, extra) in runs.iter().zip(&extras) {
-            let job = &jobs[run[0]];
+            let job = &jobs[run[0]].request;
             let indexes = job_indexes[at..at + job.keys.len()].iter().copied();
             let optional = extra.map_or(0, |(_, n)| n);
             let times = (run.len() as u64 + optional, optional);

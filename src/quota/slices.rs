@@ -57,18 +57,20 @@ struct SetState {
     /// A slice has been asked for and its call has not answered yet.
     asking: bool,
     slice: Option<Slice>,
+    /// Grants so far: the live slice is the `generation`-th (its timer's token).
     generation: u64,
 }
 
 struct Slice {
     /// The script's answer for the slice's first admission.
     first: Vec<i64>,
+    /// The second-bucket of Redis's time it was charged to, and the day.
+    second: i64,
     day: CalendarDay,
     offset: i64,
     until: Instant,
     granted: u64,
     taken: u64,
-    generation: u64,
 }
 
 /// An admission taken from a slice: the `index`-th of the slice, whose first admission the
@@ -106,12 +108,13 @@ pub(crate) struct Granted {
 
 impl Slices {
     /// An admission from this replica's slice for `subjects`, or what to ask Redis.
-    /// `ms_left`: this replica's estimate of what is left of Redis's current second.
+    /// `ms_left`: this replica's estimate of what is left of Redis's current second, read
+    /// only when a slice is to be asked for.
     pub(crate) fn take(
         self: &Arc<Self>,
         subjects: &[Subject],
         offset: i64,
-        ms_left: i64,
+        ms_left: impl FnOnce() -> i64,
         now: Instant,
     ) -> Take {
         let mut sets = self.lock();
@@ -138,7 +141,7 @@ impl Slices {
         if state.asking {
             return Take::Alone;
         }
-        let demand = state.rate.max(state.seen) * ms_left.clamp(0, 1000) as u64 / 1000;
+        let demand = state.rate.max(state.seen) * ms_left().clamp(0, 1000) as u64 / 1000;
         let extra = demand.min(state.room / ROOM_SHARE).min(MAX_SLICE);
         if extra < MIN_SLICE {
             return Take::Alone;
@@ -163,7 +166,7 @@ impl Slices {
     pub(crate) fn expire(&self, subjects: &[Subject], generation: u64) -> Option<Unused> {
         let mut sets = self.lock();
         let state = sets.get_mut(subjects)?;
-        if state.slice.as_ref()?.generation != generation {
+        if state.generation != generation {
             return None;
         }
         state.slice.take().and_then(Slice::unused)
@@ -177,9 +180,9 @@ impl Slices {
 impl Slice {
     fn unused(self) -> Option<Unused> {
         let count = self.granted - self.taken;
-        (count > 0).then(|| Unused {
+        (count > 0).then_some(Unused {
             count,
-            second: self.first.get(1).map_or(0, |ms| ms.div_euclid(1000)),
+            second: self.second,
             day: self.day.id,
         })
     }
@@ -195,18 +198,18 @@ pub(crate) struct SliceAsk {
 }
 
 impl SliceAsk {
-    /// Keeps `granted` admissions, the first answered `first` (Redis's time in it), from a
-    /// call sent at `sent`.
+    /// Keeps `granted` admissions, the first answered `first`, charged at `charged_at_ms`
+    /// of Redis's time (clock offset included) and `day`, by a call sent at `sent`.
     pub(crate) fn grant(
         &self,
-        first: Vec<i64>,
-        granted: u64,
+        (first, granted): (Vec<i64>, u64),
+        charged_at_ms: i64,
         day: CalendarDay,
         offset: i64,
         sent: Instant,
     ) -> Option<Granted> {
-        let now_ms = *first.get(1)?;
-        let until = sent + Duration::from_millis((1000 - now_ms.rem_euclid(1000)) as u64);
+        let ms_left = 1000 - charged_at_ms.rem_euclid(1000);
+        let until = sent + Duration::from_millis(ms_left as u64);
         let mut sets = self.slices.lock();
         let state = sets.get_mut(&self.subjects[..])?;
         state.generation += 1;
@@ -215,12 +218,12 @@ impl SliceAsk {
             .slice
             .replace(Slice {
                 first,
+                second: charged_at_ms.div_euclid(1000),
                 day,
                 offset,
                 until,
                 granted,
                 taken: 0,
-                generation,
             })
             .and_then(Slice::unused);
         Some(Granted {
@@ -270,7 +273,7 @@ mod tests {
     /// A set that has seen `rate` decisions in its last second with `room` left.
     fn busy(slices: &Arc<Slices>, subjects: &[Subject], rate: u64, room: u64, t0: Instant) {
         for _ in 0..rate {
-            assert!(matches!(slices.take(subjects, 0, 1000, t0), Take::Alone));
+            assert!(matches!(slices.take(subjects, 0, || 1000, t0), Take::Alone));
         }
         slices.learn_room(subjects, room);
     }
@@ -283,7 +286,7 @@ mod tests {
         let t0 = Instant::now();
         busy(&slices, &alpha, rate, 1_000_000, t0);
         let t1 = t0 + PERIOD;
-        let Take::Ask(ask) = slices.take(&alpha, 0, ms_left, t1) else {
+        let Take::Ask(ask) = slices.take(&alpha, 0, || ms_left, t1) else {
             panic!("a busy set with room asks for a slice")
         };
         (slices, alpha, ask, t1)
@@ -301,20 +304,20 @@ mod tests {
         let (slices, alpha, ask, t1) = asking(1000, 500);
         assert_eq!(ask.extra, 500);
         // One ask at a time.
-        assert!(matches!(slices.take(&alpha, 0, 500, t1), Take::Alone));
+        assert!(matches!(slices.take(&alpha, 0, || 500, t1), Take::Alone));
         // Redis ran the script 300 ms before its second's end.
         let first = vec![1, 5_000_700, 0, 0, 0, 10, 60_000, 10];
-        let granted = ask.grant(first, 3, day(), 0, t1).unwrap();
+        let granted = ask.grant((first, 3), 5_000_700, day(), 0, t1).unwrap();
         assert_eq!(granted.until, t1 + Duration::from_millis(300));
         assert!(granted.replaced.is_none());
         for index in 0..3 {
-            let Take::Slot(slot) = slices.take(&alpha, 0, 500, t1) else {
+            let Take::Slot(slot) = slices.take(&alpha, 0, || 500, t1) else {
                 panic!("slot {index}")
             };
             assert_eq!(slot.index, index);
             assert_eq!(slot.first[5], 10);
         }
-        assert!(matches!(slices.take(&alpha, 0, 500, t1), Take::Alone));
+        assert!(matches!(slices.take(&alpha, 0, || 500, t1), Take::Alone));
         assert_eq!(slices.expire(&alpha, granted.generation), None, "all used");
     }
 
@@ -322,15 +325,27 @@ mod tests {
     fn unused_slots_come_back_once_and_never_after_the_deadline() {
         let (slices, alpha, ask, t1) = asking(100, 1000);
         let granted = ask
-            .grant(vec![1, 7_000_000, 0, 0, 0, 1, 60_000, 1], 50, day(), 0, t1)
+            .grant(
+                (vec![1, 7_000_000, 0, 0, 0, 1, 60_000, 1], 50),
+                7_000_000,
+                day(),
+                0,
+                t1,
+            )
             .unwrap();
         drop(ask);
-        assert!(matches!(slices.take(&alpha, 0, 1000, t1), Take::Slot(_)));
+        assert!(matches!(slices.take(&alpha, 0, || 1000, t1), Take::Slot(_)));
         // Another clock offset (a test moved time) cannot use it.
-        assert!(!matches!(slices.take(&alpha, 5, 1000, t1), Take::Slot(_)));
+        assert!(!matches!(
+            slices.take(&alpha, 5, || 1000, t1),
+            Take::Slot(_)
+        ));
         // At the deadline the slice is over, whether or not its timer ran yet.
         let end = t1 + Duration::from_millis(1000);
-        assert!(!matches!(slices.take(&alpha, 0, 1000, end), Take::Slot(_)));
+        assert!(!matches!(
+            slices.take(&alpha, 0, || 1000, end),
+            Take::Slot(_)
+        ));
         let unused = Unused {
             count: 49,
             second: 7_000,
@@ -347,13 +362,13 @@ mod tests {
         let t1 = t0 + PERIOD;
         let quiet = team("quiet");
         busy(&slices, &quiet, MIN_SLICE - 1, 1_000_000, t0);
-        assert!(matches!(slices.take(&quiet, 0, 1000, t1), Take::Alone));
+        assert!(matches!(slices.take(&quiet, 0, || 1000, t1), Take::Alone));
         // Busy, but 1/64 of the room left is under the least slice.
         let full = team("full");
         busy(&slices, &full, 1000, ROOM_SHARE * MIN_SLICE - 1, t0);
-        assert!(matches!(slices.take(&full, 0, 1000, t1), Take::Alone));
+        assert!(matches!(slices.take(&full, 0, || 1000, t1), Take::Alone));
         busy(&slices, &full, 0, ROOM_SHARE * MIN_SLICE, t0);
-        let Take::Ask(ask) = slices.take(&full, 0, 1000, t1) else {
+        let Take::Ask(ask) = slices.take(&full, 0, || 1000, t1) else {
             panic!("room for the least slice")
         };
         assert_eq!(ask.extra, MIN_SLICE);
@@ -363,18 +378,18 @@ mod tests {
     fn a_grant_replacing_a_slice_before_its_timer_hands_back_its_unused_slots() {
         let (slices, alpha, ask, t1) = asking(1000, 1000);
         let first = vec![1, 9_000_500, 0, 0, 0, 1, 60_000, 1];
-        let old = ask.grant(first, 20, day(), 0, t1).unwrap();
+        let old = ask.grant((first, 20), 9_000_500, day(), 0, t1).unwrap();
         drop(ask);
         for _ in 0..5 {
-            assert!(matches!(slices.take(&alpha, 0, 1000, t1), Take::Slot(_)));
+            assert!(matches!(slices.take(&alpha, 0, || 1000, t1), Take::Slot(_)));
         }
         // Its second is over and its timer has not run yet: the next decision asks anew.
         let t2 = old.until;
-        let Take::Ask(ask) = slices.take(&alpha, 0, 1000, t2) else {
+        let Take::Ask(ask) = slices.take(&alpha, 0, || 1000, t2) else {
             panic!("an ended slice asks again")
         };
         let first = vec![1, 9_001_000, 0, 0, 0, 6, 60_000, 6];
-        let new = ask.grant(first, 30, day(), 0, t2).unwrap();
+        let new = ask.grant((first, 30), 9_001_000, day(), 0, t2).unwrap();
         let unused = Unused {
             count: 15,
             second: 9_000,
