@@ -81,6 +81,11 @@ impl Default for StartOptions {
     }
 }
 
+/// How long a stopping replica waits for the store to take back its slices of quota; a
+/// store that does not answer by then keeps them charged (the minute's window until it
+/// rolls past, the day's count for the day).
+const RELEASE_WITHIN: Duration = Duration::from_secs(2);
+
 /// A started gateway: its bound addresses and the handle to stop it.
 pub struct RunningGateway {
     pub proxy_addr: SocketAddr,
@@ -96,6 +101,19 @@ impl RunningGateway {
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
+        // Quota taken ahead of requests (local slices) goes back now: the timers that would
+        // give it back at the end of its second die with the process.
+        let store = &self.gateway.store;
+        match tokio::time::timeout(RELEASE_WITHIN, store.release()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "quota taken ahead of requests not given back")
+            }
+            Err(_) => tracing::warn!(
+                within = ?RELEASE_WITHIN,
+                "quota taken ahead of requests not given back in time"
+            ),
+        }
     }
 
     /// Waits until the listeners stop (after [`RunningGateway::shutdown`] from elsewhere,

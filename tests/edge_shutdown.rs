@@ -240,3 +240,54 @@ async fn a_request_outliving_the_grace_is_cut_and_the_process_still_exits_0() {
     );
     assert_output_clean(&output);
 }
+
+const TOKEN_BULK: &str = "kg_prod_bulk_generate_token_000000000000000021";
+
+/// With `store.local_slices`, a replica holds admissions charged in Redis ahead of its
+/// requests until their second ends; its timer for that dies with the process, so a
+/// replica that stops gives them back first, or Redis keeps counting requests never made.
+#[tokio::test]
+async fn sigterm_gives_back_the_quota_slices_it_held() {
+    let redis = common::redis::RedisServer::start();
+    let upstream = MockUpstream::start().await;
+    let extra = format!(
+        "[store]\nurl = \"{}\"\non_error = \"closed\"\ntimeout = \"5s\"\nlocal_slices = true\n\
+         [plans.bulk]\nrpm = 1000000\nrpd = 1000000\n\
+         [[teams]]\nname = \"bulk\"\nplan = \"bulk\"\n\
+         [[keys]]\nid = \"bulk-1\"\nteam = \"bulk\"\ntoken_sha256 = \"{}\"\n\
+         scopes = [\"generate\"]\nenv = \"prod\"\n",
+        redis.url(),
+        hash(TOKEN_BULK)
+    );
+    let keygate = Keygate::start(&standard_config_text(&upstream.url(), &extra)).await;
+    let base_url = format!("http://{}", keygate.proxy);
+    let client = client();
+    let counted = |field: &str| -> u64 {
+        let value = redis.cli(&["HGET", "kg:q:{t:bulk}", field]).unwrap();
+        value.trim().parse().unwrap_or(0)
+    };
+    // Requests until Redis counts more than were made: a slice is held.
+    let started = Instant::now();
+    let mut admitted = 0;
+    while counted("n") <= admitted {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no slice taken after {admitted} requests"
+        );
+        let batch: Vec<_> = (0..8)
+            .map(|_| generate_request(&client, &base_url, Some(TOKEN_BULK)).send())
+            .collect();
+        for response in futures_util::future::join_all(batch).await {
+            assert_eq!(response.unwrap().status(), 200);
+            admitted += 1;
+        }
+    }
+    keygate.signal("TERM");
+    let (code, _, output) = keygate.exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "{output:?}");
+    // The slice's own timer could have given it back only had its second ended between
+    // the count above and the exit, a few milliseconds of it.
+    assert_eq!(counted("n"), admitted, "minute count after the exit");
+    assert_eq!(counted("dn"), admitted, "day count after the exit");
+    assert_output_clean(&output);
+}

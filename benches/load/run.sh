@@ -20,7 +20,8 @@
 #                      instead of one Redis; Redis CPU and commands are summed over the three
 #        LOCAL_SLICES=1 keygate (not keygate-b) takes local slices of quota ahead of its
 #                      requests (store.local_slices); with KEYGATE_BIN_B set to the same
-#                      binary, a run compares slices against call-per-decision
+#                      binary, a run compares slices against call-per-decision;
+#                      LOCAL_SLICES=both gives them to keygate-b too (e.g. with shards)
 # Needs: nginx libnginx-mod-http-lua lua-nginx-redis wrk redis-server (Debian packages).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -105,7 +106,7 @@ make_upstream_cert() {
 keygate_up() { # name listen admin upstream_port [binary]
   sed -e "s#LISTENPORT#$2#" -e "s#ADMINPORT#$3#" -e "s#UPPORT#$4#" -e "s#STOREURL#$store_url#" \
     -e "s#STORETIMEOUT#${STORE_TIMEOUT:-250ms}#" -e "s#USAGELOG#$work/$1-usage.log#" "$here/keygate.toml" > "$work/$1.toml"
-  if [ -n "${LOCAL_SLICES:-}" ] && [ "$1" = "${1#keygate-b}" ]; then
+  if [ "${LOCAL_SLICES:-}" = both ] || { [ -n "${LOCAL_SLICES:-}" ] && [ "$1" = "${1#keygate-b}" ]; }; then
     sed -i "s#^\[store\]#[store]\nlocal_slices = true#" "$work/$1.toml"
   fi
   if [ -n "${UPSTREAM_TLS:-}" ]; then

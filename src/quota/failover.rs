@@ -399,6 +399,10 @@ impl QuotaStore for FailoverStore {
         })
     }
 
+    fn release(&self) -> StoreFuture<'_, ()> {
+        self.inner.shared.release()
+    }
+
     fn kind(&self) -> &'static str {
         self.inner.shared.kind()
     }

@@ -229,6 +229,13 @@ pub trait QuotaStore: Send + Sync + 'static {
         None
     }
 
+    /// Gives back what this replica took ahead of its requests (local slices of quota), as
+    /// it stops: nothing would once the process is gone. Stores that take nothing ahead
+    /// answer at once.
+    fn release(&self) -> StoreFuture<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     /// A short name for logs and `/readyz`: `memory`, `redis`, `redis-cluster`.
     fn kind(&self) -> &'static str;
 }

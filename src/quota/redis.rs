@@ -1261,6 +1261,28 @@ impl QuotaStore for RedisStore {
         self.answers.since()
     }
 
+    fn release(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let Some(slices) = &self.slices else {
+                return Ok(());
+            };
+            for (subjects, offset, unused) in slices.release() {
+                let refund = SliceRefund {
+                    connection: self.connection.clone(),
+                    script: self.script.clone(),
+                    keys: subjects.iter().map(|s| redis_key(s, &subjects)).collect(),
+                    offset,
+                };
+                self.on_io(async move {
+                    refund.send(unused).await;
+                    Ok(())
+                })
+                .await?;
+            }
+            Ok(())
+        })
+    }
+
     fn kind(&self) -> &'static str {
         if self.is_cluster() {
             "redis-cluster"

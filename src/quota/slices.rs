@@ -39,11 +39,42 @@ const MAX_SLICE: u64 = 1 << 16;
 /// The period this replica's demand per set of subjects is counted over.
 const PERIOD: Duration = Duration::from_secs(1);
 
-/// Every set of subjects this replica has decided for (bounded by the config's keys), with
-/// its demand and its slice.
+/// A set idle this long, with no slice and no ask, leaves the table at the next sweep.
+const IDLE: Duration = Duration::from_secs(60);
+/// The table is swept when it has grown past twice its size after the last sweep, and
+/// never below this many sets: amortised, no scan on the hot path while it holds steady.
+const SWEEP_FLOOR: usize = 1024;
+
+/// The sets of subjects this replica has decided for lately, with their demand and slice.
 #[derive(Default)]
 pub(crate) struct Slices {
-    sets: Mutex<hashbrown::HashMap<Vec<Subject>, SetState>>,
+    table: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    sets: hashbrown::HashMap<Vec<Subject>, SetState>,
+    /// Sets left after the last sweep.
+    swept_to: usize,
+}
+
+impl Table {
+    /// Forgets idle sets once the table has doubled: sets whose limits a reload changed
+    /// (a subject carries its limits) or whose keys went away would otherwise stay for the
+    /// life of the process.
+    fn sweep_when_grown(&mut self, now: Instant) {
+        if self.sets.len() <= (self.swept_to * 2).max(SWEEP_FLOOR) {
+            return;
+        }
+        self.sets.retain(|_, state| {
+            state.slice.is_some()
+                || state.asking
+                || state
+                    .period_start
+                    .is_some_and(|start| now.saturating_duration_since(start) < IDLE)
+        });
+        self.swept_to = self.sets.len();
+    }
 }
 
 #[derive(Default)]
@@ -117,8 +148,9 @@ impl Slices {
         ms_left: impl FnOnce() -> i64,
         now: Instant,
     ) -> Take {
-        let mut sets = self.lock();
-        let state = sets.entry_ref(subjects).or_default();
+        let mut table = self.lock();
+        table.sweep_when_grown(now);
+        let state = table.sets.entry_ref(subjects).or_default();
         let start = *state.period_start.get_or_insert(now);
         let elapsed = now.saturating_duration_since(start);
         if elapsed >= PERIOD {
@@ -156,7 +188,7 @@ impl Slices {
 
     /// Learns the least room left in `subjects`' windows from an answer of Redis's.
     pub(crate) fn learn_room(&self, subjects: &[Subject], room: u64) {
-        if let Some(state) = self.lock().get_mut(subjects) {
+        if let Some(state) = self.lock().sets.get_mut(subjects) {
             state.room = room;
         }
     }
@@ -164,16 +196,31 @@ impl Slices {
     /// Ends a slice whose second is over, unless a newer one replaced it: its unused
     /// admissions, if any.
     pub(crate) fn expire(&self, subjects: &[Subject], generation: u64) -> Option<Unused> {
-        let mut sets = self.lock();
-        let state = sets.get_mut(subjects)?;
+        let mut table = self.lock();
+        let state = table.sets.get_mut(subjects)?;
         if state.generation != generation {
             return None;
         }
         state.slice.take().and_then(Slice::unused)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, hashbrown::HashMap<Vec<Subject>, SetState>> {
-        self.sets.lock().unwrap_or_else(|p| p.into_inner())
+    /// Ends every live slice now, for a replica that stops: their timers would never run.
+    /// Each set's unused admissions with the clock offset they were charged under.
+    pub(crate) fn release(&self) -> Vec<(Vec<Subject>, i64, Unused)> {
+        let mut table = self.lock();
+        table
+            .sets
+            .iter_mut()
+            .filter_map(|(subjects, state)| {
+                let slice = state.slice.take()?;
+                let offset = slice.offset;
+                Some((subjects.clone(), offset, slice.unused()?))
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -210,8 +257,8 @@ impl SliceAsk {
     ) -> Option<Granted> {
         let ms_left = 1000 - charged_at_ms.rem_euclid(1000);
         let until = sent + Duration::from_millis(ms_left as u64);
-        let mut sets = self.slices.lock();
-        let state = sets.get_mut(&self.subjects[..])?;
+        let mut table = self.slices.lock();
+        let state = table.sets.get_mut(&self.subjects[..])?;
         state.generation += 1;
         let generation = state.generation;
         let replaced = state
@@ -244,7 +291,7 @@ impl SliceAsk {
 
 impl Drop for SliceAsk {
     fn drop(&mut self) {
-        if let Some(state) = self.slices.lock().get_mut(&self.subjects[..]) {
+        if let Some(state) = self.slices.lock().sets.get_mut(&self.subjects[..]) {
             state.asking = false;
         }
     }
@@ -353,6 +400,41 @@ mod tests {
         };
         assert_eq!(slices.expire(&alpha, granted.generation), Some(unused));
         assert_eq!(slices.expire(&alpha, granted.generation), None);
+    }
+
+    #[test]
+    fn a_stopping_replica_releases_live_slices_once() {
+        let (slices, alpha, ask, t1) = asking(100, 1000);
+        let first = vec![1, 3_000_250, 0, 0, 0, 1, 60_000, 1];
+        let granted = ask.grant((first, 40), 3_000_250, day(), 7, t1).unwrap();
+        drop(ask);
+        assert!(matches!(slices.take(&alpha, 7, || 1000, t1), Take::Slot(_)));
+        let unused = Unused {
+            count: 39,
+            second: 3_000,
+            day: day().id,
+        };
+        assert_eq!(slices.release(), vec![(alpha.clone(), 7, unused)]);
+        assert!(slices.release().is_empty());
+        // The slice's timer, should it still run, has nothing left to refund.
+        assert_eq!(slices.expire(&alpha, granted.generation), None);
+    }
+
+    #[test]
+    fn idle_sets_leave_the_table_once_it_has_grown() {
+        let (slices, alpha, ask, t1) = asking(100, 1000);
+        for i in 1..=SWEEP_FLOOR {
+            let _ = slices.take(&team(&format!("idle-{i}")), 0, || 1000, t1);
+        }
+        assert_eq!(slices.lock().sets.len(), SWEEP_FLOOR + 1, "no sweep yet");
+        // A minute on, the next new set sweeps every idle one; one asking stays.
+        let _ = slices.take(&team("new"), 0, || 1000, t1 + IDLE);
+        let table = slices.lock();
+        assert!(table.sets.contains_key(&alpha[..]), "an asking set stays");
+        assert!(table.sets.contains_key(&team("new")[..]));
+        assert_eq!((table.sets.len(), table.swept_to), (2, 1));
+        drop(table);
+        drop(ask);
     }
 
     #[test]
