@@ -487,6 +487,16 @@ const TOKEN_BULK: &str = "kg_prod_bulk_generate_token_000000000000000011";
 /// was admitted once the slice's second is over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_slices_serve_a_busy_team_with_each_answer_its_own_count() {
+    local_slices_serve_a_busy_team(None).await;
+}
+
+/// The same with `server.shards`: decisions from two shard threads take from one slice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_slices_serve_a_busy_team_on_shards_too() {
+    local_slices_serve_a_busy_team(Some(2)).await;
+}
+
+async fn local_slices_serve_a_busy_team(shards: Option<usize>) {
     let redis = RedisServer::start();
     let upstream = MockUpstream::start().await;
     let extra = format!(
@@ -497,8 +507,9 @@ async fn local_slices_serve_a_busy_team_with_each_answer_its_own_count() {
         hash(TOKEN_BULK)
     );
     let store = format!("{STRICT}\nlocal_slices = true");
-    let gateway =
-        Arc::new(TestGateway::start(config(&upstream, &redis.url(), &store, &extra)).await);
+    let mut config = config(&upstream, &redis.url(), &store, &extra);
+    config.server.shards = shards;
+    let gateway = Arc::new(TestGateway::start(config).await);
     const REQUESTS: usize = 400;
     let mut tasks = Vec::new();
     for _ in 0..8 {

@@ -10,6 +10,7 @@
 #                       machines without hardware counters), report in $OUT.perf.txt
 #        PERF_CALL_GRAPH=dwarf  call stacks that see through the release build's missing
 #                       frame pointers (default fp), PERF_FREQ samples/s (default 2000)
+#        LOCAL_SLICES=1 store.local_slices on; SHARDS=N server.shards = N
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -35,6 +36,8 @@ sed -e "s#PREFIX#$work#g" -e "s#UPPORT#$up#g" "$here/upstream.conf" > "$work/ups
 nginx -c "$work/upstream.conf" -p "$work" -e "$work/upstream.err"
 sed -e "s#LISTENPORT#$kg#" -e "s#ADMINPORT#$kg_admin#" -e "s#UPPORT#$up#" -e "s#STOREURL#redis://127.0.0.1:$redis_port#" \
   -e "s#STORETIMEOUT#5s#" -e "s#USAGELOG#$work/usage.log#" "$here/keygate.toml" > "$work/keygate.toml"
+if [ -n "${LOCAL_SLICES:-}" ]; then sed -i "s#^\[store\]#[store]\nlocal_slices = true#" "$work/keygate.toml"; fi
+if [ -n "${SHARDS:-}" ]; then sed -i "/^\[server\]/a shards = $SHARDS" "$work/keygate.toml"; fi
 if [ "${PROFILER:-callgrind}" = perf ]; then
   profiler=(perf record -e cpu-clock -F "${PERF_FREQ:-2000}" --call-graph "${PERF_CALL_GRAPH:-fp}" -o "$out.perf")
 else

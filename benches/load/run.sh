@@ -227,6 +227,18 @@ awk '
   }' "$results"
 echo "# CPU per request of the serving processes (their Redis apart), mean over the rounds"
 awk '$2 == "cpu" { c[$1] += $3; n[$1]++ } END { for (t in c) printf "%-16s %6.1f us/request\n", t, c[t] / n[t] }' "$work/cpu"
+# Where a tail is: keygate's own latency per request (from reading the request to its last
+# byte written, its usage log) against wrk's, which adds the time a request waited in the
+# sockets before keygate read it and after keygate wrote it.
+echo "# keygate's own latency over all its rounds (usage log latency_ms / upstream_latency_ms)"
+for name in keygate keygate-b; do
+  [ -f "$work/$name-usage.log" ] || continue
+  grep -o '"latency_ms":[0-9.e-]*,"upstream_latency_ms":[0-9.e-]*' "$work/$name-usage.log" \
+    | awk -F'[:,]' -v name="$name" '{ l[NR] = $2; u[NR] = $4 }
+      END { if (NR == 0) exit; n = asort(l); asort(u)
+        printf "%-16s p50 %.2f ms, p99 %.2f ms, p99.9 %.2f ms; upstream p50 %.2f ms, p99 %.2f ms (%d requests)\n", name,
+          l[int(n * 0.5)], l[int(n * 0.99)], l[int(n * 0.999)], u[int(n * 0.5)], u[int(n * 0.99)], n }'
+done
 echo "# keygate peak RSS after the throughput rounds: $(( $(hwm_kb "$(cat "$work/keygate.pid")") / 1024 )) MB"
 
 if [ "$inflight" -gt 0 ]; then
