@@ -15,7 +15,7 @@ use keygate::quota::calendar::DayCalendar;
 use keygate::quota::redis::RedisStore;
 use keygate::quota::{Limits, QuotaStore, Subject, SubjectKind};
 
-use common::redis::RedisServer;
+use common::redis::{RedisCluster, RedisServer};
 
 fn team(id: &str, rpm: u64, rpd: u64) -> Arc<[Subject]> {
     Arc::new([Subject {
@@ -31,6 +31,31 @@ fn sliced_store(server: &RedisServer, clock: Arc<OffsetClock>) -> Arc<RedisStore
             .expect("store opens")
             .with_local_slices(true),
     )
+}
+
+/// A subject set under the fleet-wide upstream ceiling: the team first, the ceiling last,
+/// as the gateway builds them.
+fn team_under_ceiling(id: &str, ceiling_rpm: u64) -> Arc<[Subject]> {
+    let unlimited = Limits {
+        rpm: 1_000_000,
+        rpd: 1_000_000,
+    };
+    let ceiling = Limits {
+        rpm: ceiling_rpm,
+        rpd: 1_000_000,
+    };
+    Arc::new([
+        Subject {
+            kind: SubjectKind::Team,
+            id: id.into(),
+            limits: unlimited,
+        },
+        Subject {
+            kind: SubjectKind::Upstream,
+            id: "upstream".into(),
+            limits: ceiling,
+        },
+    ])
 }
 
 fn field(server: &RedisServer, key: &str, field: &str) -> u64 {
@@ -71,11 +96,12 @@ async fn until_sliced(store: &RedisStore, subjects: &[Subject]) -> u64 {
     }
 }
 
-/// Decides for `subjects` from 16 tasks on each store until `admitted` reaches `target`
-/// (or 20 s pass); returns how many decisions were made.
+/// Decides for each set of `subjects` from 16 tasks on each store (shared between the
+/// sets) until `admitted` reaches `target` (or 20 s pass); returns how many decisions were
+/// made.
 async fn hammer(
     stores: &[Arc<RedisStore>],
-    subjects: &Arc<[Subject]>,
+    sets: &[Arc<[Subject]>],
     admitted: &Arc<AtomicU64>,
     target: u64,
 ) -> u64 {
@@ -84,8 +110,8 @@ async fn hammer(
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut tasks = Vec::new();
     for store in stores {
-        for _ in 0..16 {
-            let (store, subjects) = (store.clone(), subjects.clone());
+        for task in 0..16 {
+            let (store, subjects) = (store.clone(), sets[task % sets.len()].clone());
             let (admitted, made, stop) = (admitted.clone(), made.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
@@ -123,14 +149,20 @@ async fn slices_admit_exactly_the_limit_across_replicas_and_never_more() {
     assert!(field(&server, "kg:q:{t:busy}", "n") > first, "a slice held");
     let admitted = Arc::new(AtomicU64::new(first));
 
-    let made = hammer(&stores[1..], &subjects, &admitted, 40_000).await;
+    let made = hammer(
+        &stores[1..],
+        std::slice::from_ref(&subjects),
+        &admitted,
+        40_000,
+    )
+    .await;
     let sent: u64 = stores[1..].iter().map(|s| s.batch_stats().1).sum();
     assert!(
         sent * 2 < made,
         "{sent} of {made} decisions went to Redis: slices answered too few"
     );
 
-    hammer(&stores[1..], &subjects, &admitted, LIMIT).await;
+    hammer(&stores[1..], &[subjects], &admitted, LIMIT).await;
     assert_eq!(
         admitted.load(Ordering::Relaxed),
         LIMIT,
@@ -182,6 +214,66 @@ async fn a_slice_is_never_spent_on_another_clock() {
     assert_eq!(
         decision.usage[0].minute.used, 1,
         "a fresh minute, a minute later"
+    );
+}
+
+/// On Cluster the team's keys and the upstream ceiling live in two slots, so a decision is
+/// two groups and each keeps its own slice (the ceiling's shared by the teams under it).
+/// Two replicas, two teams, one ceiling of 30 000 a minute: with room, most decisions make
+/// no call; past the ceiling exactly 30 000 are admitted, and once the slices' seconds are
+/// over Redis's ceiling counts 30 000 and the teams' counts add up to it (every team charge
+/// the ceiling refused was taken back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slices_on_a_cluster_keep_team_and_ceiling_exact() {
+    const CEILING: u64 = 30_000;
+    let cluster = RedisCluster::start();
+    let nodes: Vec<String> = cluster
+        .url()
+        .trim_start_matches("redis+cluster://")
+        .split(',')
+        .map(|node| format!("redis://{node}"))
+        .collect();
+    let stores: Vec<_> = (0..2)
+        .map(|_| {
+            let store = RedisStore::open(
+                &StoreUrl::Cluster(nodes.clone()),
+                Arc::new(OffsetClock::new()),
+                DayCalendar::utc(),
+            )
+            .expect("store opens");
+            Arc::new(store.with_local_slices(true))
+        })
+        .collect();
+    let sets = [
+        team_under_ceiling("north", CEILING),
+        team_under_ceiling("south", CEILING),
+    ];
+    let admitted = Arc::new(AtomicU64::new(0));
+    let made = hammer(&stores, &sets, &admitted, 20_000).await;
+    // Without slices every decision sends two (one a group); with them, few do.
+    let sent: u64 = stores.iter().map(|s| s.batch_stats().1).sum();
+    assert!(
+        sent * 2 < made,
+        "{sent} group decisions sent to Redis for {made} decisions: slices answered too few"
+    );
+
+    hammer(&stores, &sets, &admitted, CEILING).await;
+    assert_eq!(admitted.load(Ordering::Relaxed), CEILING);
+    let counted = |key: &str, name: &str| -> u64 {
+        cluster
+            .node_for(key)
+            .cli(&["HGET", key, name])
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    wait_until(Duration::from_secs(3), "the slices' seconds over", || {
+        counted("kg:q:{upstream}", "n") == CEILING
+            && counted("kg:q:{t:north}", "n") + counted("kg:q:{t:south}", "n") == CEILING
+    });
+    assert_eq!(counted("kg:q:{upstream}", "dn"), CEILING);
+    assert_eq!(
+        counted("kg:q:{t:north}", "dn") + counted("kg:q:{t:south}", "dn"),
+        CEILING
     );
 }
 

@@ -7,6 +7,7 @@ Usage: python3 phases.py N KEYGATE_PORT KEYGATE_PID UPSTREAM_PORT [ROUNDS]
 """
 
 import asyncio
+import os
 import subprocess
 import sys
 
@@ -31,7 +32,7 @@ def memory(pid, upstream_port):
     ).stdout
     return (
         f"VmRSS {status['VmRSS'].strip():>10}  VmHWM {status['VmHWM'].strip():>10}  "
-        f"upstream connections {len(links.splitlines())}"
+        f"upstream connections {len(links.splitlines())}  open files {len(os.listdir(f'/proc/{pid}/fd'))}"
     )
 
 

@@ -341,15 +341,19 @@ impl RedisStore {
         all: &[Subject],
     ) -> Result<Answer, StoreError> {
         let offset = self.clock.offset_from_wall_ms();
-        // Slices hold whole decisions: on Cluster with a ceiling a decision is two groups.
+        // A slice per group: on Cluster with a ceiling, the team's keys and the ceiling
+        // live in two slots and each group keeps its own (the ceiling's is shared by every
+        // team under it).
         let slices = match &self.slices {
-            Some(slices) if verb == Verb::Decide && group.len() == all.len() => Some(slices),
+            Some(slices) if verb == Verb::Decide => {
+                group_subjects(group, all).map(|set| (slices, set))
+            }
             _ => None,
         };
         let mut slice = None;
-        if let Some(slices) = slices {
+        if let Some((slices, set)) = slices {
             let ms_left = || 1000 - self.redis_now_ms().rem_euclid(1000);
-            match slices.take(all, offset, ms_left, Instant::now()) {
+            match slices.take(set, offset, ms_left, Instant::now()) {
                 Take::Slot(slot) => {
                     let raw = nth_admission(slot.first, slot.index);
                     return parse_answer(1, &raw[1..], group.len(), slot.day);
@@ -409,8 +413,8 @@ impl RedisStore {
                 continue;
             }
             let answer = parse_answer(status, rest, group.len(), day)?;
-            if let Some(slices) = slices {
-                slices.learn_room(all, least_room(group, &answer));
+            if let Some((slices, set)) = slices {
+                slices.learn_room(set, least_room(group, &answer));
             }
             return Ok(answer);
         }
@@ -1138,6 +1142,13 @@ fn parse_answer(
 
 /// The hash of one subject. A key override shares its team's hash tag, so one decision is
 /// one slot on Cluster.
+/// A group's subjects as one slice of the decision's: the set a slice is kept for. Groups
+/// are runs of the decision's subjects (the ceiling comes last), so this always is one.
+fn group_subjects<'a>(group: &[(usize, &Subject)], all: &'a [Subject]) -> Option<&'a [Subject]> {
+    let (first, last) = (group.first()?.0, group.last()?.0);
+    (last - first + 1 == group.len()).then(|| &all[first..=last])
+}
+
 fn redis_key(subject: &Subject, all: &[Subject]) -> String {
     // Pieces pushed, not `format!`ed: this runs for every subject of every decision.
     let team_key = |team: &str, capacity: usize| {

@@ -1,6 +1,8 @@
 //! Owns local slices of quota (`store.local_slices`): room a replica takes from Redis ahead
 //! of its requests, for the rest of one of Redis's seconds, so that a busy team's decisions
 //! need no call to Redis, nor a hand-off to the store's thread, while its slice lasts.
+//! A set is what one script run decides: a decision's subjects, or on Cluster under an
+//! upstream ceiling each of its two groups (the ceiling's set is shared by every team).
 //!
 //! # Why no limit is ever passed
 //!
