@@ -72,8 +72,9 @@ kg_store_up() {
   redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >/dev/null
   for p in $kg_redis_ports; do
     for _ in $(seq 100); do
-      redis-cli -p "$p" CLUSTER INFO | grep -q 'cluster_state:ok' && break; sleep 0.1
+      redis-cli -p "$p" CLUSTER INFO | grep -q 'cluster_state:ok' && continue 2; sleep 0.1
     done
+    echo "the cluster never reported ok on $p" >&2; exit 1
   done
   store_url="redis+cluster://$(IFS=,; echo "${nodes[*]}")"
 }
@@ -199,11 +200,9 @@ for r in $(seq 1 "$rounds"); do
     fi
     echo "$name cpu $(awk -v c=$((cpu1 - cpu0)) -v n="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN {print c * 1e6 / hz / n}')" >> "$work/cpu"
     if [ "$name" != "${name#keygate}" ]; then
-      stats=$(kg_redis INFO commandstats | tr -d '\r')
-      evalsha=$(echo "$stats" | awk -F'[:=,]' '/^cmdstat_evalsha:/ {s+=$3} END {print s+0}')
-      all=$(echo "$stats" | awk -F'[:=,]' '/^cmdstat_/ && !/cmdstat_(info|config)/ {s+=$3} END {print s+0}')
-      extra="$extra $(awk -v e="${evalsha:-0}" -v a="$all" -v n="$total" \
-        'BEGIN {printf "redis: %.3f EVALSHA/request, %.2f commands run/request (script calls included)", e/n, a/n}')"
+      extra="$extra $(kg_redis INFO commandstats | tr -d '\r' | awk -F'[:=,]' -v n="$total" \
+        '/^cmdstat_evalsha:/ {e += $3} /^cmdstat_/ && !/cmdstat_(info|config)/ {a += $3}
+        END {printf "redis: %.3f EVALSHA/request, %.2f commands run/request (script calls included)", e/n, a/n}')"
     fi
     printf 'round %s %-16s rps=%-10s p50=%-8s p99=%-8s non2xx=%s %s %s\n' "$r" "$name" "$rps" "$p50" "$p99" \
       "${non2xx:-0}" "$errs" "$extra"
