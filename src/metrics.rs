@@ -734,6 +734,29 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 /// A family of one unlabelled sample: `(name, type)`.
+/// The families of local slices of quota (`store.local_slices`), after the rest: only a
+/// replica whose store takes slices has them.
+pub fn render_slice_counters(out: &mut String, counters: crate::quota::SliceCounters) {
+    scalar(
+        out,
+        ("keygate_quota_slice_granted_total", "counter"),
+        "Admissions the quota store granted into this replica's local slices (store.local_slices).",
+        counters.granted,
+    );
+    scalar(
+        out,
+        ("keygate_quota_slice_served_total", "counter"),
+        "Admissions answered from a local slice, with no call to the quota store.",
+        counters.served,
+    );
+    scalar(
+        out,
+        ("keygate_quota_slice_returned_total", "counter"),
+        "Admissions of local slices given back to the quota store unused.",
+        counters.returned,
+    );
+}
+
 fn scalar(out: &mut String, (name, kind): (&str, &str), help: &str, value: impl std::fmt::Display) {
     family(out, name, kind, help);
     let _ = writeln!(out, "{name} {value}");

@@ -554,6 +554,18 @@ async fn local_slices_serve_a_busy_team(shards: Option<usize>) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(field(&redis, "kg:q:{t:bulk}", "dn").as_deref(), Some("400"));
+    // The operator's view: what the slices took, served and gave back, held now none.
+    let metrics = gateway.metrics().await;
+    common::observe::promtool_check(&metrics);
+    let count = |name: &str| common::observe::series(&metrics, name, &[]).unwrap() as u64;
+    let granted = count("keygate_quota_slice_granted_total");
+    let served = count("keygate_quota_slice_served_total");
+    let returned = count("keygate_quota_slice_returned_total");
+    assert_eq!(granted, served + returned, "none held after the second");
+    assert!(
+        served * 2 > REQUESTS as u64 && served <= REQUESTS as u64,
+        "{served} of {REQUESTS} served from slices"
+    );
     Arc::into_inner(gateway).unwrap().shutdown().await;
     logs::assert_clean(ALL_SECRETS);
 }

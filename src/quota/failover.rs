@@ -403,6 +403,10 @@ impl QuotaStore for FailoverStore {
         self.inner.shared.release()
     }
 
+    fn slice_counters(&self) -> Option<super::SliceCounters> {
+        self.inner.shared.slice_counters()
+    }
+
     fn kind(&self) -> &'static str {
         self.inner.shared.kind()
     }

@@ -201,6 +201,18 @@ impl LastAnswer {
     }
 }
 
+/// What a replica's local slices of quota (`store.local_slices`) did since it started, in
+/// admissions: granted by the store = served + returned + held now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SliceCounters {
+    /// Granted by the store into this replica's slices.
+    pub granted: u64,
+    /// Answered from a slice, with no call to the store.
+    pub served: u64,
+    /// Given back unused (the slice's second over, a newer slice, or shutdown).
+    pub returned: u64,
+}
+
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// A place where quota counters live. The memory store serves one process; a shared store
@@ -234,6 +246,11 @@ pub trait QuotaStore: Send + Sync + 'static {
     /// answer at once.
     fn release(&self) -> StoreFuture<'_, ()> {
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// What local slices of quota did, for `/metrics`; `None` when the store takes none.
+    fn slice_counters(&self) -> Option<SliceCounters> {
+        None
     }
 
     /// A short name for logs and `/readyz`: `memory`, `redis`, `redis-cluster`.

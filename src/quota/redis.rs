@@ -1272,6 +1272,10 @@ impl QuotaStore for RedisStore {
         self.answers.since()
     }
 
+    fn slice_counters(&self) -> Option<super::SliceCounters> {
+        self.slices.as_ref().map(|slices| slices.counters())
+    }
+
     fn release(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let Some(slices) = &self.slices else {

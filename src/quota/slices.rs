@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::calendar::CalendarDay;
-use super::Subject;
+use super::{SliceCounters, Subject};
 
 /// A slice is at most this fraction of the least room left in its windows.
 pub(crate) const ROOM_SHARE: u64 = 64;
@@ -58,6 +58,7 @@ struct Table {
     sets: hashbrown::HashMap<Vec<Subject>, SetState>,
     /// Sets left after the last sweep.
     swept_to: usize,
+    counters: SliceCounters,
 }
 
 impl Table {
@@ -150,7 +151,8 @@ impl Slices {
         ms_left: impl FnOnce() -> i64,
         now: Instant,
     ) -> Take {
-        let mut table = self.lock();
+        let mut guard = self.lock();
+        let table = &mut *guard;
         table.sweep_when_grown(now);
         let state = table.sets.entry_ref(subjects).or_default();
         let start = *state.period_start.get_or_insert(now);
@@ -165,6 +167,7 @@ impl Slices {
             if slice.offset == offset && now < slice.until && slice.taken < slice.granted {
                 let index = slice.taken;
                 slice.taken += 1;
+                table.counters.served += 1;
                 return Take::Slot(Slot {
                     first: slice.first.clone(),
                     index,
@@ -198,19 +201,27 @@ impl Slices {
     /// Ends a slice whose second is over, unless a newer one replaced it: its unused
     /// admissions, if any.
     pub(crate) fn expire(&self, subjects: &[Subject], generation: u64) -> Option<Unused> {
-        let mut table = self.lock();
+        let mut guard = self.lock();
+        let table = &mut *guard;
         let state = table.sets.get_mut(subjects)?;
         if state.generation != generation {
             return None;
         }
-        state.slice.take().and_then(Slice::unused)
+        let unused = state.slice.take().and_then(Slice::unused)?;
+        table.counters.returned += unused.count;
+        Some(unused)
+    }
+
+    pub(crate) fn counters(&self) -> SliceCounters {
+        self.lock().counters
     }
 
     /// Ends every live slice now, for a replica that stops: their timers would never run.
     /// Each set's unused admissions with the clock offset they were charged under.
     pub(crate) fn release(&self) -> Vec<(Vec<Subject>, i64, Unused)> {
-        let mut table = self.lock();
-        table
+        let mut guard = self.lock();
+        let table = &mut *guard;
+        let released: Vec<_> = table
             .sets
             .iter_mut()
             .filter_map(|(subjects, state)| {
@@ -218,7 +229,9 @@ impl Slices {
                 let offset = slice.offset;
                 Some((subjects.clone(), offset, slice.unused()?))
             })
-            .collect()
+            .collect();
+        table.counters.returned += released.iter().map(|(_, _, u)| u.count).sum::<u64>();
+        released
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -259,7 +272,8 @@ impl SliceAsk {
     ) -> Option<Granted> {
         let ms_left = 1000 - charged_at_ms.rem_euclid(1000);
         let until = sent + Duration::from_millis(ms_left as u64);
-        let mut table = self.slices.lock();
+        let mut guard = self.slices.lock();
+        let table = &mut *guard;
         let state = table.sets.get_mut(&self.subjects[..])?;
         state.generation += 1;
         let generation = state.generation;
@@ -275,6 +289,8 @@ impl SliceAsk {
                 taken: 0,
             })
             .and_then(Slice::unused);
+        table.counters.granted += granted;
+        table.counters.returned += replaced.as_ref().map_or(0, |u| u.count);
         Some(Granted {
             until,
             generation,
@@ -418,6 +434,7 @@ mod tests {
         };
         assert_eq!(slices.release(), vec![(alpha.clone(), 7, unused)]);
         assert!(slices.release().is_empty());
+        assert_eq!(slices.counters().returned, 39);
         // The slice's timer, should it still run, has nothing left to refund.
         assert_eq!(slices.expire(&alpha, granted.generation), None);
     }
@@ -481,9 +498,20 @@ mod tests {
         };
         assert_eq!(new.replaced, Some(unused), "the old slice's rest, once");
         assert_eq!(slices.expire(&alpha, old.generation), None);
+        let counted = |returned| SliceCounters {
+            granted: 50,
+            served: 5,
+            returned,
+        };
+        assert_eq!(slices.counters(), counted(15));
         assert_eq!(
             slices.expire(&alpha, new.generation).map(|u| u.count),
             Some(30)
+        );
+        assert_eq!(
+            slices.counters(),
+            counted(45),
+            "granted = served + returned"
         );
     }
 }
