@@ -733,7 +733,6 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-/// A family of one unlabelled sample: `(name, type)`.
 /// The families of local slices of quota (`store.local_slices`), after the rest: only a
 /// replica whose store takes slices has them.
 pub fn render_slice_counters(out: &mut String, counters: crate::quota::SliceCounters) {
@@ -757,6 +756,7 @@ pub fn render_slice_counters(out: &mut String, counters: crate::quota::SliceCoun
     );
 }
 
+/// A family of one unlabelled sample: `(name, type)`.
 fn scalar(out: &mut String, (name, kind): (&str, &str), help: &str, value: impl std::fmt::Display) {
     family(out, name, kind, help);
     let _ = writeln!(out, "{name} {value}");

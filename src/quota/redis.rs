@@ -1140,8 +1140,6 @@ fn parse_answer(
     })
 }
 
-/// The hash of one subject. A key override shares its team's hash tag, so one decision is
-/// one slot on Cluster.
 /// A group's subjects as one slice of the decision's: the set a slice is kept for. Groups
 /// are runs of the decision's subjects (the ceiling comes last), so this always is one.
 fn group_subjects<'a>(group: &[(usize, &Subject)], all: &'a [Subject]) -> Option<&'a [Subject]> {
@@ -1149,6 +1147,8 @@ fn group_subjects<'a>(group: &[(usize, &Subject)], all: &'a [Subject]) -> Option
     (last - first + 1 == group.len()).then(|| &all[first..=last])
 }
 
+/// The hash of one subject. A key override shares its team's hash tag, so one decision is
+/// one slot on Cluster.
 fn redis_key(subject: &Subject, all: &[Subject]) -> String {
     // Pieces pushed, not `format!`ed: this runs for every subject of every decision.
     let team_key = |team: &str, capacity: usize| {
