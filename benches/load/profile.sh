@@ -11,6 +11,8 @@
 #        PERF_CALL_GRAPH=dwarf  call stacks that see through the release build's missing
 #                       frame pointers (default fp), PERF_FREQ samples/s (default 2000)
 #        LOCAL_SLICES=1 store.local_slices on; SHARDS=N server.shards = N
+#        VALGRIND_EXTRA more callgrind options, e.g. "--separate-callers12=FUNCTION" to see
+#                      the call chains into one function
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -41,7 +43,7 @@ if [ -n "${SHARDS:-}" ]; then sed -i "/^\[server\]/a shards = $SHARDS" "$work/ke
 if [ "${PROFILER:-callgrind}" = perf ]; then
   profiler=(perf record -e cpu-clock -F "${PERF_FREQ:-2000}" --call-graph "${PERF_CALL_GRAPH:-fp}" -o "$out.perf")
 else
-  profiler=(valgrind --tool=callgrind --callgrind-out-file="$out" --dump-instr=no)
+  profiler=(valgrind --tool=callgrind --callgrind-out-file="$out" --dump-instr=no ${VALGRIND_EXTRA:-})
 fi
 BENCH_UPSTREAM_KEY=sk-upstream-REAL-0123456789 KEYGATE_LOG=warn \
   "${profiler[@]}" "$bin" serve --config "$work/keygate.toml" > "$work/keygate.out" 2>&1 &
