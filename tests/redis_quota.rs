@@ -480,7 +480,93 @@ async fn a_replica_starts_while_redis_is_down_and_joins_it_later() {
 }
 
 /// A token of a team on a plan big enough for local slices.
+/// A team `bulk` on a plan of a million a minute and a day, with one key (`TOKEN_BULK`):
+/// room enough for slices.
+fn bulk_team() -> String {
+    format!(
+        "[plans.bulk]\nrpm = 1000000\nrpd = 1000000\n\
+         [[teams]]\nname = \"bulk\"\nplan = \"bulk\"\n\
+         [[keys]]\nid = \"bulk-1\"\nteam = \"bulk\"\ntoken_sha256 = \"{}\"\n\
+         scopes = [\"generate\"]\nenv = \"prod\"\n",
+        hash(TOKEN_BULK)
+    )
+}
+
 const TOKEN_BULK: &str = "kg_prod_bulk_generate_token_000000000000000011";
+
+/// Redis killed while a replica holds slices: the slices' requests and then the local
+/// fallback keep answering, nothing waits on the dead store past its timeout, the slices'
+/// refunds to it fail without holding anything up (shutdown included), and after the
+/// restart decisions reach Redis again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slices_keep_answering_while_redis_is_killed_and_resume_after_restart() {
+    let mut redis = RedisServer::start();
+    let upstream = MockUpstream::start().await;
+    let extra = bulk_team();
+    let store = "on_error = \"local\"\ntimeout = \"200ms\"\nlocal_slices = true";
+    let gateway =
+        Arc::new(TestGateway::start(config(&upstream, &redis.url(), store, &extra)).await);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (gateway, stop) = (gateway.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let started = Instant::now();
+                let status = gateway.generate(TOKEN_BULK).await.status().as_u16();
+                seen.push((status, started.elapsed()));
+            }
+            seen
+        }));
+    }
+    let served = |metrics: &str| {
+        common::observe::series(metrics, "keygate_quota_slice_served_total", &[]).unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served(&gateway.metrics().await) == 0.0 {
+        assert!(Instant::now() < deadline, "no request served from a slice");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    redis.kill();
+    gateway
+        .wait_store_state("degraded", Duration::from_secs(10))
+        .await;
+    redis.restart();
+    gateway
+        .wait_store_state("ok", Duration::from_secs(15))
+        .await;
+    // Decisions reach the restarted (empty) Redis again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while field(&redis, "kg:q:{t:bulk}", "dn").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no decision reached Redis after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut answers = Vec::new();
+    for task in load {
+        answers.extend(task.await.unwrap());
+    }
+    assert!(!answers.is_empty());
+    for (status, took) in &answers {
+        assert_eq!(
+            *status, 200,
+            "a huge plan, local mode: every request admitted"
+        );
+        assert!(*took < Duration::from_secs(1), "an answer took {took:?}");
+    }
+    let started = Instant::now();
+    Arc::into_inner(gateway).unwrap().shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown held up"
+    );
+    logs::assert_clean(ALL_SECRETS);
+}
 
 /// `store.local_slices` end to end: a busy team on a big plan is served mostly from its
 /// replica's slice, each answer still carrying its own count, and Redis counts exactly what
@@ -499,13 +585,7 @@ async fn local_slices_serve_a_busy_team_on_shards_too() {
 async fn local_slices_serve_a_busy_team(shards: Option<usize>) {
     let redis = RedisServer::start();
     let upstream = MockUpstream::start().await;
-    let extra = format!(
-        "[plans.bulk]\nrpm = 1000000\nrpd = 1000000\n\
-         [[teams]]\nname = \"bulk\"\nplan = \"bulk\"\n\
-         [[keys]]\nid = \"bulk-1\"\nteam = \"bulk\"\ntoken_sha256 = \"{}\"\n\
-         scopes = [\"generate\"]\nenv = \"prod\"\n",
-        hash(TOKEN_BULK)
-    );
+    let extra = bulk_team();
     let store = format!("{STRICT}\nlocal_slices = true");
     let mut config = config(&upstream, &redis.url(), &store, &extra);
     config.server.shards = shards;
