@@ -256,10 +256,14 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     names
 }
 
+/// On a gateway with every optional family: a Redis store with local slices.
 #[tokio::test]
 async fn every_metric_the_rules_and_dashboard_name_is_exported() {
+    let redis = common::redis::RedisServer::start();
     let upstream = MockUpstream::start().await;
-    let gateway = TestGateway::start(config_from(&standard_config_text(&upstream.url(), ""))).await;
+    let store = format!("[store]\nurl = \"{}\"\nlocal_slices = true", redis.url());
+    let gateway =
+        TestGateway::start(config_from(&standard_config_text(&upstream.url(), &store))).await;
     gateway.generate(TOKEN_DESIGN_GENERATE).await;
     gateway.generate("kg_prod_unknown").await;
     let metrics = gateway
