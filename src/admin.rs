@@ -100,10 +100,9 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 async fn metrics(gateway: &Gateway) -> Response<ResponseBody> {
     refresh_quota_gauges(gateway).await;
-    let mut body = gateway.observer.render_metrics();
-    if let Some(counters) = gateway.store.slice_counters() {
-        crate::metrics::render_slice_counters(&mut body, counters);
-    }
+    let body = gateway
+        .observer
+        .render_metrics(gateway.store.slice_counters());
     let mut response = Response::new(ResponseBody::full(body.into()));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -1089,15 +1089,15 @@ fn validate_server(
             format!("{max_header_bytes} is out of range (8192 to 1048576)"),
         );
     }
-    let max_connections = capacity(
-        raw.max_connections,
-        8192,
+    let max_connections = count_up_to(
+        raw.max_connections.unwrap_or(8192),
+        MAX_CAPACITY,
         "server.max_connections",
         problems,
     );
-    let max_requests_in_flight = capacity(
-        raw.max_requests_in_flight,
-        max_connections,
+    let max_requests_in_flight = count_up_to(
+        raw.max_requests_in_flight.unwrap_or(max_connections as u64),
+        MAX_CAPACITY,
         "server.max_requests_in_flight",
         problems,
     );
@@ -1109,10 +1109,10 @@ fn validate_server(
     );
     let worker_threads = raw
         .worker_threads
-        .map(|n| thread_count(n, "server.worker_threads", problems));
+        .map(|n| count_up_to(n, MAX_THREADS, "server.worker_threads", problems));
     let shards = raw
         .shards
-        .map(|n| thread_count(n, "server.shards", problems));
+        .map(|n| count_up_to(n, MAX_THREADS, "server.shards", problems));
     ServerConfig {
         listen,
         admin_listen,
@@ -1157,26 +1157,17 @@ fn validate_server(
     }
 }
 
-/// More connections or requests at once than this is a typo, not a machine (and more than
-/// a semaphore can count).
+/// More connections or requests at once than this is a typo, not a machine.
 const MAX_CAPACITY: u64 = 10_000_000;
-
-fn capacity(value: Option<u64>, default: usize, field: &str, problems: &mut Problems) -> usize {
-    let n = value.unwrap_or(default as u64);
-    if !(1..=MAX_CAPACITY).contains(&n) {
-        problems.add(field, format!("{n} is not in 1..={MAX_CAPACITY}"));
-    }
-    n.clamp(1, MAX_CAPACITY) as usize
-}
-
 /// More threads than this is a typo, not a machine.
 const MAX_THREADS: u64 = 1024;
 
-fn thread_count(n: u64, field: &str, problems: &mut Problems) -> usize {
-    if !(1..=MAX_THREADS).contains(&n) {
-        problems.add(field, format!("{n} is not in 1..={MAX_THREADS}"));
+/// A count in `1..=max`; out of it, a problem and the nearest count in it.
+fn count_up_to(n: u64, max: u64, field: &str, problems: &mut Problems) -> usize {
+    if !(1..=max).contains(&n) {
+        problems.add(field, format!("{n} is not in 1..={max}"));
     }
-    n.clamp(1, MAX_THREADS) as usize
+    n.clamp(1, max) as usize
 }
 
 fn validate_upstream(

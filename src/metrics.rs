@@ -18,6 +18,7 @@ use crate::circuit::CircuitState;
 use crate::context::{Outcome, Rejection, RequestContext};
 use crate::error::AuthFailure;
 use crate::in_flight::InFlight;
+use crate::quota::SliceCounters;
 
 /// The label value of a request without a key, a team or a route.
 pub const NONE_LABEL: &str = "-";
@@ -482,7 +483,14 @@ impl Metrics {
     }
 
     /// Renders every family as Prometheus text.
-    pub fn render(&self, store: &dyn StoreHealthView, in_flight: Option<&InFlight>) -> String {
+    /// `in_flight`: the request cap's count, when there is one; `slices`: what local slices
+    /// of quota did, when the store takes them (`store.local_slices`).
+    pub fn render(
+        &self,
+        store: &dyn StoreHealthView,
+        in_flight: Option<&InFlight>,
+        slices: Option<SliceCounters>,
+    ) -> String {
         let mut out = String::with_capacity(16 * 1024);
         family(
             &mut out,
@@ -649,6 +657,9 @@ impl Metrics {
             "1 while the quota store is unreachable and store.on_error is in force.",
             u8::from(store.degraded()),
         );
+        if let Some(slices) = slices {
+            render_slice_counters(&mut out, slices);
+        }
         if let Some(in_flight) = in_flight {
             scalar(
                 &mut out,
@@ -733,9 +744,9 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-/// The families of local slices of quota (`store.local_slices`), after the rest: only a
-/// replica whose store takes slices has them.
-pub fn render_slice_counters(out: &mut String, counters: crate::quota::SliceCounters) {
+/// The families of local slices of quota (`store.local_slices`): only a replica whose store
+/// takes slices has them.
+fn render_slice_counters(out: &mut String, counters: SliceCounters) {
     scalar(
         out,
         ("keygate_quota_slice_granted_total", "counter"),

@@ -172,10 +172,13 @@ impl Observer {
         }
     }
 
-    /// The `/metrics` body.
-    pub fn render_metrics(&self) -> String {
-        self.metrics
-            .render(&*self.store_health, self.requests_in_flight.as_deref())
+    /// The `/metrics` body; `slices`: the store's local slices, when it takes them.
+    pub fn render_metrics(&self, slices: Option<crate::quota::SliceCounters>) -> String {
+        self.metrics.render(
+            &*self.store_health,
+            self.requests_in_flight.as_deref(),
+            slices,
+        )
     }
 }
 

@@ -34,9 +34,9 @@
 //! the state is at most 66 small fields, and expires a minute after the day it counts ends.
 //!
 //! With `store.local_slices`, a busy team's decision also asks for extra admissions in the
-//! same run (the script's `optional`, after every decision of the call, capped to a share of
-//! the room left), which the replica hands out for the rest of that second of Redis's
-//! without a call: [`super::slices`].
+//! same run (the script's `optional`, after that decision's own admissions, capped to a
+//! share of the room they leave), which the replica hands out for the rest of that second
+//! of Redis's without a call: `quota/slices.rs` (crate-private).
 //!
 //! # A thread of its own
 //!
@@ -224,7 +224,7 @@ impl RedisStore {
     }
 
     /// Takes local slices of quota ahead of requests (`store.local_slices`): see
-    /// [`super::slices`].
+    /// `quota/slices.rs`.
     pub fn with_local_slices(mut self, on: bool) -> Self {
         self.slices = on.then(Arc::default);
         self
@@ -777,8 +777,9 @@ impl Batcher {
     /// the answer it would have had alone; the batch's decisions were concurrent, so any
     /// order of them is one they could have arrived in. Answers come back in `jobs`' order.
     /// A job asking for a slice adds its extra admissions after all of its run's own, so a
-    /// slice never takes room a request in the call needed; the slices granted come back
-    /// apart.
+    /// slice never takes room one of its run's requests needed; a later run of the call that
+    /// shares a hash (a key override of the same team) finds at most 1/[`super::slices::ROOM_SHARE`] of
+    /// the room taken. The slices granted come back apart.
     async fn call(&self, jobs: &[Job]) -> Result<(Vec<Vec<i64>>, Vec<SliceGrant>), StoreError> {
         type Signature<'j> = (&'j [String], &'j [(u64, u64)], i64, i64);
         let mut runs: Vec<Vec<usize>> = Vec::new();

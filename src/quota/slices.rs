@@ -357,6 +357,22 @@ mod tests {
         (slices, alpha, ask, t1)
     }
 
+    /// Grants `count` admissions for `ask`, charged at `charged_at_ms` of Redis's time under
+    /// clock offset `offset` by a call sent at `sent`; the ask is done with.
+    fn grant(ask: SliceAsk, charged_at_ms: i64, count: u64, offset: i64, sent: Instant) -> Granted {
+        let first = vec![1, charged_at_ms, 0, 0, 0, 1, 60_000, 1];
+        ask.grant((first, count), charged_at_ms, day(), offset, sent)
+            .expect("the set is in the table")
+    }
+
+    fn unused(count: u64, second: i64) -> Unused {
+        Unused {
+            count,
+            second,
+            day: day().id,
+        }
+    }
+
     #[test]
     fn the_script_caps_a_slice_at_the_same_share() {
         let script = include_str!("redis_quota.lua");
@@ -389,16 +405,7 @@ mod tests {
     #[test]
     fn unused_slots_come_back_once_and_never_after_the_deadline() {
         let (slices, alpha, ask, t1) = asking(100, 1000);
-        let granted = ask
-            .grant(
-                (vec![1, 7_000_000, 0, 0, 0, 1, 60_000, 1], 50),
-                7_000_000,
-                day(),
-                0,
-                t1,
-            )
-            .unwrap();
-        drop(ask);
+        let granted = grant(ask, 7_000_000, 50, 0, t1);
         assert!(matches!(slices.take(&alpha, 0, || 1000, t1), Take::Slot(_)));
         // Another clock offset (a test moved time) cannot use it.
         assert!(!matches!(
@@ -411,28 +418,22 @@ mod tests {
             slices.take(&alpha, 0, || 1000, end),
             Take::Slot(_)
         ));
-        let unused = Unused {
-            count: 49,
-            second: 7_000,
-            day: day().id,
-        };
-        assert_eq!(slices.expire(&alpha, granted.generation), Some(unused));
+        assert_eq!(
+            slices.expire(&alpha, granted.generation),
+            Some(unused(49, 7_000))
+        );
         assert_eq!(slices.expire(&alpha, granted.generation), None);
     }
 
     #[test]
     fn a_stopping_replica_releases_live_slices_once() {
         let (slices, alpha, ask, t1) = asking(100, 1000);
-        let first = vec![1, 3_000_250, 0, 0, 0, 1, 60_000, 1];
-        let granted = ask.grant((first, 40), 3_000_250, day(), 7, t1).unwrap();
-        drop(ask);
+        let granted = grant(ask, 3_000_250, 40, 7, t1);
         assert!(matches!(slices.take(&alpha, 7, || 1000, t1), Take::Slot(_)));
-        let unused = Unused {
-            count: 39,
-            second: 3_000,
-            day: day().id,
-        };
-        assert_eq!(slices.release(), vec![(alpha.clone(), 7, unused)]);
+        assert_eq!(
+            slices.release(),
+            vec![(alpha.clone(), 7, unused(39, 3_000))]
+        );
         assert!(slices.release().is_empty());
         assert_eq!(slices.counters().returned, 39);
         // The slice's timer, should it still run, has nothing left to refund.
@@ -478,9 +479,7 @@ mod tests {
     #[test]
     fn a_grant_replacing_a_slice_before_its_timer_hands_back_its_unused_slots() {
         let (slices, alpha, ask, t1) = asking(1000, 1000);
-        let first = vec![1, 9_000_500, 0, 0, 0, 1, 60_000, 1];
-        let old = ask.grant((first, 20), 9_000_500, day(), 0, t1).unwrap();
-        drop(ask);
+        let old = grant(ask, 9_000_500, 20, 0, t1);
         for _ in 0..5 {
             assert!(matches!(slices.take(&alpha, 0, || 1000, t1), Take::Slot(_)));
         }
@@ -489,14 +488,12 @@ mod tests {
         let Take::Ask(ask) = slices.take(&alpha, 0, || 1000, t2) else {
             panic!("an ended slice asks again")
         };
-        let first = vec![1, 9_001_000, 0, 0, 0, 6, 60_000, 6];
-        let new = ask.grant((first, 30), 9_001_000, day(), 0, t2).unwrap();
-        let unused = Unused {
-            count: 15,
-            second: 9_000,
-            day: day().id,
-        };
-        assert_eq!(new.replaced, Some(unused), "the old slice's rest, once");
+        let new = grant(ask, 9_001_000, 30, 0, t2);
+        assert_eq!(
+            new.replaced,
+            Some(unused(15, 9_000)),
+            "the old slice's rest, once"
+        );
         assert_eq!(slices.expire(&alpha, old.generation), None);
         let counted = |returned| SliceCounters {
             granted: 50,
