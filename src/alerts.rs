@@ -440,7 +440,11 @@ impl Delivery {
     fn new(config: &AlertsConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let connector = crate::forward::https_connector(roots, config.timeout)?;
+        let connector = crate::forward::https_connector(
+            roots,
+            config.timeout,
+            crate::config::UpstreamProtocol::Http1,
+        )?;
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())

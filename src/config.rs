@@ -60,6 +60,7 @@ struct RawUpstream {
     timeout: Option<String>,
     connect_timeout: Option<String>,
     ca_file: Option<PathBuf>,
+    protocol: Option<String>,
     #[serde(default)]
     keys: BTreeMap<String, RawKeySource>,
     limits: Option<RawLimits>,
@@ -255,6 +256,7 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub ca_file: Option<PathBuf>,
+    pub protocol: UpstreamProtocol,
     /// The real keys per environment (`prod`, `dev`, …).
     pub keys: BTreeMap<String, KeySource>,
     /// The upstream key's own plan, over all teams and replicas.
@@ -331,6 +333,17 @@ pub enum StoreUrl {
     Memory,
     Redis(String),
     Cluster(Vec<String>),
+}
+
+/// `upstream.protocol`: what keygate speaks to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 (the default): a connection per request in flight, kept alive between them.
+    #[default]
+    Http1,
+    /// HTTP/2, agreed by ALPN over TLS or with prior knowledge over `http://` (h2c): the
+    /// requests in flight share connections, a stream each (`upstream_h2`).
+    Http2,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1209,6 +1222,17 @@ fn validate_upstream(
             _ => problems.add(field, "set env = \"VAR\" or file = \"/path\""),
         }
     }
+    let protocol = match raw.protocol.as_deref().unwrap_or("http1") {
+        "http1" => UpstreamProtocol::Http1,
+        "http2" => UpstreamProtocol::Http2,
+        other => {
+            problems.add(
+                "upstream.protocol",
+                format!("{other:?} is not http1 or http2"),
+            );
+            UpstreamProtocol::Http1
+        }
+    };
     let limits = raw.limits.map(|l| Limits {
         rpm: limit_field(l.rpm, "upstream.limits.rpm", problems),
         rpd: limit_field(l.rpd, "upstream.limits.rpd", problems),
@@ -1230,6 +1254,7 @@ fn validate_upstream(
         ca_file: raw
             .ca_file
             .map(|p| existing_file(base_dir, &p, "upstream.ca_file", problems)),
+        protocol,
         keys,
         limits,
         retry: validate_retry(raw.retry, problems),
@@ -1578,6 +1603,23 @@ scope = "generate"
         );
         let shared = minimal() + "\n[store]\nurl = \"redis://127.0.0.1:1\"\nlocal_slices = true\n";
         assert!(Config::from_toml(&shared).unwrap().store.local_slices);
+    }
+
+    #[test]
+    fn the_upstream_protocol_is_http1_unless_http2_is_asked_for() {
+        let config = Config::from_toml(&minimal()).unwrap();
+        assert_eq!(config.upstream.protocol, UpstreamProtocol::Http1);
+        let http2 = minimal().replace(
+            "url = \"https://api.imagen.ai\"",
+            "url = \"https://api.imagen.ai\"\nprotocol = \"http2\"",
+        );
+        let config = Config::from_toml(&http2).unwrap();
+        assert_eq!(config.upstream.protocol, UpstreamProtocol::Http2);
+        let err = Config::from_toml(&http2.replace("\"http2\"", "\"h3\"")).unwrap_err();
+        assert_eq!(
+            err.problems,
+            ["upstream.protocol: \"h3\" is not http1 or http2"]
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::body::UpstreamBody;
-use crate::config::UpstreamConfig;
+use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::upstream_pool::{PoolError, PooledBody, UpstreamPool};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -152,7 +152,7 @@ impl Upstream {
                 ));
             }
         }
-        let connector = https_connector(roots, config.connect_timeout)?;
+        let connector = https_connector(roots, config.connect_timeout, config.protocol)?;
         let scheme = config.url.scheme().cloned().unwrap_or(Scheme::HTTPS);
         let authority = config
             .url
@@ -166,8 +166,15 @@ impl Upstream {
             .path_and_query("/")
             .build()
             .map_err(|e| e.to_string())?;
+        let pool = match config.protocol {
+            UpstreamProtocol::Http1 => UpstreamPool::new(connector, origin),
+            // A new connection's settings are part of connecting: the same bound.
+            UpstreamProtocol::Http2 => {
+                UpstreamPool::http2(connector, origin, config.connect_timeout)?
+            }
+        };
         Ok(Self {
-            pool: UpstreamPool::new(connector, origin),
+            pool,
             host,
             timeout: config.timeout,
         })
@@ -193,8 +200,8 @@ impl Upstream {
         mut request: Request<UpstreamBody>,
         client_body: &crate::body::InboundProgress,
     ) -> Result<(Response<PooledBody>, Duration), ForwardError> {
-        // Upstream connections are HTTP/1.1 (see `https_connector`); an inbound HTTP/2
-        // version would be refused on them.
+        // The upstream's version, not the client's: an inbound HTTP/2 version would be
+        // refused on an HTTP/1.1 connection (the HTTP/2 pool sets its own).
         *request.version_mut() = Version::HTTP_11;
         request
             .headers_mut()
@@ -242,14 +249,16 @@ fn host_header(scheme: &Scheme, authority: &http::uri::Authority) -> Result<Head
 }
 
 /// An HTTP and HTTPS (rustls with ring) connector trusting `roots`, with a bound on TCP
-/// connect. HTTP/1.1 only, also over TLS: hyper-util's pool keeps one HTTP/2 connection per
-/// origin, and an upstream limits the streams on a connection (commonly to 100), so every
-/// request over that limit would wait inside keygate for a stream, slow image requests
-/// until they time out. Over HTTP/1.1 each request in flight has its own pooled
-/// connection (`requests_over_an_http2_upstreams_stream_limit_are_not_held_back`).
+/// connect, offering by ALPN only the one `protocol` keygate speaks to the upstream: an
+/// upstream that offers h2 gets HTTP/1.1 unless `upstream.protocol = "http2"`, and then
+/// must take h2. (hyper-util's pool would keep one HTTP/2 connection per origin, and
+/// requests over the upstream's stream limit would wait inside keygate for a stream;
+/// `upstream_h2` opens more connections instead:
+/// `requests_over_an_http2_upstreams_stream_limit_are_not_held_back`.)
 pub fn https_connector(
     roots: rustls::RootCertStore,
     connect_timeout: Duration,
+    protocol: UpstreamProtocol,
 ) -> Result<HttpsConnector<HttpConnector>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -261,11 +270,13 @@ pub fn https_connector(
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
-    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http))
+        .https_or_http();
+    Ok(match protocol {
+        UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(http),
+        UpstreamProtocol::Http2 => builder.enable_http2().wrap_connector(http),
+    })
 }
 
 /// Builds the upstream request's headers from the client's: everything the client must

@@ -31,7 +31,8 @@
 //!   outage modes, quota headers, local slices of a busy team's room (Redis);
 //!   [`shared_redis`]: the connection to a fleet's Redis.
 //! - [`forward`]: the upstream request and header rewrite; [`upstream_pool`]: the kept-alive
-//!   HTTP/1.1 connections to the upstream; [`upstream_keys`]: real keys;
+//!   HTTP/1.1 connections to the upstream, [`upstream_h2`]: the shared HTTP/2 ones (opt-in);
+//!   [`upstream_keys`]: real keys;
 //!   [`retry`]: retries of 429 / 503 / failed connects with backoff and key failover;
 //!   [`circuit`]: the breaker that answers 503 at once while the upstream is down.
 //! - [`context`], [`observe`], [`request_id`], [`telemetry`]: what is recorded;
@@ -78,6 +79,7 @@ pub mod telemetry;
 pub mod throttle;
 pub mod tls;
 pub mod token;
+pub mod upstream_h2;
 pub mod upstream_keys;
 pub mod upstream_pool;
 pub mod usage_log;

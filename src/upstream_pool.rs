@@ -1,5 +1,6 @@
 //! Owns the connections to the upstream: HTTP/1.1 over TCP or rustls, one request at a
-//! time each, kept alive and handed out again most recently used first. The response body
+//! time each, kept alive and handed out again most recently used first (or, with
+//! `upstream.protocol = "http2"`, [`crate::upstream_h2`]'s shared connections). The response body
 //! gives its connection back once the upstream's answer has been read to its end, and only
 //! a connection ready for its next request goes in the list.
 //!
@@ -33,18 +34,19 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tower_service::Service;
 
 use crate::body::UpstreamBody;
+use crate::upstream_h2::{Http2Pool, StreamLease};
 
 /// How long an idle connection is kept; upstreams commonly close theirs after 60–75 s, and
 /// a connection found closed is skipped anyway.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept at most; more are closed when given back.
 const MAX_IDLE: usize = 1024;
 /// How often idle connections past [`IDLE_TIMEOUT`] are closed when no request comes to
 /// find them (after a burst, say).
-const REAP_EVERY: Duration = Duration::from_secs(30);
+pub(crate) const REAP_EVERY: Duration = Duration::from_secs(30);
 /// Idle lists: one for the threads that are no shard, one per shard after it (shards past
 /// the last list share lists, which only costs hand-offs).
-const IDLE_LISTS: usize = 17;
+pub(crate) const IDLE_LISTS: usize = 17;
 
 type Sender = SendRequest<UpstreamBody>;
 
@@ -63,6 +65,8 @@ pub enum PoolError {
 #[derive(Clone)]
 pub struct UpstreamPool {
     shared: Arc<Shared>,
+    /// Set with `upstream.protocol = "http2"`: every request goes there instead.
+    http2: Option<Http2Pool>,
 }
 
 struct Shared {
@@ -96,6 +100,7 @@ struct Idle {
 }
 
 impl UpstreamPool {
+    /// HTTP/1.1 connections to `origin`.
     pub fn new(connector: HttpsConnector<HttpConnector>, origin: Uri) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -104,7 +109,22 @@ impl UpstreamPool {
                 idle: std::array::from_fn(|_| IdleList::default()),
                 reaping: AtomicBool::new(false),
             }),
+            http2: None,
         }
+    }
+
+    /// HTTP/2 connections to `origin`, each taking as many requests at once as the
+    /// upstream allows; a new one has `settle_within` to connect and send its settings.
+    /// `connector` must offer only h2 by ALPN ([`crate::forward::https_connector`]).
+    pub fn http2(
+        connector: HttpsConnector<HttpConnector>,
+        origin: Uri,
+        settle_within: Duration,
+    ) -> Result<Self, String> {
+        let http2 = Http2Pool::new(connector.clone(), &origin, settle_within)?;
+        let mut pool = Self::new(connector, origin);
+        pool.http2 = Some(http2);
+        Ok(pool)
     }
 
     /// Sends `request` (origin-form URI, Host set) on an idle connection, or a new one. A
@@ -114,6 +134,10 @@ impl UpstreamPool {
         &self,
         mut request: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, PoolError> {
+        if let Some(http2) = &self.http2 {
+            let (response, stream) = Box::pin(http2.send(request)).await?;
+            return Ok(PooledBody::lent(response, Lease::Stream(stream)));
+        }
         loop {
             let (mut sender, reused) = match self.checkout() {
                 Some(sender) => (sender, true),
@@ -124,19 +148,11 @@ impl UpstreamPool {
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    let (parts, body) = response.into_parts();
-                    let mut body = PooledBody {
-                        body,
-                        lease: Some(Lease {
-                            sender,
-                            pool: self.shared.clone(),
-                        }),
+                    let lease = Lease::Connection {
+                        sender,
+                        pool: self.shared.clone(),
                     };
-                    // hyper's server never polls an empty body: give the connection back now.
-                    if body.body.is_end_stream() {
-                        body.release();
-                    }
-                    return Ok(Response::from_parts(parts, body));
+                    return Ok(PooledBody::lent(response, lease));
                 }
                 Err(mut failed) => match failed.take_message() {
                     Some(unsent) if reused => request = unsent,
@@ -261,10 +277,16 @@ impl<C: Future<Output = Result<(), hyper::Error>>> Future for Driven<C> {
     }
 }
 
-/// A connection lent to one request until its answer has been read.
-struct Lease {
-    sender: Sender,
-    pool: Arc<Shared>,
+/// What a request holds until its answer has been read: an HTTP/1.1 connection, or a
+/// stream of an HTTP/2 one.
+enum Lease {
+    Connection {
+        sender: Sender,
+        pool: Arc<Shared>,
+    },
+    Stream(
+        #[expect(dead_code, reason = "held for its Drop, which gives the stream back")] StreamLease,
+    ),
 }
 
 /// The upstream's answer body. Read to its end, it gives its connection back for the next
@@ -275,8 +297,22 @@ pub struct PooledBody {
 }
 
 impl PooledBody {
+    fn lent(response: Response<Incoming>, lease: Lease) -> Response<Self> {
+        let (parts, body) = response.into_parts();
+        let mut body = PooledBody {
+            body,
+            lease: Some(lease),
+        };
+        // hyper's server never polls an empty body: give the connection back now.
+        if body.body.is_end_stream() {
+            body.release();
+        }
+        Response::from_parts(parts, body)
+    }
+
     fn release(&mut self) {
-        let Some(Lease { mut sender, pool }) = self.lease.take() else {
+        let Some(Lease::Connection { mut sender, pool }) = self.lease.take() else {
+            // A stream is given back by dropping its lease.
             return;
         };
         if sender.is_ready() {
@@ -391,9 +427,12 @@ mod tests {
     }
 
     fn pool(origin: Uri) -> UpstreamPool {
-        let connector =
-            crate::forward::https_connector(rustls::RootCertStore::empty(), Duration::from_secs(1))
-                .unwrap();
+        let connector = crate::forward::https_connector(
+            rustls::RootCertStore::empty(),
+            Duration::from_secs(1),
+            crate::config::UpstreamProtocol::Http1,
+        )
+        .unwrap();
         UpstreamPool::new(connector, origin)
     }
 

@@ -1,6 +1,7 @@
 //! Protocols on both sides: an HTTP/2 client through to an HTTP/1.1 upstream, an HTTPS
-//! upstream trusted only through `upstream.ca_file`, and TLS on the proxy listener with
-//! HTTP/1.1 and HTTP/2 chosen by ALPN.
+//! upstream trusted only through `upstream.ca_file`, an HTTP/2 upstream (h2c and by ALPN)
+//! with its stream limit, and TLS on the proxy listener with HTTP/1.1 and HTTP/2 chosen
+//! by ALPN.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::io::Write;
 
 use common::upstream::{test_cert, TestCert};
 use common::*;
-use keygate::config::TlsFiles;
+use keygate::config::{Config, TlsFiles, UpstreamProtocol};
 use reqwest::Version;
 
 fn pem_file(pem: &str) -> tempfile::NamedTempFile {
@@ -157,6 +158,119 @@ async fn requests_over_an_http2_upstreams_stream_limit_are_not_held_back() {
         .received()
         .iter()
         .all(|r| r.version == http::Version::HTTP_11));
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+fn http2_upstream_config(upstream: &MockUpstream, ca: Option<&std::path::Path>) -> Config {
+    let mut config = config_from(&standard_config_text(&upstream.url(), ""));
+    config.upstream.protocol = UpstreamProtocol::Http2;
+    config.upstream.ca_file = ca.map(|path| path.to_path_buf());
+    config
+}
+
+/// With `upstream.protocol = "http2"`, requests in flight share connections up to the
+/// stream limit the upstream announces, and the ones past it go out at once on more
+/// connections: none waits inside keygate for a stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upstream_takes_requests_in_flight_on_shared_connections_within_its_stream_limit()
+{
+    const STREAMS: u32 = 3;
+    const REQUESTS: usize = 10;
+    let upstream = MockUpstream::start_with_stream_limit(STREAMS).await;
+    upstream.set_reply(Reply::Hang);
+    let gateway = TestGateway::start(http2_upstream_config(&upstream, None)).await;
+
+    let requests = futures_util::future::join_all(
+        (0..REQUESTS).map(|_| gateway.generate(TOKEN_DESIGN_GENERATE)),
+    );
+    tokio::select! {
+        () = upstream.wait_for(REQUESTS, std::time::Duration::from_secs(5)) => {}
+        answers = requests => panic!(
+            "answered before the upstream held them all: {:?}",
+            answers.iter().map(|a| a.status()).collect::<Vec<_>>()
+        ),
+    }
+    // Each connection filled to the limit before the next was opened: ceil(10 / 3).
+    assert_eq!(upstream.connections(), 4);
+    for received in upstream.received() {
+        assert_eq!(received.version, http::Version::HTTP_2);
+        assert_eq!(received.authority, upstream.addr.to_string());
+        assert_forwarded_with_the_real_key(&received);
+    }
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+#[tokio::test]
+async fn requests_one_after_another_share_one_http2_upstream_connection() {
+    const BIG: u64 = 12 * 1024 * 1024;
+    let upstream = MockUpstream::start().await;
+    let gateway = TestGateway::start(http2_upstream_config(&upstream, None)).await;
+    for _ in 0..5 {
+        let answer = Answer::read(gateway.generate(TOKEN_DESIGN_GENERATE).await).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert_eq!(answer.body, common::upstream::OK_JSON);
+        assert!(answer.header("x-ratelimit-limit").is_some());
+    }
+    // More than the connection's and the stream's flow-control windows (5 and 2 MiB):
+    // the answer keeps flowing as keygate passes it on.
+    upstream.set_reply(Reply::Sized(200, BIG));
+    let response = gateway.generate(TOKEN_DESIGN_GENERATE).await;
+    assert_eq!(response.status(), 200);
+    let body = tokio::time::timeout(std::time::Duration::from_secs(30), response.bytes())
+        .await
+        .expect("the answer flows")
+        .unwrap();
+    assert_eq!(body.len() as u64, BIG);
+
+    assert_eq!(upstream.connections(), 1);
+    let received = upstream.received();
+    assert_eq!(received.len(), 6);
+    assert!(received
+        .iter()
+        .all(|r| r.version == http::Version::HTTP_2 && r.authority == upstream.addr.to_string()));
+    assert_forwarded_with_the_real_key(&received[0]);
+    gateway.wait_team_used("design", 6).await;
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+#[tokio::test]
+async fn an_https_upstream_is_reached_over_http2_by_alpn() {
+    let cert = test_cert();
+    let upstream = MockUpstream::start_tls(&cert).await;
+    let ca = pem_file(&cert.cert_pem);
+    let gateway = TestGateway::start(http2_upstream_config(&upstream, Some(ca.path()))).await;
+
+    let answer = Answer::read(gateway.generate(TOKEN_DESIGN_GENERATE).await).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body, common::upstream::OK_JSON);
+    let received = &upstream.received()[0];
+    assert_eq!(received.version, http::Version::HTTP_2);
+    assert_eq!(
+        received.authority,
+        format!("localhost:{}", upstream.addr.port())
+    );
+    assert_forwarded_with_the_real_key(received);
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+/// An upstream that does not agree to h2 gets nothing: the request is a 502 (refunded,
+/// as any failed connect), not an HTTP/1.1 request it was not configured for.
+#[tokio::test]
+async fn an_https_upstream_without_h2_is_a_502_when_http2_is_configured() {
+    let cert = test_cert();
+    let upstream = MockUpstream::start_tls_http1_only(&cert).await;
+    let ca = pem_file(&cert.cert_pem);
+    let gateway = TestGateway::start(http2_upstream_config(&upstream, Some(ca.path()))).await;
+
+    let answer = Answer::read(gateway.generate(TOKEN_DESIGN_GENERATE).await).await;
+    assert_eq!(answer.status, 502);
+    assert_eq!(answer.body, BAD_GATEWAY_BODY);
+    assert_eq!(upstream.count(), 0);
+    gateway.wait_team_used("design", 0).await;
     gateway.shutdown().await;
     logs::assert_clean(ALL_SECRETS);
 }

@@ -65,6 +65,8 @@ struct Shared {
     refused_keys: Mutex<Vec<(String, u16)>>,
     received: Mutex<Vec<Received>>,
     count: watch::Sender<usize>,
+    /// Connections accepted.
+    connections: std::sync::atomic::AtomicUsize,
 }
 
 pub struct MockUpstream {
@@ -95,18 +97,29 @@ impl MockUpstream {
         Self::start_inner(None, None).await
     }
 
+    /// A plain upstream whose HTTP/2 connections (h2c, prior knowledge) take at most
+    /// `streams` requests at once.
+    pub async fn start_with_stream_limit(streams: u32) -> Self {
+        Self::start_inner(None, Some(streams)).await
+    }
+
     /// A TLS upstream; the gateway must trust `cert.cert_pem` through `upstream.ca_file`.
     pub async fn start_tls(cert: &TestCert) -> Self {
-        Self::start_tls_inner(cert, None).await
+        Self::start_tls_inner(cert, None, true).await
+    }
+
+    /// A TLS upstream that offers only `http/1.1` by ALPN.
+    pub async fn start_tls_http1_only(cert: &TestCert) -> Self {
+        Self::start_tls_inner(cert, None, false).await
     }
 
     /// A TLS upstream whose HTTP/2 connections take at most `streams` requests at once, as
     /// real APIs limit them (commonly 100).
     pub async fn start_tls_with_stream_limit(cert: &TestCert, streams: u32) -> Self {
-        Self::start_tls_inner(cert, Some(streams)).await
+        Self::start_tls_inner(cert, Some(streams), true).await
     }
 
-    async fn start_tls_inner(cert: &TestCert, streams: Option<u32>) -> Self {
+    async fn start_tls_inner(cert: &TestCert, streams: Option<u32>, h2: bool) -> Self {
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let chain: Vec<CertificateDer<'static>> =
             rustls_pemfile::certs(&mut cert.cert_pem.as_bytes())
@@ -122,7 +135,11 @@ impl MockUpstream {
             .with_no_client_auth()
             .with_single_cert(chain, key)
             .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = if h2 {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
+        };
         Self::start_inner(
             Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
             streams,
@@ -142,6 +159,7 @@ impl MockUpstream {
             refused_keys: Mutex::new(Vec::new()),
             received: Mutex::new(Vec::new()),
             count,
+            connections: Default::default(),
         });
         let scheme = if tls.is_some() { "https" } else { "http" };
         let accept_shared = shared.clone();
@@ -151,6 +169,9 @@ impl MockUpstream {
                     continue;
                 };
                 let shared = accept_shared.clone();
+                shared
+                    .connections
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| handle(shared.clone(), req));
@@ -210,6 +231,13 @@ impl MockUpstream {
 
     pub fn count(&self) -> usize {
         *self.shared.count.borrow()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.shared
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Waits until at least `n` requests have been received (their bodies read).

@@ -1,0 +1,587 @@
+//! Owns the HTTP/2 connections to the upstream (`upstream.protocol = "http2"`): requests in
+//! flight share a connection, a stream each, up to the number the upstream allows on it
+//! (its `SETTINGS_MAX_CONCURRENT_STREAMS`, at most [`MAX_STREAMS`]); a request that finds
+//! every connection full opens another, so none waits inside keygate for a stream.
+//!
+//! Why: image generation holds a request for seconds. Over HTTP/1.1 each request in flight
+//! holds a connection of its own (a socket, a TLS session, hyper's buffers and channel);
+//! over HTTP/2 a hundred share one (PERFORMANCE.md, session 9).
+//!
+//! A connection counts its streams from the moment it is asked for: requests that come
+//! while it connects wait for it (up to [`ASSUMED_STREAMS`]) instead of each opening one of
+//! their own, and those over the limit the upstream then announces move on to another.
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::Poll;
+use std::time::Duration;
+
+// Tokio's clock, so that tests can move it.
+use tokio::time::Instant;
+
+use http::header;
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::watch;
+use tower_service::Service;
+
+use crate::body::UpstreamBody;
+use crate::upstream_pool::{PoolError, IDLE_LISTS, IDLE_TIMEOUT, REAP_EVERY};
+
+/// Streams on one connection at most, whatever the upstream allows: past a few hundred,
+/// what the requests share is one TCP window and one task.
+const MAX_STREAMS: usize = 256;
+/// Streams a connection is taken to allow until the upstream's settings say: RFC 9113's
+/// recommended minimum, and hyper's own assumption.
+const ASSUMED_STREAMS: usize = 100;
+/// Times a request goes to another connection when its own ended before taking it.
+const RESENDS: usize = 3;
+/// Pings on a connection, idle or not: a dead one is found before a request is sent on it.
+const PING_EVERY: Duration = Duration::from_secs(30);
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Sender = http2::SendRequest<UpstreamBody>;
+
+/// The HTTP/2 connections to one origin.
+#[derive(Clone)]
+pub(crate) struct Http2Pool {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    connector: HttpsConnector<HttpConnector>,
+    scheme: Scheme,
+    authority: Authority,
+    /// How long a new connection has to connect and send its settings.
+    settle_within: Duration,
+    /// One list per shard, as the HTTP/1.1 pool's idle lists: a connection's task runs
+    /// on the shard that opened it.
+    lists: [ConnList; IDLE_LISTS],
+    next_id: AtomicU64,
+    reaping: AtomicBool,
+}
+
+#[derive(Default)]
+#[repr(align(128))]
+struct ConnList(Mutex<Vec<Conn>>);
+
+struct Conn {
+    id: u64,
+    /// Streams lent: requests on it, and requests waiting for it to connect.
+    streams: usize,
+    /// Streams it takes: [`ASSUMED_STREAMS`] until the upstream's settings say.
+    limit: usize,
+    /// Set once connected and the upstream's settings read.
+    sender: Option<Sender>,
+    /// When `streams` last fell to 0.
+    idle_since: Instant,
+    settled: watch::Receiver<Settled>,
+}
+
+#[derive(Clone)]
+enum Settled {
+    Connecting,
+    Ready,
+    Failed(Arc<str>),
+}
+
+/// A stream lent to one request until its answer has been read or dropped.
+pub(crate) struct StreamLease {
+    pool: Arc<Shared>,
+    list: usize,
+    id: u64,
+    /// Whether its connection still counts it (not once given back over the limit).
+    counted: bool,
+}
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        if self.counted {
+            let mut conns = self.pool.list(self.list);
+            if let Some(conn) = conns.iter_mut().find(|conn| conn.id == self.id) {
+                conn.give_back_stream();
+            }
+        }
+    }
+}
+
+impl Conn {
+    fn give_back_stream(&mut self) {
+        self.streams -= 1;
+        if self.streams == 0 {
+            self.idle_since = Instant::now();
+        }
+    }
+}
+
+impl Http2Pool {
+    /// `origin` is `scheme://authority/` of the upstream.
+    pub(crate) fn new(
+        connector: HttpsConnector<HttpConnector>,
+        origin: &Uri,
+        settle_within: Duration,
+    ) -> Result<Self, String> {
+        let (Some(scheme), Some(authority)) = (origin.scheme(), origin.authority()) else {
+            return Err(format!("upstream {origin} is not scheme://host"));
+        };
+        Ok(Self {
+            shared: Arc::new(Shared {
+                connector,
+                scheme: scheme.clone(),
+                authority: authority.clone(),
+                settle_within,
+                lists: std::array::from_fn(|_| ConnList::default()),
+                next_id: AtomicU64::new(0),
+                reaping: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Sends `request` (origin-form URI) on a stream of a connection with room, or of a
+    /// new one.
+    pub(crate) async fn send(
+        &self,
+        mut request: Request<UpstreamBody>,
+    ) -> Result<(Response<Incoming>, StreamLease), PoolError> {
+        self.to_absolute_form(&mut request)?;
+        let mut resends = 0;
+        loop {
+            let (mut lease, mut settled) = self.attach();
+            let outcome = settled
+                .wait_for(|settled| !matches!(settled, Settled::Connecting))
+                .await
+                .map(|settled| settled.clone());
+            match outcome {
+                Ok(Settled::Ready) => {}
+                Ok(Settled::Failed(cause)) => return Err(PoolError::Connect(cause.to_string())),
+                Ok(Settled::Connecting) | Err(_) => {
+                    return Err(PoolError::Connect("upstream connection task ended".into()))
+                }
+            }
+            // Over the limit the upstream announced (or its connection already gone): the
+            // lease is given back and the request looks again.
+            let Some(mut sender) = self.shared.take_stream(&mut lease) else {
+                continue;
+            };
+            match sender.try_send_request(request).await {
+                Ok(mut response) => {
+                    // The answer goes on to the client over the client's own connection,
+                    // whatever its version: an HTTP/1.1 one would log a coercion each time.
+                    *response.version_mut() = Version::HTTP_11;
+                    return Ok((response, lease));
+                }
+                Err(mut failed) => match failed.take_message() {
+                    Some(unsent) if resends < RESENDS => {
+                        resends += 1;
+                        request = unsent;
+                    }
+                    _ => {
+                        let error = failed.into_error();
+                        return Err(if never_processed(&error) {
+                            PoolError::Connect(crate::forward::error_chain(&error))
+                        } else {
+                            PoolError::Request(error)
+                        });
+                    }
+                },
+            }
+        }
+    }
+
+    /// HTTP/2 names the origin in the `:scheme` and `:authority` of every request, not in
+    /// `Host` (RFC 9113, 8.3.1).
+    fn to_absolute_form(&self, request: &mut Request<UpstreamBody>) -> Result<(), PoolError> {
+        let path_and_query = request.uri().path_and_query().cloned();
+        let mut uri = Uri::builder()
+            .scheme(self.shared.scheme.clone())
+            .authority(self.shared.authority.clone());
+        if let Some(path_and_query) = path_and_query {
+            uri = uri.path_and_query(path_and_query);
+        }
+        *request.uri_mut() = uri
+            .build()
+            .map_err(|e| PoolError::Connect(format!("upstream request target: {e}")))?;
+        request.headers_mut().remove(header::HOST);
+        *request.version_mut() = Version::HTTP_2;
+        Ok(())
+    }
+
+    /// A stream on the first connection of this thread's list with room, or on a new one
+    /// (connecting in its own task, so that a request that goes away does not take the
+    /// connection others wait for with it).
+    fn attach(&self) -> (StreamLease, watch::Receiver<Settled>) {
+        let list = crate::shards::current() % IDLE_LISTS;
+        let lease = |id| StreamLease {
+            pool: self.shared.clone(),
+            list,
+            id,
+            counted: true,
+        };
+        let mut conns = self.shared.list(list);
+        // The first with room: requests are packed onto the oldest connections, and the
+        // newest fall idle and expire when the load falls.
+        if let Some(conn) = conns.iter_mut().find(|conn| conn.streams < conn.limit) {
+            conn.streams += 1;
+            return (lease(conn.id), conn.settled.clone());
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tell, settled) = watch::channel(Settled::Connecting);
+        conns.push(Conn {
+            id,
+            streams: 1,
+            limit: ASSUMED_STREAMS,
+            sender: None,
+            idle_since: Instant::now(),
+            settled: settled.clone(),
+        });
+        drop(conns);
+        if !self.shared.reaping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(reap(Arc::downgrade(&self.shared)));
+        }
+        tokio::spawn(connect_and_drive(
+            Arc::downgrade(&self.shared),
+            list,
+            id,
+            tell,
+        ));
+        (lease(id), settled)
+    }
+
+    #[cfg(test)]
+    fn connections(&self) -> Vec<(usize, usize)> {
+        self.shared
+            .lists
+            .iter()
+            .flat_map(|list| {
+                let conns = list.0.lock().unwrap();
+                conns
+                    .iter()
+                    .map(|conn| (conn.streams, conn.limit))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+impl Shared {
+    fn list(&self, list: usize) -> MutexGuard<'_, Vec<Conn>> {
+        // A panic while holding the list leaves it consistent: plain counts and senders.
+        self.lists[list]
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The connection's sender if the lease fits under the limit its upstream announced;
+    /// `None` (the lease given back) if not, or if the connection is gone. Given back
+    /// under the list's lock, one at a time: of eight waiting on a connection that takes
+    /// two, six leave and two stay.
+    fn take_stream(&self, lease: &mut StreamLease) -> Option<Sender> {
+        let mut conns = self.list(lease.list);
+        let Some(conn) = conns.iter_mut().find(|conn| conn.id == lease.id) else {
+            lease.counted = false;
+            return None;
+        };
+        if conn.streams > conn.limit {
+            conn.give_back_stream();
+            lease.counted = false;
+            return None;
+        }
+        conn.sender.clone()
+    }
+
+    /// Records what the upstream's settings allow on connection `id`, and its sender the
+    /// first time.
+    fn settle(&self, list: usize, id: u64, limit: usize, sender: Option<Sender>) {
+        let mut conns = self.list(list);
+        if let Some(conn) = conns.iter_mut().find(|conn| conn.id == id) {
+            conn.limit = limit;
+            if sender.is_some() {
+                conn.sender = sender;
+            }
+        }
+    }
+
+    fn forget(&self, list: usize, id: u64) {
+        self.list(list).retain(|conn| conn.id != id);
+    }
+}
+
+/// Connects, then drives the connection until it ends, telling the requests waiting for it
+/// once the upstream's settings say how many streams it takes.
+async fn connect_and_drive(pool: Weak<Shared>, list: usize, id: u64, tell: watch::Sender<Settled>) {
+    let Some(settle_within) = pool.upgrade().map(|pool| pool.settle_within) else {
+        return;
+    };
+    let settle_by = Instant::now() + settle_within;
+    let connected = tokio::time::timeout_at(settle_by, Box::pin(connect(&pool)))
+        .await
+        .unwrap_or_else(|_| Err(format!("no connection within {settle_within:?}")));
+    let ended = match connected {
+        Ok((sender, connection)) => {
+            let settling = Settling {
+                pool: &pool,
+                list,
+                id,
+                tell: &tell,
+                by: settle_by,
+            };
+            drive(settling, sender, connection).await
+        }
+        Err(cause) => Err(cause),
+    };
+    if let Some(pool) = pool.upgrade() {
+        pool.forget(list, id);
+    }
+    match ended {
+        Err(cause) if matches!(*tell.borrow(), Settled::Connecting) => {
+            tracing::debug!(cause = %cause, "upstream HTTP/2 connection failed");
+            tell.send_replace(Settled::Failed(cause.into()));
+        }
+        Err(cause) => tracing::debug!(cause = %cause, "upstream HTTP/2 connection ended"),
+        Ok(()) => {
+            if matches!(*tell.borrow(), Settled::Connecting) {
+                tell.send_replace(Settled::Failed(
+                    "the upstream closed the connection before its settings".into(),
+                ));
+            }
+        }
+    }
+}
+
+type Io = hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>;
+type Driven = http2::Connection<Io, UpstreamBody, TokioExecutor>;
+
+async fn connect(pool: &Weak<Shared>) -> Result<(Sender, Driven), String> {
+    let (mut connector, origin) = {
+        let pool = pool.upgrade().ok_or("the pool is gone")?;
+        let origin = Uri::builder()
+            .scheme(pool.scheme.clone())
+            .authority(pool.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| e.to_string())?;
+        (pool.connector.clone(), origin)
+    };
+    std::future::poll_fn(|cx| connector.poll_ready(cx))
+        .await
+        .map_err(|e| crate::forward::error_chain(e.as_ref()))?;
+    let io = connector
+        .call(origin)
+        .await
+        .map_err(|e| crate::forward::error_chain(e.as_ref()))?;
+    if matches!(io, hyper_rustls::MaybeHttpsStream::Https(_)) && !io.connected().is_negotiated_h2()
+    {
+        return Err("the upstream did not agree to HTTP/2 (ALPN h2)".into());
+    }
+    http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        // No stream before the upstream's settings: a first stream count other than the
+        // upstream's own is how requests come to wait inside keygate for a stream.
+        .initial_max_send_streams(0)
+        .keep_alive_interval(PING_EVERY)
+        .keep_alive_timeout(PING_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .handshake(io)
+        .await
+        .map_err(|e| crate::forward::error_chain(&e))
+}
+
+/// A new connection's place in the pool, and who waits for its settings until when.
+struct Settling<'a> {
+    pool: &'a Weak<Shared>,
+    list: usize,
+    id: u64,
+    tell: &'a watch::Sender<Settled>,
+    by: Instant,
+}
+
+/// Polls the connection until it ends; after each poll, passes on what the upstream's
+/// settings now allow. Until they arrive, nothing is sent on it.
+async fn drive(settling: Settling<'_>, sender: Sender, connection: Driven) -> Result<(), String> {
+    let Settling {
+        pool,
+        list,
+        id,
+        tell,
+        by,
+    } = settling;
+    let mut connection = pin!(connection);
+    let mut unsettled = Some(sender);
+    let mut allowed = 0;
+    let mut settle_by = pin!(tokio::time::sleep_until(by));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(ended) = connection.as_mut().poll(cx) {
+            return Poll::Ready(ended.map_err(|e| crate::forward::error_chain(&e)));
+        }
+        let now_allowed = connection.current_max_send_streams().min(MAX_STREAMS);
+        // 0 before the settings (see `initial_max_send_streams`); after them, 0 is the
+        // upstream asking for no new streams for now.
+        if now_allowed != allowed && (now_allowed > 0 || unsettled.is_none()) {
+            allowed = now_allowed;
+            let Some(pool) = pool.upgrade() else {
+                return Poll::Ready(Ok(()));
+            };
+            let first = unsettled.take();
+            let settling = first.is_some();
+            pool.settle(list, id, allowed, first);
+            if settling {
+                tell.send_replace(Settled::Ready);
+            }
+        }
+        if unsettled.is_some() && settle_by.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err("no HTTP/2 settings from the upstream in time".into()));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Whether the upstream refused the stream before doing anything with it: a GOAWAY past
+/// it, or `REFUSED_STREAM` (RFC 9113, 8.7). Nothing reached the upstream, as with a
+/// failed connect, so it may be sent again.
+fn never_processed(error: &hyper::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = cause {
+        if let Some(h2) = current.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.is_remote()
+                || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cause = current.source();
+    }
+    false
+}
+
+/// Closes connections idle past [`IDLE_TIMEOUT`] every [`REAP_EVERY`] until the pool is
+/// gone: dropping a connection's last sender closes it.
+async fn reap(pool: Weak<Shared>) {
+    loop {
+        tokio::time::sleep(REAP_EVERY).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let now = Instant::now();
+        for list in 0..IDLE_LISTS {
+            pool.list(list).retain(|conn| {
+                conn.streams > 0 || conn.sender.is_none() || now - conn.idle_since <= IDLE_TIMEOUT
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    /// An h2c upstream taking 50 streams a connection: `/hang` is never answered,
+    /// anything else gets "ok". Counts connections.
+    async fn upstream() -> (Uri, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+                    if request.uri().path() == "/hang" {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                        bytes::Bytes::from_static(b"ok"),
+                    )))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(50)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        (origin, connections)
+    }
+
+    fn pool(origin: &Uri) -> Http2Pool {
+        let connector = crate::forward::https_connector(
+            rustls::RootCertStore::empty(),
+            Duration::from_secs(1),
+            crate::config::UpstreamProtocol::Http2,
+        )
+        .unwrap();
+        Http2Pool::new(connector, origin, Duration::from_secs(1)).unwrap()
+    }
+
+    fn get(path: &'static str) -> Request<UpstreamBody> {
+        let mut request = Request::new(UpstreamBody::Held(None));
+        *request.uri_mut() = Uri::from_static(path);
+        request
+    }
+
+    #[tokio::test]
+    async fn a_stream_is_given_back_when_its_answer_is_read_or_its_request_dropped() {
+        let (origin, connections) = upstream().await;
+        let pool = pool(&origin);
+        let (response, lease) = pool.send(get("/ok")).await.unwrap();
+        assert_eq!(pool.connections(), [(1, 50)]);
+        assert_eq!(response.collect().await.unwrap().to_bytes(), "ok");
+        drop(lease);
+        assert_eq!(pool.connections(), [(0, 50)]);
+
+        // A request that goes away while the upstream thinks gives its stream back too.
+        let waiting = pool.send(get("/hang"));
+        assert!(tokio::time::timeout(Duration::from_millis(50), waiting)
+            .await
+            .is_err());
+        assert_eq!(pool.connections(), [(0, 50)]);
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_are_closed_after_the_idle_timeout() {
+        let (origin, _) = upstream().await;
+        let pool = pool(&origin);
+        let (response, lease) = pool.send(get("/ok")).await.unwrap();
+        response.collect().await.unwrap();
+        drop(lease);
+        tokio::time::sleep(IDLE_TIMEOUT).await;
+        assert_eq!(pool.connections().len(), 1, "kept for the idle timeout");
+        tokio::time::sleep(REAP_EVERY * 2).await;
+        assert!(pool.connections().is_empty(), "closed once past it");
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_does_not_speak_h2c_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin: Uri = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let _ = stream
+                .write_all(b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\r\n")
+                .await;
+        });
+        let pool = pool(&origin);
+        match pool.send(get("/ok")).await {
+            Err(PoolError::Connect(cause)) => assert!(!cause.is_empty()),
+            Err(other) => panic!("not a connect error: {other}"),
+            Ok(_) => panic!("answered"),
+        }
+        assert!(
+            pool.connections().is_empty(),
+            "the failed connection is forgotten"
+        );
+    }
+}
