@@ -9,6 +9,8 @@
 # Env:   KEYGATE_BIN (default: $CARGO_TARGET_DIR/release/keygate), PORT_BASE (default 28280)
 #        WRAP        a command put before keygate (e.g. "heaptrack -o /tmp/kg"), the
 #                    process measured being keygate's
+#        UPSTREAM_H2=1 keygate speaks HTTP/2 (h2c) to the upstream stand-in, on its port + 30
+#                    (upstream.protocol = "http2"; the stand-in takes 128 streams a connection)
 # Needs: nginx libnginx-mod-http-lua (Debian packages), python3, ss.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -23,10 +25,16 @@ work=$(mktemp -d /tmp/keygate-phases.XXXX)
 . "$here/common.sh"
 trap 'stop_pidfiles "$work"; wait 2>/dev/null || true' EXIT
 sed -e "s#PREFIX#$work#g" -e "s#SLOWPORT#$slow#g" -e "s#SLOWSECS#2#g" "$here/upstream-slow.conf" > "$work/slow.conf"
+up=$slow
+if [ -n "${UPSTREAM_H2:-}" ]; then
+  up=$((slow + 30))
+  sed -i -E "s#^( *)listen 127.0.0.1:$slow (.*)#&\n\1listen 127.0.0.1:$up http2 \2#" "$work/slow.conf"
+fi
 nginx -c "$work/slow.conf" -p "$work" -e "$work/slow.err"
 # The bench's config without its [store] table: the memory store.
-sed -e "s#LISTENPORT#$kg#" -e "s#ADMINPORT#$kg_admin#" -e "s#UPPORT#$slow#" -e "s#USAGELOG#$work/usage.log#" \
+sed -e "s#LISTENPORT#$kg#" -e "s#ADMINPORT#$kg_admin#" -e "s#UPPORT#$up#" -e "s#USAGELOG#$work/usage.log#" \
   "$here/keygate.toml" | sed -e '/^\[store\]/,/^timeout/d' > "$work/keygate.toml"
+if [ -n "${UPSTREAM_H2:-}" ]; then sed -i 's#^\[upstream\]#[upstream]\nprotocol = "http2"#' "$work/keygate.toml"; fi
 # shellcheck disable=SC2086
 BENCH_UPSTREAM_KEY=sk-upstream-REAL-0123456789 KEYGATE_LOG=warn MIMALLOC_ARENA_EAGER_COMMIT=0 \
   ${WRAP:-} "$bin" serve --config "$work/keygate.toml" > "$work/keygate.out" 2>&1 &
@@ -36,4 +44,4 @@ for _ in $(seq 100); do
 done
 pid=$(pgrep -f "^$bin serve --config $work/keygate.toml" | head -1)
 echo "$pid" > "$work/keygate.pid"
-python3 "$here/phases.py" "$n" "$kg" "$pid" "$slow" "$rounds"
+python3 "$here/phases.py" "$n" "$kg" "$pid" "$up" "$rounds"

@@ -22,6 +22,10 @@
 #                      requests (store.local_slices); with KEYGATE_BIN_B set to the same
 #                      binary, a run compares slices against call-per-decision;
 #                      LOCAL_SLICES=both gives them to keygate-b too (e.g. with shards)
+#        UPSTREAM_H2=1 keygate (not keygate-b) speaks HTTP/2 to the upstream stand-ins
+#                      (upstream.protocol = "http2": h2c on their port + 30, or h2 by ALPN
+#                      with UPSTREAM_TLS); UPSTREAM_H2=both gives it to keygate-b too. The
+#                      nginx peers keep HTTP/1.1 (nginx proxies to upstreams over nothing else)
 # Needs: nginx libnginx-mod-http-lua lua-nginx-redis wrk redis-server (Debian packages).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -92,6 +96,16 @@ nginx_up() { # conf
       *) sed -i "s#proxy_pass http://imagen#proxy_pass https://imagen#" "$work/$1.conf" ;;
     esac
   fi
+  if [ -n "${UPSTREAM_H2:-}" ]; then
+    case $1 in
+      upstream | upstream-slow) if [ -n "${UPSTREAM_TLS:-}" ]; then
+          sed -i "s#listen \(127.0.0.1:[0-9]*\) ssl #listen \1 ssl http2 #" "$work/$1.conf"
+        else # h2c needs a port of its own on nginx 1.22: prior knowledge only
+          local port=$up; [ "$1" = upstream-slow ] && port=$slow
+          sed -i -E "s#^( *)listen 127.0.0.1:$port (.*)#&\n\1listen 127.0.0.1:$((port + 30)) http2 \2#" "$work/$1.conf"
+        fi ;;
+    esac
+  fi
   nginx -c "$work/$1.conf" -p "$work" -e "$work/$1.err"
 }
 # A CA and a certificate for localhost / 127.0.0.1 signed by it, for UPSTREAM_TLS.
@@ -112,6 +126,10 @@ keygate_up() { # name listen admin upstream_port [binary]
   fi
   if [ -n "${UPSTREAM_TLS:-}" ]; then
     sed -i "s#^url = \"http://127.0.0.1:$4\"#url = \"https://localhost:$4\"\nca_file = \"$work/ca.pem\"#" "$work/$1.toml"
+  fi
+  if [ "${UPSTREAM_H2:-}" = both ] || { [ -n "${UPSTREAM_H2:-}" ] && [ "$1" = "${1#keygate-b}" ]; }; then
+    sed -i "s#^\[upstream\]#[upstream]\nprotocol = \"http2\"#" "$work/$1.toml"
+    if [ -z "${UPSTREAM_TLS:-}" ]; then sed -i "s#^url = \"http://127.0.0.1:$4\"#url = \"http://127.0.0.1:$(($4 + 30))\"#" "$work/$1.toml"; fi
   fi
   # The allocator settings of deploy/systemd and deploy/docker.
   BENCH_UPSTREAM_KEY=sk-upstream-REAL-0123456789 KEYGATE_LOG=warn \
@@ -162,7 +180,7 @@ for port in $swap $lua $kg ${KEYGATE_BIN_B:+$kg_b}; do
 done
 
 echo "# machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "# wrk -t1 -c$conns -d${secs}s, POST text-to-image (post.lua), $rounds rounds alternating${UPSTREAM_TLS:+, HTTPS upstream}"
+echo "# wrk -t1 -c$conns -d${secs}s, POST text-to-image (post.lua), $rounds rounds alternating${UPSTREAM_TLS:+, HTTPS upstream}${UPSTREAM_H2:+, keygate to the upstream over HTTP/2 ($UPSTREAM_H2)}"
 declare -A sum_rps
 results="$work/results"
 for r in $(seq 1 "$rounds"); do
