@@ -44,6 +44,10 @@ const ASSUMED_STREAMS: usize = 100;
 /// Times a request goes to another connection when its own ended before taking it.
 const RESENDS: usize = 3;
 /// Pings on a connection, idle or not: a dead one is found before a request is sent on it.
+/// How soon a new connection is first looked at again for the upstream's settings, and
+/// how far apart the looks grow (doubling).
+const FIRST_LOOK: Duration = Duration::from_micros(500);
+const LAST_LOOK: Duration = Duration::from_millis(100);
 const PING_EVERY: Duration = Duration::from_secs(30);
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -170,6 +174,13 @@ impl Http2Pool {
             let Some(mut sender) = self.shared.take_stream(&mut lease) else {
                 continue;
             };
+            // A held body is kept for one more stream: an upstream closing a connection
+            // (GOAWAY, e.g. nginx after `keepalive_requests`) refuses the streams that
+            // raced it, and those go out again at once on another connection.
+            let again = match request.body() {
+                UpstreamBody::Held(bytes) if resends < RESENDS => Some(copy(&request, bytes)),
+                _ => None,
+            };
             match sender.try_send_request(request).await {
                 Ok(mut response) => {
                     // The answer goes on to the client over the client's own connection,
@@ -178,17 +189,30 @@ impl Http2Pool {
                     return Ok((response, lease));
                 }
                 Err(mut failed) => match failed.take_message() {
+                    // The connection ended before it took the request (after a GOAWAY, say),
+                    // maybe before its task has taken it out of the list: no more for it.
                     Some(unsent) if resends < RESENDS => {
+                        self.shared.forget(lease.list, lease.id);
                         resends += 1;
                         request = unsent;
                     }
                     _ => {
                         let error = failed.into_error();
-                        return Err(if never_processed(&error) {
-                            PoolError::Connect(crate::forward::error_chain(&error))
-                        } else {
-                            PoolError::Request(error)
-                        });
+                        match refusal(&error) {
+                            None => return Err(PoolError::Request(error)),
+                            // No more streams for it.
+                            Some(Refusal::GoingAway) => self.shared.forget(lease.list, lease.id),
+                            Some(Refusal::Stream) => {}
+                        }
+                        match again {
+                            Some(copy) => {
+                                resends += 1;
+                                request = copy;
+                            }
+                            None => {
+                                return Err(PoolError::Connect(crate::forward::error_chain(&error)))
+                            }
+                        }
                     }
                 },
             }
@@ -417,7 +441,11 @@ async fn drive(settling: Settling<'_>, sender: Sender, connection: Driven) -> Re
     let mut unsettled = Some(sender);
     let mut allowed = 0;
     let mut settle_by = pin!(tokio::time::sleep_until(by));
-    std::future::poll_fn(|cx| {
+    // hyper reads the upstream's frames in a task of its own, which wakes this one for
+    // requests to send, never for the settings: until they are seen, look again shortly.
+    let mut look_again = FIRST_LOOK;
+    let mut next_look = pin!(tokio::time::sleep(look_again));
+    std::future::poll_fn(|cx| loop {
         if let Poll::Ready(ended) = connection.as_mut().poll(cx) {
             return Poll::Ready(ended.map_err(|e| crate::forward::error_chain(&e)));
         }
@@ -436,27 +464,52 @@ async fn drive(settling: Settling<'_>, sender: Sender, connection: Driven) -> Re
                 tell.send_replace(Settled::Ready);
             }
         }
-        if unsettled.is_some() && settle_by.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err("no HTTP/2 settings from the upstream in time".into()));
+        if unsettled.is_some() {
+            if settle_by.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err("no HTTP/2 settings from the upstream in time".into()));
+            }
+            if next_look.as_mut().poll(cx).is_ready() {
+                look_again = (look_again * 2).min(LAST_LOOK);
+                next_look.as_mut().reset(Instant::now() + look_again);
+                continue;
+            }
         }
-        Poll::Pending
+        return Poll::Pending;
     })
     .await
 }
 
-/// Whether the upstream refused the stream before doing anything with it: a GOAWAY past
-/// it, or `REFUSED_STREAM` (RFC 9113, 8.7). Nothing reached the upstream, as with a
-/// failed connect, so it may be sent again.
-fn never_processed(error: &hyper::Error) -> bool {
+/// Another request like `request`, with `body`'s bytes (shared, not copied).
+fn copy(request: &Request<UpstreamBody>, body: &Option<bytes::Bytes>) -> Request<UpstreamBody> {
+    let mut copy = Request::new(UpstreamBody::Held(body.clone()));
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// How the upstream refused a stream before doing anything with it (RFC 9113, 8.7):
+/// nothing reached it, as with a failed connect, so the request may be sent again.
+enum Refusal {
+    /// A GOAWAY before it: the connection takes no new streams.
+    GoingAway,
+    /// `REFUSED_STREAM` on this one stream.
+    Stream,
+}
+
+fn refusal(error: &hyper::Error) -> Option<Refusal> {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(current) = cause {
         if let Some(h2) = current.downcast_ref::<h2::Error>() {
-            return h2.is_go_away() && h2.is_remote()
-                || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            if h2.is_go_away() && h2.is_remote() {
+                return Some(Refusal::GoingAway);
+            }
+            return (h2.reason() == Some(h2::Reason::REFUSED_STREAM)).then_some(Refusal::Stream);
         }
         cause = current.source();
     }
-    false
+    None
 }
 
 /// Closes connections idle past [`IDLE_TIMEOUT`] every [`REAP_EVERY`] until the pool is
@@ -485,6 +538,11 @@ mod tests {
     /// An h2c upstream taking 50 streams a connection: `/hang` is never answered,
     /// anything else gets "ok". Counts connections.
     async fn upstream() -> (Uri, Arc<AtomicUsize>) {
+        upstream_settling_after(Duration::ZERO).await
+    }
+
+    /// The same, sending its settings `delay` after each connection is accepted.
+    async fn upstream_settling_after(delay: Duration) -> (Uri, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let origin = format!("http://{}/", listener.local_addr().unwrap())
             .parse()
@@ -495,6 +553,7 @@ mod tests {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 counted.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(delay).await;
                 let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
                     if request.uri().path() == "/hang" {
                         std::future::pending::<()>().await;
@@ -514,13 +573,17 @@ mod tests {
     }
 
     fn pool(origin: &Uri) -> Http2Pool {
+        pool_settling_within(origin, Duration::from_secs(1))
+    }
+
+    fn pool_settling_within(origin: &Uri, settle_within: Duration) -> Http2Pool {
         let connector = crate::forward::https_connector(
             rustls::RootCertStore::empty(),
             Duration::from_secs(1),
             crate::config::UpstreamProtocol::Http2,
         )
         .unwrap();
-        Http2Pool::new(connector, origin, Duration::from_secs(1)).unwrap()
+        Http2Pool::new(connector, origin, settle_within).unwrap()
     }
 
     fn get(path: &'static str) -> Request<UpstreamBody> {
@@ -546,6 +609,135 @@ mod tests {
             .is_err());
         assert_eq!(pool.connections(), [(0, 50)]);
         assert_eq!(connections.load(Ordering::SeqCst), 1);
+    }
+
+    /// An upstream that refuses the first stream of each connection (REFUSED_STREAM) and
+    /// answers the others with the body it received.
+    async fn refusing_upstream() -> Uri {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut connection = h2::server::handshake(stream).await.unwrap();
+                    let mut first = true;
+                    while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        if std::mem::take(&mut first) {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            continue;
+                        }
+                        tokio::spawn(async move {
+                            let mut body = request.into_body();
+                            let mut received = Vec::new();
+                            while let Some(Ok(chunk)) = body.data().await {
+                                let _ = body.flow_control().release_capacity(chunk.len());
+                                received.extend_from_slice(&chunk);
+                            }
+                            let mut send = respond.send_response(Response::new(()), false).unwrap();
+                            let _ = send.send_data(received.into(), true);
+                        });
+                    }
+                });
+            }
+        });
+        origin
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_with_a_held_body_is_sent_again_at_once() {
+        let origin = refusing_upstream().await;
+        let pool = pool(&origin);
+        let mut request = get("/echo");
+        *request.body_mut() = UpstreamBody::Held(Some(bytes::Bytes::from_static(b"prompt")));
+        let (response, _lease) = pool.send(request).await.expect("sent again");
+        assert_eq!(response.collect().await.unwrap().to_bytes(), "prompt");
+        // On the same connection: a refused stream is not a connection going away.
+        assert_eq!(pool.connections().len(), 1);
+    }
+
+    /// Settings that come after the connection's first look still let the requests
+    /// waiting for it go (hyper wakes nothing for them), well before the settle timeout.
+    #[tokio::test]
+    async fn requests_go_once_late_settings_arrive() {
+        let (origin, _) = upstream_settling_after(Duration::from_millis(100)).await;
+        let pool = pool_settling_within(&origin, Duration::from_secs(60));
+        // Without another look, they wait until the settle timeout wakes the connection.
+        let (response, _lease) =
+            tokio::time::timeout(Duration::from_secs(5), pool.send(get("/ok")))
+                .await
+                .expect("not held until the settle timeout")
+                .expect("answered");
+        assert_eq!(response.collect().await.unwrap().to_bytes(), "ok");
+    }
+
+    /// An upstream that closes each connection gracefully (GOAWAY) after `per_connection`
+    /// requests, as nginx does after `keepalive_requests`, answering "ok".
+    async fn rotating_upstream(per_connection: usize) -> (Uri, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut connection = h2::server::handshake(stream).await.unwrap();
+                    let mut served = 0;
+                    while let Some(Ok((_, mut respond))) = connection.accept().await {
+                        served += 1;
+                        if served == per_connection {
+                            connection.graceful_shutdown();
+                        }
+                        tokio::spawn(async move {
+                            let mut send = respond.send_response(Response::new(()), false).unwrap();
+                            let _ = send.send_data(bytes::Bytes::from_static(b"ok"), true);
+                        });
+                    }
+                });
+            }
+        });
+        (origin, connections)
+    }
+
+    /// Requests that race an upstream's GOAWAY (refused, or never taken by a connection
+    /// that ended) go out again on another connection: none is lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upstream_rotating_its_connections_loses_no_request() {
+        use futures_util::StreamExt;
+        let (origin, connections) = rotating_upstream(10).await;
+        let pool = pool(&origin);
+        let answers = futures_util::stream::iter(0..400)
+            .map(|_| {
+                let pool = pool.clone();
+                async move {
+                    let mut request = get("/ok");
+                    *request.body_mut() = UpstreamBody::Held(Some(bytes::Bytes::from_static(b"p")));
+                    let (response, _lease) = pool.send(request).await?;
+                    Ok::<_, PoolError>(response.collect().await.unwrap().to_bytes())
+                }
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<_>>()
+            .await;
+        let failed: Vec<_> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+        assert!(
+            failed.is_empty(),
+            "{} lost: {:?}",
+            failed.len(),
+            failed.first()
+        );
+        assert!(answers
+            .iter()
+            .all(|a| a.as_ref().is_ok_and(|body| body == "ok")));
+        // Each takes its 10 and the streams that came before its last GOAWAY.
+        let connections = connections.load(Ordering::SeqCst);
+        assert!(connections >= 8, "{connections} connections: hardly rotated");
     }
 
     #[tokio::test(start_paused = true)]
