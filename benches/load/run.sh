@@ -26,7 +26,9 @@
 #                      (upstream.protocol = "http2": h2c on their port + 30, or h2 by ALPN
 #                      with UPSTREAM_TLS); UPSTREAM_H2=both gives it to keygate-b too. The
 #                      nginx peers keep HTTP/1.1 (nginx proxies to upstreams over nothing else)
-# Needs: nginx libnginx-mod-http-lua lua-nginx-redis wrk redis-server (Debian packages).
+#        HAPROXY=0     leaves out the harness's HAProxy peer (haproxy-rl: key swap and per-team
+#                      rolling-minute limits in a stick table, per instance, not shared)
+# Needs: nginx libnginx-mod-http-lua lua-nginx-redis haproxy wrk redis-server (Debian packages).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -35,7 +37,7 @@ conns=64
 inflight=${INFLIGHT:-5000}
 base=${PORT_BASE:-28080}
 up=$base; swap=$((base + 1)); lua=$((base + 2)); kg=$((base + 3)); kg_admin=$((base + 4))
-kg_b=$((base + 5)); kg_b_admin=$((base + 6))
+kg_b=$((base + 5)); kg_b_admin=$((base + 6)); haproxy_port=$((base + 7))
 slow=$((base + 10)); swap_slow=$((base + 11)); kg_slow=$((base + 13)); kg_slow_admin=$((base + 14))
 redis_lua=$((base + 20)); redis_kg=$((base + 21))
 # keygate's Redis: one server, or the three masters of a cluster.
@@ -108,6 +110,15 @@ nginx_up() { # conf
   fi
   nginx -c "$work/$1.conf" -p "$work" -e "$work/$1.err"
 }
+haproxy_up() {
+  cp "$here/tokens.map" "$work/tokens.map"
+  sed -e "s#PREFIX#$work#g" -e "s#HAPROXYPORT#$haproxy_port#" -e "s#UPPORT#$up#" \
+    "$here/haproxy-ratelimit.cfg" > "$work/haproxy.cfg"
+  if [ -n "${UPSTREAM_TLS:-}" ]; then
+    sed -i "s#\(server up1 .*\)#\1 ssl ca-file $work/ca.pem verifyhost localhost#" "$work/haproxy.cfg"
+  fi
+  haproxy -q -f "$work/haproxy.cfg"
+}
 # A CA and a certificate for localhost / 127.0.0.1 signed by it, for UPSTREAM_TLS.
 make_upstream_cert() {
   openssl req -x509 -newkey rsa:2048 -nodes -keyout "$work/ca.key" -out "$work/ca.pem" -days 2 \
@@ -155,6 +166,7 @@ serving_pids() { # name
     direct) pgrep -P "$(cat "$work/upstream.pid")" ;;
     nginx-swap) pgrep -P "$(cat "$work/swap.pid")" ;;
     nginx-lua-redis) pgrep -P "$(cat "$work/lua.pid")" ;;
+    haproxy-rl) cat "$work/haproxy.pid" ;;
     *) cat "$work/$1.pid" ;;
   esac
 }
@@ -169,13 +181,16 @@ redis_up "$redis_lua"; kg_store_up
 if [ -n "${UPSTREAM_TLS:-}" ]; then make_upstream_cert; fi
 for c in upstream nginx-swap nginx-lua-redis; do nginx_up "$c"; done
 keygate_up keygate "$kg" "$kg_admin" "$up"
-targets="direct:$up nginx-swap:$swap nginx-lua-redis:$lua keygate:$kg"
+targets="direct:$up nginx-swap:$swap nginx-lua-redis:$lua"
+if [ "${HAPROXY:-1}" != 0 ]; then haproxy_up; targets="$targets haproxy-rl:$haproxy_port"; fi
+targets="$targets keygate:$kg"
 if [ -n "${KEYGATE_BIN_B:-}" ]; then
   keygate_up keygate-b "$kg_b" "$kg_b_admin" "$up" "$KEYGATE_BIN_B"
   targets="$targets keygate-b:$kg_b"
 fi
 alpha="Bearer kg_team_alpha_secret_token_0001"
-for port in $swap $lua $kg ${KEYGATE_BIN_B:+$kg_b}; do
+for t in $targets; do
+  port=${t##*:}; [ "${t%%:*}" = direct ] && continue
   curl -fsS -X POST -H "Authorization: $alpha" "http://127.0.0.1:$port/v1/text-to-image" >/dev/null
 done
 
@@ -236,6 +251,7 @@ awk '
     k = rps["keygate"] / n["keygate"]
     printf "keygate / nginx-swap      = %.2f (goal >= 1.0)\n", k / (rps["nginx-swap"] / n["nginx-swap"])
     printf "keygate / nginx-lua-redis = %.2f (goal >= 2.5)\n", k / (rps["nginx-lua-redis"] / n["nginx-lua-redis"])
+    if (n["haproxy-rl"]) printf "keygate / haproxy-rl      = %.2f (no goal: per-instance limits, not shared)\n", k / (rps["haproxy-rl"] / n["haproxy-rl"])
     printf "p99 keygate %.2f ms vs nginx-swap %.2f ms\n", p99["keygate"], p99["nginx-swap"]
     if (n["keygate-b"]) {
       b = rps["keygate-b"] / n["keygate-b"]
