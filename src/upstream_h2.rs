@@ -96,6 +96,13 @@ enum Settled {
     Failed(Arc<str>),
 }
 
+/// Where a new stream's request goes: a settled connection with room (the common case,
+/// one lock a request), or one still connecting, to wait for.
+enum Attached {
+    Settled(Sender),
+    Connecting(watch::Receiver<Settled>),
+}
+
 /// A stream lent to one request until its answer has been read or dropped.
 pub(crate) struct StreamLease {
     pool: Arc<Shared>,
@@ -157,22 +164,30 @@ impl Http2Pool {
         self.to_absolute_form(&mut request)?;
         let mut resends = 0;
         loop {
-            let (mut lease, mut settled) = self.attach();
-            let outcome = settled
-                .wait_for(|settled| !matches!(settled, Settled::Connecting))
-                .await
-                .map(|settled| settled.clone());
-            match outcome {
-                Ok(Settled::Ready) => {}
-                Ok(Settled::Failed(cause)) => return Err(PoolError::Connect(cause.to_string())),
-                Ok(Settled::Connecting) | Err(_) => {
-                    return Err(PoolError::Connect("upstream connection task ended".into()))
+            let (mut lease, attached) = self.attach();
+            let mut sender = match attached {
+                Attached::Settled(sender) => sender,
+                Attached::Connecting(mut settled) => {
+                    let outcome = settled
+                        .wait_for(|settled| !matches!(settled, Settled::Connecting))
+                        .await
+                        .map(|settled| settled.clone());
+                    match outcome {
+                        Ok(Settled::Ready) => {}
+                        Ok(Settled::Failed(cause)) => {
+                            return Err(PoolError::Connect(cause.to_string()))
+                        }
+                        Ok(Settled::Connecting) | Err(_) => {
+                            return Err(PoolError::Connect("upstream connection task ended".into()))
+                        }
+                    }
+                    // Over the limit the upstream announced (or its connection already
+                    // gone): the lease is given back and the request looks again.
+                    let Some(sender) = self.shared.take_stream(&mut lease) else {
+                        continue;
+                    };
+                    sender
                 }
-            }
-            // Over the limit the upstream announced (or its connection already gone): the
-            // lease is given back and the request looks again.
-            let Some(mut sender) = self.shared.take_stream(&mut lease) else {
-                continue;
             };
             // A held body is kept for one more stream: an upstream closing a connection
             // (GOAWAY, e.g. nginx after `keepalive_requests`) refuses the streams that
@@ -240,7 +255,7 @@ impl Http2Pool {
     /// A stream on the first connection of this thread's list with room, or on a new one
     /// (connecting in its own task, so that a request that goes away does not take the
     /// connection others wait for with it).
-    fn attach(&self) -> (StreamLease, watch::Receiver<Settled>) {
+    fn attach(&self) -> (StreamLease, Attached) {
         let list = crate::shards::current() % IDLE_LISTS;
         let lease = |id| StreamLease {
             pool: self.shared.clone(),
@@ -253,7 +268,11 @@ impl Http2Pool {
         // newest fall idle and expire when the load falls.
         if let Some(conn) = conns.iter_mut().find(|conn| conn.streams < conn.limit) {
             conn.streams += 1;
-            return (lease(conn.id), conn.settled.clone());
+            let attached = match &conn.sender {
+                Some(sender) => Attached::Settled(sender.clone()),
+                None => Attached::Connecting(conn.settled.clone()),
+            };
+            return (lease(conn.id), attached);
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tell, settled) = watch::channel(Settled::Connecting);
@@ -275,7 +294,7 @@ impl Http2Pool {
             id,
             tell,
         ));
-        (lease(id), settled)
+        (lease(id), Attached::Connecting(settled))
     }
 
     #[cfg(test)]
@@ -737,7 +756,10 @@ mod tests {
             .all(|a| a.as_ref().is_ok_and(|body| body == "ok")));
         // Each takes its 10 and the streams that came before its last GOAWAY.
         let connections = connections.load(Ordering::SeqCst);
-        assert!(connections >= 8, "{connections} connections: hardly rotated");
+        assert!(
+            connections >= 8,
+            "{connections} connections: hardly rotated"
+        );
     }
 
     #[tokio::test(start_paused = true)]
