@@ -177,6 +177,6 @@ fn upstream() -> &'static Upstream {
             "[upstream]\nurl = \"https://api.example\"\n[upstream.keys.prod]\nenv = \"UNUSED\"\n",
         )
         .expect("minimal config");
-        Upstream::new(&config.upstream).expect("upstream client builds")
+        Upstream::new(&config.upstream, Default::default()).expect("upstream client builds")
     })
 }

@@ -13,7 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::body::UpstreamBody;
 use crate::config::{UpstreamConfig, UpstreamProtocol};
-use crate::upstream_pool::{PoolError, PooledBody, UpstreamPool};
+use crate::upstream_pool::{OpenConnections, PoolError, PooledBody, UpstreamPool};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// How many times keygate sent the request upstream again (absent when it did not).
@@ -130,7 +130,8 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig) -> Result<Self, String> {
+    /// `open` counts the connections to it (`keygate_upstream_connections`).
+    pub fn new(config: &UpstreamConfig, open: OpenConnections) -> Result<Self, String> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(ca_file) = &config.ca_file {
@@ -167,10 +168,10 @@ impl Upstream {
             .build()
             .map_err(|e| e.to_string())?;
         let pool = match config.protocol {
-            UpstreamProtocol::Http1 => UpstreamPool::new(connector, origin),
+            UpstreamProtocol::Http1 => UpstreamPool::new(connector, origin, open),
             // A new connection's settings are part of connecting: the same bound.
             UpstreamProtocol::Http2 => {
-                UpstreamPool::http2(connector, origin, config.connect_timeout)?
+                UpstreamPool::http2(connector, origin, config.connect_timeout, open)?
             }
         };
         Ok(Self {

@@ -344,6 +344,8 @@ pub struct Metrics {
     alert_deliveries_failed: AtomicU64,
     alerts_dropped: AtomicU64,
     upstream_retries: AtomicU64,
+    /// Connections to the upstream open now, counted by the upstream pool.
+    upstream_connections: crate::upstream_pool::OpenConnections,
     /// [`CircuitState::gauge`] of the upstream circuit.
     circuit_state: std::sync::atomic::AtomicU8,
     circuit_opened: AtomicU64,
@@ -372,12 +374,18 @@ impl Metrics {
             alert_deliveries_failed: AtomicU64::new(0),
             alerts_dropped: AtomicU64::new(0),
             upstream_retries: AtomicU64::new(0),
+            upstream_connections: Default::default(),
             circuit_state: Default::default(),
             circuit_opened: AtomicU64::new(0),
             usage_log_dropped: Default::default(),
             quota_decisions: Histogram::with_bounds(&DECISION_BUCKETS),
             none: NONE_LABEL.into(),
         }
+    }
+
+    /// What the upstream pool counts its open connections in.
+    pub fn upstream_connections(&self) -> crate::upstream_pool::OpenConnections {
+        self.upstream_connections.clone()
     }
 
     /// Records one finished request: every per-request series, from the one context the
@@ -660,6 +668,12 @@ impl Metrics {
         if let Some(slices) = slices {
             render_slice_counters(&mut out, slices);
         }
+        scalar(
+            &mut out,
+            ("keygate_upstream_connections", "gauge"),
+            "Connections to the upstream open now: one per request in flight over HTTP/1.1, shared by up to the upstream's stream limit with upstream.protocol = \"http2\".",
+            self.upstream_connections.current(),
+        );
         if let Some(in_flight) = in_flight {
             scalar(
                 &mut out,

@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tower_service::Service;
 
 use crate::body::UpstreamBody;
-use crate::upstream_pool::{PoolError, IDLE_LISTS, IDLE_TIMEOUT, REAP_EVERY};
+use crate::upstream_pool::{OpenConnections, PoolError, IDLE_LISTS, IDLE_TIMEOUT, REAP_EVERY};
 
 /// Streams on one connection at most, whatever the upstream allows: past a few hundred,
 /// what the requests share is one TCP window and one task.
@@ -70,6 +70,7 @@ struct Shared {
     lists: [ConnList; IDLE_LISTS],
     next_id: AtomicU64,
     reaping: AtomicBool,
+    open: OpenConnections,
 }
 
 #[derive(Default)]
@@ -138,6 +139,7 @@ impl Http2Pool {
         connector: HttpsConnector<HttpConnector>,
         origin: &Uri,
         settle_within: Duration,
+        open: OpenConnections,
     ) -> Result<Self, String> {
         let (Some(scheme), Some(authority)) = (origin.scheme(), origin.authority()) else {
             return Err(format!("upstream {origin} is not scheme://host"));
@@ -151,6 +153,7 @@ impl Http2Pool {
                 lists: std::array::from_fn(|_| ConnList::default()),
                 next_id: AtomicU64::new(0),
                 reaping: AtomicBool::new(false),
+                open,
             }),
         })
     }
@@ -369,6 +372,9 @@ async fn connect_and_drive(pool: Weak<Shared>, list: usize, id: u64, tell: watch
         .unwrap_or_else(|_| Err(format!("no connection within {settle_within:?}")));
     let ended = match connected {
         Ok((sender, connection)) => {
+            let Some(_open) = pool.upgrade().map(|pool| pool.open.opened()) else {
+                return;
+            };
             let settling = Settling {
                 pool: &pool,
                 list,
@@ -602,7 +608,7 @@ mod tests {
             crate::config::UpstreamProtocol::Http2,
         )
         .unwrap();
-        Http2Pool::new(connector, origin, settle_within).unwrap()
+        Http2Pool::new(connector, origin, settle_within, OpenConnections::default()).unwrap()
     }
 
     fn get(path: &'static str) -> Request<UpstreamBody> {

@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -50,6 +50,32 @@ pub(crate) const IDLE_LISTS: usize = 17;
 
 type Sender = SendRequest<UpstreamBody>;
 
+/// The connections to the upstream open now (`keygate_upstream_connections`), both
+/// protocols: each counts from its handshake until its task ends.
+#[derive(Clone, Default)]
+pub struct OpenConnections(Arc<AtomicUsize>);
+
+impl OpenConnections {
+    pub fn current(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Counts one more until the returned guard is dropped.
+    pub(crate) fn opened(&self) -> OpenConnection {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(self.0.clone())
+    }
+}
+
+/// One open connection, held by its task.
+pub(crate) struct OpenConnection(Arc<AtomicUsize>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Why a request got no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -78,6 +104,7 @@ struct Shared {
     /// Whether the task that closes expired idle connections runs (started with the first
     /// connection given back: by then there is a runtime).
     reaping: AtomicBool,
+    open: OpenConnections,
 }
 
 /// On a cache line of its own: shards take their lists from separate cores.
@@ -100,14 +127,19 @@ struct Idle {
 }
 
 impl UpstreamPool {
-    /// HTTP/1.1 connections to `origin`.
-    pub fn new(connector: HttpsConnector<HttpConnector>, origin: Uri) -> Self {
+    /// HTTP/1.1 connections to `origin`, counted in `open`.
+    pub fn new(
+        connector: HttpsConnector<HttpConnector>,
+        origin: Uri,
+        open: OpenConnections,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 connector,
                 origin,
                 idle: std::array::from_fn(|_| IdleList::default()),
                 reaping: AtomicBool::new(false),
+                open,
             }),
             http2: None,
         }
@@ -120,9 +152,10 @@ impl UpstreamPool {
         connector: HttpsConnector<HttpConnector>,
         origin: Uri,
         settle_within: Duration,
+        open: OpenConnections,
     ) -> Result<Self, String> {
-        let http2 = Http2Pool::new(connector.clone(), &origin, settle_within)?;
-        let mut pool = Self::new(connector, origin);
+        let http2 = Http2Pool::new(connector.clone(), &origin, settle_within, open.clone())?;
+        let mut pool = Self::new(connector, origin, open);
         pool.http2 = Some(http2);
         Ok(pool)
     }
@@ -201,7 +234,10 @@ impl UpstreamPool {
             .handshake(io)
             .await
             .map_err(|e| PoolError::Connect(crate::forward::error_chain(&e)))?;
-        tokio::spawn(Driven { connection });
+        tokio::spawn(Driven {
+            connection,
+            _open: self.shared.open.opened(),
+        });
         Ok(sender)
     }
 
@@ -263,6 +299,7 @@ pin_project_lite::pin_project! {
     struct Driven<C> {
         #[pin]
         connection: C,
+        _open: OpenConnection,
     }
 }
 
@@ -433,7 +470,7 @@ mod tests {
             crate::config::UpstreamProtocol::Http1,
         )
         .unwrap();
-        UpstreamPool::new(connector, origin)
+        UpstreamPool::new(connector, origin, OpenConnections::default())
     }
 
     fn get() -> Request<UpstreamBody> {

@@ -143,12 +143,13 @@ async fn requests_over_an_http2_upstreams_stream_limit_are_not_held_back() {
     config.upstream.ca_file = Some(ca.path().to_path_buf());
     let gateway = TestGateway::start(config).await;
 
-    let requests = futures_util::future::join_all(
+    // Kept (not dropped by the select) while the connections are counted below.
+    let mut requests = Box::pin(futures_util::future::join_all(
         (0..REQUESTS).map(|_| gateway.generate(TOKEN_DESIGN_GENERATE)),
-    );
+    ));
     tokio::select! {
         () = upstream.wait_for(REQUESTS, std::time::Duration::from_secs(5)) => {}
-        answers = requests => panic!(
+        answers = &mut requests => panic!(
             "answered before the upstream held them all: {:?}",
             answers.iter().map(|a| a.status()).collect::<Vec<_>>()
         ),
@@ -158,6 +159,12 @@ async fn requests_over_an_http2_upstreams_stream_limit_are_not_held_back() {
         .received()
         .iter()
         .all(|r| r.version == http::Version::HTTP_11));
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        common::observe::series(&metrics, "keygate_upstream_connections", &[]),
+        Some(REQUESTS as f64)
+    );
+    drop(requests);
     gateway.shutdown().await;
     logs::assert_clean(ALL_SECRETS);
 }
@@ -181,18 +188,25 @@ async fn an_http2_upstream_takes_requests_in_flight_on_shared_connections_within
     upstream.set_reply(Reply::Hang);
     let gateway = TestGateway::start(http2_upstream_config(&upstream, None)).await;
 
-    let requests = futures_util::future::join_all(
+    // Kept (not dropped by the select) while the connections are counted below.
+    let mut requests = Box::pin(futures_util::future::join_all(
         (0..REQUESTS).map(|_| gateway.generate(TOKEN_DESIGN_GENERATE)),
-    );
+    ));
     tokio::select! {
         () = upstream.wait_for(REQUESTS, std::time::Duration::from_secs(5)) => {}
-        answers = requests => panic!(
+        answers = &mut requests => panic!(
             "answered before the upstream held them all: {:?}",
             answers.iter().map(|a| a.status()).collect::<Vec<_>>()
         ),
     }
     // Each connection filled to the limit before the next was opened: ceil(10 / 3).
     assert_eq!(upstream.connections(), 4);
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        common::observe::series(&metrics, "keygate_upstream_connections", &[]),
+        Some(4.0)
+    );
+    drop(requests);
     for received in upstream.received() {
         assert_eq!(received.version, http::Version::HTTP_2);
         assert_eq!(received.authority, upstream.addr.to_string());
