@@ -560,14 +560,13 @@ mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
-    /// An h2c upstream taking 50 streams a connection: `/hang` is never answered,
-    /// anything else gets "ok". Counts connections.
-    async fn upstream() -> (Uri, Arc<AtomicUsize>) {
-        upstream_settling_after(Duration::ZERO).await
-    }
-
-    /// The same, sending its settings `delay` after each connection is accepted.
-    async fn upstream_settling_after(delay: Duration) -> (Uri, Arc<AtomicUsize>) {
+    /// Listens on a free port and serves each connection with `serve`, in a task of its
+    /// own. Counts connections.
+    async fn listen<F, Served>(serve: F) -> (Uri, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Served + Send + 'static,
+        Served: Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let origin = format!("http://{}/", listener.local_addr().unwrap())
             .parse()
@@ -578,23 +577,36 @@ mod tests {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 counted.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(delay).await;
-                let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
-                    if request.uri().path() == "/hang" {
-                        std::future::pending::<()>().await;
-                    }
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                        bytes::Bytes::from_static(b"ok"),
-                    )))
-                });
-                tokio::spawn(
-                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .max_concurrent_streams(50)
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-                );
+                tokio::spawn(serve(stream));
             }
         });
         (origin, connections)
+    }
+
+    /// An h2c upstream taking 50 streams a connection: `/hang` is never answered,
+    /// anything else gets "ok".
+    async fn upstream() -> (Uri, Arc<AtomicUsize>) {
+        upstream_settling_after(Duration::ZERO).await
+    }
+
+    /// The same, sending its settings `delay` after each connection is accepted.
+    async fn upstream_settling_after(delay: Duration) -> (Uri, Arc<AtomicUsize>) {
+        listen(move |stream| async move {
+            tokio::time::sleep(delay).await;
+            let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+                if request.uri().path() == "/hang" {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                    bytes::Bytes::from_static(b"ok"),
+                )))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_concurrent_streams(50)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        })
+        .await
     }
 
     fn pool(origin: &Uri) -> Http2Pool {
@@ -639,35 +651,27 @@ mod tests {
     /// An upstream that refuses the first stream of each connection (REFUSED_STREAM) and
     /// answers the others with the body it received.
     async fn refusing_upstream() -> Uri {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let origin = format!("http://{}/", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
+        let (origin, _) = listen(|stream| async move {
+            let mut connection = h2::server::handshake(stream).await.unwrap();
+            let mut first = true;
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                if std::mem::take(&mut first) {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    continue;
+                }
                 tokio::spawn(async move {
-                    let mut connection = h2::server::handshake(stream).await.unwrap();
-                    let mut first = true;
-                    while let Some(Ok((request, mut respond))) = connection.accept().await {
-                        if std::mem::take(&mut first) {
-                            respond.send_reset(h2::Reason::REFUSED_STREAM);
-                            continue;
-                        }
-                        tokio::spawn(async move {
-                            let mut body = request.into_body();
-                            let mut received = Vec::new();
-                            while let Some(Ok(chunk)) = body.data().await {
-                                let _ = body.flow_control().release_capacity(chunk.len());
-                                received.extend_from_slice(&chunk);
-                            }
-                            let mut send = respond.send_response(Response::new(()), false).unwrap();
-                            let _ = send.send_data(received.into(), true);
-                        });
+                    let mut body = request.into_body();
+                    let mut received = Vec::new();
+                    while let Some(Ok(chunk)) = body.data().await {
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                        received.extend_from_slice(&chunk);
                     }
+                    let mut send = respond.send_response(Response::new(()), false).unwrap();
+                    let _ = send.send_data(received.into(), true);
                 });
             }
-        });
+        })
+        .await;
         origin
     }
 
@@ -701,33 +705,21 @@ mod tests {
     /// An upstream that closes each connection gracefully (GOAWAY) after `per_connection`
     /// requests, as nginx does after `keepalive_requests`, answering "ok".
     async fn rotating_upstream(per_connection: usize) -> (Uri, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let origin = format!("http://{}/", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let counted = connections.clone();
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                counted.fetch_add(1, Ordering::SeqCst);
+        listen(move |stream| async move {
+            let mut connection = h2::server::handshake(stream).await.unwrap();
+            let mut served = 0;
+            while let Some(Ok((_, mut respond))) = connection.accept().await {
+                served += 1;
+                if served == per_connection {
+                    connection.graceful_shutdown();
+                }
                 tokio::spawn(async move {
-                    let mut connection = h2::server::handshake(stream).await.unwrap();
-                    let mut served = 0;
-                    while let Some(Ok((_, mut respond))) = connection.accept().await {
-                        served += 1;
-                        if served == per_connection {
-                            connection.graceful_shutdown();
-                        }
-                        tokio::spawn(async move {
-                            let mut send = respond.send_response(Response::new(()), false).unwrap();
-                            let _ = send.send_data(bytes::Bytes::from_static(b"ok"), true);
-                        });
-                    }
+                    let mut send = respond.send_response(Response::new(()), false).unwrap();
+                    let _ = send.send_data(bytes::Bytes::from_static(b"ok"), true);
                 });
             }
-        });
-        (origin, connections)
+        })
+        .await
     }
 
     /// Requests that race an upstream's GOAWAY (refused, or never taken by a connection

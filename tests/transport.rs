@@ -128,6 +128,33 @@ async fn an_https_upstream_is_trusted_through_ca_file() {
     logs::assert_clean(ALL_SECRETS);
 }
 
+/// Sends `n` requests the upstream holds unanswered and returns them still in flight
+/// (dropping them lets go) once the upstream has them all, with keygate's
+/// `keygate_upstream_connections` at that moment.
+async fn held_in_flight<'a>(
+    gateway: &'a TestGateway,
+    upstream: &MockUpstream,
+    n: usize,
+) -> (
+    std::pin::Pin<Box<impl std::future::Future<Output = Vec<reqwest::Response>> + 'a>>,
+    f64,
+) {
+    let mut requests = Box::pin(futures_util::future::join_all(
+        (0..n).map(|_| gateway.generate(TOKEN_DESIGN_GENERATE)),
+    ));
+    tokio::select! {
+        () = upstream.wait_for(n, std::time::Duration::from_secs(5)) => {}
+        answers = &mut requests => panic!(
+            "answered before the upstream held them all: {:?}",
+            answers.iter().map(|a| a.status()).collect::<Vec<_>>()
+        ),
+    }
+    let metrics = gateway.metrics().await;
+    let connections = common::observe::series(&metrics, "keygate_upstream_connections", &[])
+        .expect("keygate_upstream_connections is exported");
+    (requests, connections)
+}
+
 /// An HTTP/2 upstream takes a limited number of streams per connection (real APIs: ~100).
 /// Requests over that limit must reach the upstream at once on more connections, not wait
 /// inside keygate for a stream on the first one until they time out.
@@ -143,27 +170,13 @@ async fn requests_over_an_http2_upstreams_stream_limit_are_not_held_back() {
     config.upstream.ca_file = Some(ca.path().to_path_buf());
     let gateway = TestGateway::start(config).await;
 
-    // Kept (not dropped by the select) while the connections are counted below.
-    let mut requests = Box::pin(futures_util::future::join_all(
-        (0..REQUESTS).map(|_| gateway.generate(TOKEN_DESIGN_GENERATE)),
-    ));
-    tokio::select! {
-        () = upstream.wait_for(REQUESTS, std::time::Duration::from_secs(5)) => {}
-        answers = &mut requests => panic!(
-            "answered before the upstream held them all: {:?}",
-            answers.iter().map(|a| a.status()).collect::<Vec<_>>()
-        ),
-    }
+    let (requests, connections) = held_in_flight(&gateway, &upstream, REQUESTS).await;
     // One HTTP/1.1 connection per request in flight, though the upstream offered h2.
     assert!(upstream
         .received()
         .iter()
         .all(|r| r.version == http::Version::HTTP_11));
-    let metrics = gateway.metrics().await;
-    assert_eq!(
-        common::observe::series(&metrics, "keygate_upstream_connections", &[]),
-        Some(REQUESTS as f64)
-    );
+    assert_eq!(connections, REQUESTS as f64);
     drop(requests);
     gateway.shutdown().await;
     logs::assert_clean(ALL_SECRETS);
@@ -188,24 +201,10 @@ async fn an_http2_upstream_takes_requests_in_flight_on_shared_connections_within
     upstream.set_reply(Reply::Hang);
     let gateway = TestGateway::start(http2_upstream_config(&upstream, None)).await;
 
-    // Kept (not dropped by the select) while the connections are counted below.
-    let mut requests = Box::pin(futures_util::future::join_all(
-        (0..REQUESTS).map(|_| gateway.generate(TOKEN_DESIGN_GENERATE)),
-    ));
-    tokio::select! {
-        () = upstream.wait_for(REQUESTS, std::time::Duration::from_secs(5)) => {}
-        answers = &mut requests => panic!(
-            "answered before the upstream held them all: {:?}",
-            answers.iter().map(|a| a.status()).collect::<Vec<_>>()
-        ),
-    }
+    let (requests, connections) = held_in_flight(&gateway, &upstream, REQUESTS).await;
     // Each connection filled to the limit before the next was opened: ceil(10 / 3).
     assert_eq!(upstream.connections(), 4);
-    let metrics = gateway.metrics().await;
-    assert_eq!(
-        common::observe::series(&metrics, "keygate_upstream_connections", &[]),
-        Some(4.0)
-    );
+    assert_eq!(connections, 4.0);
     drop(requests);
     for received in upstream.received() {
         assert_eq!(received.version, http::Version::HTTP_2);
@@ -250,12 +249,23 @@ async fn requests_one_after_another_share_one_http2_upstream_connection() {
     logs::assert_clean(ALL_SECRETS);
 }
 
-#[tokio::test]
-async fn an_https_upstream_is_reached_over_http2_by_alpn() {
+/// A TLS upstream (offering h2 by ALPN, or only http/1.1) and a gateway that trusts it
+/// through `ca_file` and speaks HTTP/2 to it; the CA file lives as long as the result.
+async fn http2_over_tls(offers_h2: bool) -> (MockUpstream, TestGateway, tempfile::NamedTempFile) {
     let cert = test_cert();
-    let upstream = MockUpstream::start_tls(&cert).await;
+    let upstream = if offers_h2 {
+        MockUpstream::start_tls(&cert).await
+    } else {
+        MockUpstream::start_tls_http1_only(&cert).await
+    };
     let ca = pem_file(&cert.cert_pem);
     let gateway = TestGateway::start(http2_upstream_config(&upstream, Some(ca.path()))).await;
+    (upstream, gateway, ca)
+}
+
+#[tokio::test]
+async fn an_https_upstream_is_reached_over_http2_by_alpn() {
+    let (upstream, gateway, _ca) = http2_over_tls(true).await;
 
     let answer = Answer::read(gateway.generate(TOKEN_DESIGN_GENERATE).await).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
@@ -275,10 +285,7 @@ async fn an_https_upstream_is_reached_over_http2_by_alpn() {
 /// as any failed connect), not an HTTP/1.1 request it was not configured for.
 #[tokio::test]
 async fn an_https_upstream_without_h2_is_a_502_when_http2_is_configured() {
-    let cert = test_cert();
-    let upstream = MockUpstream::start_tls_http1_only(&cert).await;
-    let ca = pem_file(&cert.cert_pem);
-    let gateway = TestGateway::start(http2_upstream_config(&upstream, Some(ca.path()))).await;
+    let (upstream, gateway, _ca) = http2_over_tls(false).await;
 
     let answer = Answer::read(gateway.generate(TOKEN_DESIGN_GENERATE).await).await;
     assert_eq!(answer.status, 502);
