@@ -41,13 +41,14 @@ const MAX_STREAMS: usize = 256;
 /// Streams a connection is taken to allow until the upstream's settings say: RFC 9113's
 /// recommended minimum, and hyper's own assumption.
 const ASSUMED_STREAMS: usize = 100;
-/// Times a request goes to another connection when its own ended before taking it.
+/// Times a request is sent again after the upstream refused its stream unprocessed, or its
+/// connection ended before taking it.
 const RESENDS: usize = 3;
-/// Pings on a connection, idle or not: a dead one is found before a request is sent on it.
 /// How soon a new connection is first looked at again for the upstream's settings, and
 /// how far apart the looks grow (doubling).
 const FIRST_LOOK: Duration = Duration::from_micros(500);
 const LAST_LOOK: Duration = Duration::from_millis(100);
+/// Pings on a connection, idle or not: a dead one is found before a request is sent on it.
 const PING_EVERY: Duration = Duration::from_secs(30);
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -100,7 +101,7 @@ enum Settled {
 /// Where a new stream's request goes: a settled connection with room (the common case,
 /// one lock a request), or one still connecting, to wait for.
 enum Attached {
-    Settled(Sender),
+    Ready(Sender),
     Connecting(watch::Receiver<Settled>),
 }
 
@@ -169,7 +170,7 @@ impl Http2Pool {
         loop {
             let (mut lease, attached) = self.attach();
             let mut sender = match attached {
-                Attached::Settled(sender) => sender,
+                Attached::Ready(sender) => sender,
                 Attached::Connecting(mut settled) => {
                     let outcome = settled
                         .wait_for(|settled| !matches!(settled, Settled::Connecting))
@@ -209,12 +210,17 @@ impl Http2Pool {
                 Err(mut failed) => match failed.take_message() {
                     // The connection ended before it took the request (after a GOAWAY, say),
                     // maybe before its task has taken it out of the list: no more for it.
-                    Some(unsent) if resends < RESENDS => {
+                    Some(unsent) => {
                         self.shared.forget(lease.list, lease.id);
+                        if resends == RESENDS {
+                            return Err(PoolError::Connect(format!(
+                                "{RESENDS} upstream connections ended before taking the request"
+                            )));
+                        }
                         resends += 1;
                         request = unsent;
                     }
-                    _ => {
+                    None => {
                         let error = failed.into_error();
                         match refusal(&error) {
                             None => return Err(PoolError::Request(error)),
@@ -272,7 +278,7 @@ impl Http2Pool {
         if let Some(conn) = conns.iter_mut().find(|conn| conn.streams < conn.limit) {
             conn.streams += 1;
             let attached = match &conn.sender {
-                Some(sender) => Attached::Settled(sender.clone()),
+                Some(sender) => Attached::Ready(sender.clone()),
                 None => Attached::Connecting(conn.settled.clone()),
             };
             return (lease(conn.id), attached);
