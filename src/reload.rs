@@ -72,8 +72,9 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
         || current.upstream.timeout != next.upstream.timeout
         || current.upstream.connect_timeout != next.upstream.connect_timeout
         || current.upstream.ca_file != next.upstream.ca_file
+        || current.upstream.protocol != next.upstream.protocol
     {
-        changed.push("upstream (url, timeouts, ca_file)");
+        changed.push("upstream (url, timeouts, ca_file, protocol)");
     }
     if current.upstream.retry != next.upstream.retry
         || current.upstream.circuit != next.upstream.circuit
@@ -334,5 +335,22 @@ mod tests {
                 "{to}"
             );
         }
+    }
+
+    #[test]
+    fn an_upstream_protocol_change_is_named_as_restart_only() {
+        let current = Config::from_toml(REFERENCE).expect("reference config validates");
+        let from = "connect_timeout = \"5s\"";
+        assert!(REFERENCE.contains(from));
+        let next = Config::from_toml(&REFERENCE.replacen(
+            from,
+            "connect_timeout = \"5s\"\nprotocol = \"http2\"",
+            1,
+        ))
+        .unwrap();
+        assert_eq!(
+            restart_only_changes(&current, &next),
+            vec!["upstream (url, timeouts, ca_file, protocol)"]
+        );
     }
 }
