@@ -215,6 +215,55 @@ async fn an_http2_upstream_takes_requests_in_flight_on_shared_connections_within
     logs::assert_clean(ALL_SECRETS);
 }
 
+/// With shards, each shard keeps its own HTTP/2 connections to the upstream (a
+/// connection's task runs on the shard that opened it): requests from clients spread over
+/// both shards are all answered, over at most one connection a shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_shard_shares_its_own_http2_upstream_connections() {
+    const CLIENTS: usize = 8;
+    const EACH: usize = 5;
+    let upstream = MockUpstream::start().await;
+    let text = standard_config_text(&upstream.url(), "").replacen(
+        "[server]\n",
+        "[server]\nshards = 2\n",
+        1,
+    );
+    let mut config = config_from(&text);
+    config.upstream.protocol = UpstreamProtocol::Http2;
+    let gateway = TestGateway::start(config).await;
+
+    // Clients of their own, so connections of their own, handed to the shards in turn.
+    let clients = (0..CLIENTS).map(|_| {
+        let (client, base_url) = (client(), gateway.proxy.clone());
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..EACH {
+                let answer = generate_request(&client, &base_url, Some(TOKEN_DESIGN_GENERATE))
+                    .send()
+                    .await
+                    .expect("the gateway answers");
+                statuses.push(answer.status().as_u16());
+                answer.bytes().await.expect("the whole body");
+            }
+            statuses
+        })
+    });
+    for statuses in futures_util::future::join_all(clients).await {
+        assert_eq!(statuses.unwrap(), [200; EACH]);
+    }
+    let connections = upstream.connections();
+    assert!(
+        (1..=2).contains(&connections),
+        "{connections} upstream connections for two shards"
+    );
+    assert!(upstream
+        .received()
+        .iter()
+        .all(|r| r.version == http::Version::HTTP_2));
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
 #[tokio::test]
 async fn requests_one_after_another_share_one_http2_upstream_connection() {
     const BIG: u64 = 12 * 1024 * 1024;
