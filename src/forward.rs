@@ -13,6 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::body::UpstreamBody;
 use crate::config::{UpstreamConfig, UpstreamProtocol};
+use crate::upstream_h2::Http2Pool;
 use crate::upstream_pool::{OpenConnections, PoolError, PooledBody, UpstreamPool};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -123,7 +124,7 @@ pub enum ForwardError {
 /// The upstream: its pinned origin and the connections to it.
 #[derive(Clone)]
 pub struct Upstream {
-    pool: UpstreamPool,
+    pool: Connections,
     /// `Host` of every upstream request: the origin's authority.
     host: HeaderValue,
     timeout: Duration,
@@ -168,11 +169,16 @@ impl Upstream {
             .build()
             .map_err(|e| e.to_string())?;
         let pool = match config.protocol {
-            UpstreamProtocol::Http1 => UpstreamPool::new(connector, origin, open),
-            // A new connection's settings are part of connecting: the same bound.
-            UpstreamProtocol::Http2 => {
-                UpstreamPool::http2(connector, origin, config.connect_timeout, open)?
+            UpstreamProtocol::Http1 => {
+                Connections::Http1(UpstreamPool::new(connector, origin, open))
             }
+            // A new connection's settings are part of connecting: the same bound.
+            UpstreamProtocol::Http2 => Connections::Http2(Http2Pool::new(
+                connector,
+                &origin,
+                config.connect_timeout,
+                open,
+            )?),
         };
         Ok(Self {
             pool,
@@ -208,7 +214,13 @@ impl Upstream {
             .headers_mut()
             .insert(header::HOST, self.host.clone());
         let started = Instant::now();
-        let answer = self.pool.send(request);
+        let answer = async {
+            match &self.pool {
+                Connections::Http1(pool) => pool.send(request).await,
+                // Boxed: an HTTP/1.1 request's future does not carry the HTTP/2 one's state.
+                Connections::Http2(pool) => Box::pin(pool.send(request)).await,
+            }
+        };
         tokio::pin!(answer);
         let mut deadline = tokio::time::Instant::from_std(started) + self.timeout;
         let answered = loop {
@@ -232,6 +244,13 @@ impl Upstream {
             },
         }
     }
+}
+
+/// The connections to the upstream, by `upstream.protocol`.
+#[derive(Clone)]
+enum Connections {
+    Http1(UpstreamPool),
+    Http2(Http2Pool),
 }
 
 /// The `Host` of upstream requests: the authority without user info, and without the

@@ -28,14 +28,16 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
-use hyper_util::rt::TokioTimer;
 #[cfg(test)]
 use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioTimer;
 use tokio::sync::watch;
 use tower_service::Service;
 
 use crate::body::UpstreamBody;
-use crate::upstream_pool::{OpenConnections, PoolError, IDLE_LISTS, IDLE_TIMEOUT, REAP_EVERY};
+use crate::upstream_pool::{
+    OpenConnections, PoolError, PooledBody, IDLE_LISTS, IDLE_TIMEOUT, REAP_EVERY,
+};
 
 /// Streams on one connection at most, whatever the upstream allows: past a few hundred,
 /// what the requests share is one TCP window and one task.
@@ -58,7 +60,7 @@ type Sender = http2::SendRequest<UpstreamBody>;
 
 /// The HTTP/2 connections to one origin.
 #[derive(Clone)]
-pub(crate) struct Http2Pool {
+pub struct Http2Pool {
     shared: Arc<Shared>,
 }
 
@@ -137,8 +139,11 @@ impl Conn {
 }
 
 impl Http2Pool {
-    /// `origin` is `scheme://authority/` of the upstream.
-    pub(crate) fn new(
+    /// HTTP/2 connections to `origin` (`scheme://authority/`), counted in `open`, each taking
+    /// as many requests at once as the upstream allows; a new one has `settle_within` to
+    /// connect and send its settings. `connector` must offer only h2 by ALPN
+    /// ([`crate::forward::https_connector`]).
+    pub fn new(
         connector: HttpsConnector<HttpConnector>,
         origin: &Uri,
         settle_within: Duration,
@@ -163,7 +168,15 @@ impl Http2Pool {
 
     /// Sends `request` (origin-form URI) on a stream of a connection with room, or of a
     /// new one.
-    pub(crate) async fn send(
+    pub async fn send(
+        &self,
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, PoolError> {
+        let (response, stream) = self.send_on_stream(request).await?;
+        Ok(PooledBody::on_stream(response, stream))
+    }
+
+    async fn send_on_stream(
         &self,
         mut request: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, StreamLease), PoolError> {
@@ -658,11 +671,15 @@ mod tests {
     async fn a_stream_is_given_back_when_its_answer_is_read_or_its_request_dropped() {
         let (origin, connections) = upstream().await;
         let pool = pool(&origin);
-        let (response, lease) = pool.send(get("/ok")).await.unwrap();
+        let response = pool.send(get("/ok")).await.unwrap();
         assert_eq!(pool.connections(), [(1, 50)]);
-        assert_eq!(response.collect().await.unwrap().to_bytes(), "ok");
-        drop(lease);
-        assert_eq!(pool.connections(), [(0, 50)]);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "ok");
+        assert_eq!(
+            pool.connections(),
+            [(0, 50)],
+            "given back at the answer's end"
+        );
 
         // A request that goes away while the upstream thinks gives its stream back too.
         let waiting = pool.send(get("/hang"));
@@ -706,7 +723,7 @@ mod tests {
         let pool = pool(&origin);
         let mut request = get("/echo");
         *request.body_mut() = UpstreamBody::Held(Some(bytes::Bytes::from_static(b"prompt")));
-        let (response, _lease) = pool.send(request).await.expect("sent again");
+        let response = pool.send(request).await.expect("sent again");
         assert_eq!(response.collect().await.unwrap().to_bytes(), "prompt");
         // On the same connection: a refused stream is not a connection going away.
         assert_eq!(pool.connections().len(), 1);
@@ -719,11 +736,10 @@ mod tests {
         let (origin, _) = upstream_settling_after(Duration::from_millis(100)).await;
         let pool = pool_settling_within(&origin, Duration::from_secs(60));
         // Without another look, they wait until the settle timeout wakes the connection.
-        let (response, _lease) =
-            tokio::time::timeout(Duration::from_secs(5), pool.send(get("/ok")))
-                .await
-                .expect("not held until the settle timeout")
-                .expect("answered");
+        let response = tokio::time::timeout(Duration::from_secs(5), pool.send(get("/ok")))
+            .await
+            .expect("not held until the settle timeout")
+            .expect("answered");
         assert_eq!(response.collect().await.unwrap().to_bytes(), "ok");
     }
 
@@ -760,7 +776,7 @@ mod tests {
                 async move {
                     let mut request = get("/ok");
                     *request.body_mut() = UpstreamBody::Held(Some(bytes::Bytes::from_static(b"p")));
-                    let (response, _lease) = pool.send(request).await?;
+                    let response = pool.send(request).await?;
                     Ok::<_, PoolError>(response.collect().await.unwrap().to_bytes())
                 }
             })
@@ -789,9 +805,8 @@ mod tests {
     async fn idle_connections_are_closed_after_the_idle_timeout() {
         let (origin, _) = upstream().await;
         let pool = pool(&origin);
-        let (response, lease) = pool.send(get("/ok")).await.unwrap();
-        response.collect().await.unwrap();
-        drop(lease);
+        let response = pool.send(get("/ok")).await.unwrap();
+        response.into_body().collect().await.unwrap();
         tokio::time::sleep(IDLE_TIMEOUT).await;
         assert_eq!(pool.connections().len(), 1, "kept for the idle timeout");
         tokio::time::sleep(REAP_EVERY * 2).await;

@@ -1,6 +1,5 @@
 //! Owns the connections to the upstream: HTTP/1.1 over TCP or rustls, one request at a
-//! time each, kept alive and handed out again most recently used first (or, with
-//! `upstream.protocol = "http2"`, [`crate::upstream_h2`]'s shared connections). The response body
+//! time each, kept alive and handed out again most recently used first. The response body
 //! gives its connection back once the upstream's answer has been read to its end, and only
 //! a connection ready for its next request goes in the list.
 //!
@@ -34,7 +33,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tower_service::Service;
 
 use crate::body::UpstreamBody;
-use crate::upstream_h2::{Http2Pool, StreamLease};
+use crate::upstream_h2::StreamLease;
 
 /// How long an idle connection is kept; upstreams commonly close theirs after 60–75 s, and
 /// a connection found closed is skipped anyway.
@@ -91,8 +90,6 @@ pub enum PoolError {
 #[derive(Clone)]
 pub struct UpstreamPool {
     shared: Arc<Shared>,
-    /// Set with `upstream.protocol = "http2"`: every request goes there instead.
-    http2: Option<Http2Pool>,
 }
 
 struct Shared {
@@ -141,23 +138,7 @@ impl UpstreamPool {
                 reaping: AtomicBool::new(false),
                 open,
             }),
-            http2: None,
         }
-    }
-
-    /// HTTP/2 connections to `origin`, each taking as many requests at once as the
-    /// upstream allows; a new one has `settle_within` to connect and send its settings.
-    /// `connector` must offer only h2 by ALPN ([`crate::forward::https_connector`]).
-    pub fn http2(
-        connector: HttpsConnector<HttpConnector>,
-        origin: Uri,
-        settle_within: Duration,
-        open: OpenConnections,
-    ) -> Result<Self, String> {
-        let http2 = Http2Pool::new(connector.clone(), &origin, settle_within, open.clone())?;
-        let mut pool = Self::new(connector, origin, open);
-        pool.http2 = Some(http2);
-        Ok(pool)
     }
 
     /// Sends `request` (origin-form URI, Host set) on an idle connection, or a new one. A
@@ -167,10 +148,6 @@ impl UpstreamPool {
         &self,
         mut request: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, PoolError> {
-        if let Some(http2) = &self.http2 {
-            let (response, stream) = Box::pin(http2.send(request)).await?;
-            return Ok(PooledBody::lent(response, Lease::Stream(stream)));
-        }
         loop {
             let (mut sender, reused) = match self.checkout() {
                 Some(sender) => (sender, true),
@@ -334,6 +311,12 @@ pub struct PooledBody {
 }
 
 impl PooledBody {
+    /// An answer over an HTTP/2 stream ([`crate::upstream_h2`]): the stream is given back
+    /// as the answer's connection would be.
+    pub(crate) fn on_stream(response: Response<Incoming>, stream: StreamLease) -> Response<Self> {
+        Self::lent(response, Lease::Stream(stream))
+    }
+
     fn lent(response: Response<Incoming>, lease: Lease) -> Response<Self> {
         let (parts, body) = response.into_parts();
         let mut body = PooledBody {
