@@ -31,7 +31,9 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
+
+use crate::boxed_executor::BoxedExecutor;
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{watch, Notify};
@@ -59,7 +61,7 @@ pub async fn serve<IO, F, Fut, B>(
     io: IO,
     peer: SocketAddr,
     local: SocketAddr,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<auto::Builder<BoxedExecutor>>,
     timeouts: Timeouts,
     service: F,
     mut shutdown: watch::Receiver<bool>,

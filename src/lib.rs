@@ -21,7 +21,8 @@
 //! - [`server`], [`connection`], [`tls`], [`admin`]: listeners, one connection's timers
 //!   and close, TLS, `/healthz` `/readyz`; [`shards`]: the optional thread-per-core event
 //!   loops proxy connections are handed to; [`event_loop`]: a thread with its own event
-//!   loop (each shard, and the quota store's Redis calls).
+//!   loop (each shard, and the quota store's Redis calls); [`boxed_executor`]: how hyper's
+//!   HTTP/2 futures become tasks.
 //! - [`gateway`]: shared state and the hot-swappable [`gateway::Snapshot`];
 //!   [`in_flight`]: the cap on requests served at once.
 //! - [`pipeline`]: the steps above; [`body`]: streamed, counted bodies.
@@ -47,6 +48,7 @@ pub mod alerts;
 pub mod anomaly;
 pub mod auth;
 pub mod body;
+pub mod boxed_executor;
 pub mod circuit;
 pub mod cli;
 pub mod client_addr;

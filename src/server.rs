@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::Request;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use std::path::PathBuf;
 
 use crate::alerts::{AlertDedupe, MemoryDedupe, RedisDedupe};
+use crate::boxed_executor::BoxedExecutor;
 use crate::connection::{self, Timeouts};
 use crate::metrics::Metrics;
 use crate::shards::Shards;
@@ -337,8 +338,8 @@ const MAX_PENDING_REFUSALS: usize = 256;
 /// How long a refused connection gets to read its 503.
 const REFUSAL_TIME: Duration = Duration::from_secs(1);
 
-fn connection_builder(settings: &ServerConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn connection_builder(settings: &ServerConfig) -> auto::Builder<BoxedExecutor> {
+    let mut builder = auto::Builder::new(BoxedExecutor);
     builder
         .http1()
         .timer(TokioTimer::new())

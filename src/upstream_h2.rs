@@ -35,6 +35,7 @@ use tokio::sync::watch;
 use tower_service::Service;
 
 use crate::body::UpstreamBody;
+use crate::boxed_executor::BoxedExecutor;
 use crate::upstream_pool::{
     OpenConnections, PoolError, PooledBody, IDLE_LISTS, IDLE_TIMEOUT, REAP_EVERY,
 };
@@ -427,24 +428,7 @@ async fn connect_and_drive(pool: Weak<Shared>, list: usize, id: u64, tell: watch
 }
 
 type Io = hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>;
-type Driven = http2::Connection<Io, UpstreamBody, BoxingExecutor>;
-
-/// Spawns hyper's HTTP/2 client futures boxed. hyper spawns two a request (the answer's and
-/// the request body's), each an enum sized for its largest variant, the connection (~5 KB):
-/// moved into a task, it is copied several times on the way (`spawn`, `bind`, `set_stage`);
-/// boxed once, the task moves a pointer.
-#[derive(Clone, Copy)]
-struct BoxingExecutor;
-
-impl<F> hyper::rt::Executor<F> for BoxingExecutor
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, future: F) {
-        tokio::spawn(Box::pin(future));
-    }
-}
+type Driven = http2::Connection<Io, UpstreamBody, BoxedExecutor>;
 
 async fn connect(pool: &Weak<Shared>) -> Result<(Sender, Driven), String> {
     let (mut connector, origin) = {
@@ -468,7 +452,7 @@ async fn connect(pool: &Weak<Shared>) -> Result<(Sender, Driven), String> {
     {
         return Err("the upstream did not agree to HTTP/2 (ALPN h2)".into());
     }
-    http2::Builder::new(BoxingExecutor)
+    http2::Builder::new(BoxedExecutor)
         .timer(TokioTimer::new())
         // No stream before the upstream's settings: a first stream count other than the
         // upstream's own is how requests come to wait inside keygate for a stream.
