@@ -1,15 +1,16 @@
 //! Owns the HTTP/2 connections to the upstream (`upstream.protocol = "http2"`): requests in
 //! flight share a connection, a stream each, up to the number the upstream allows on it
-//! (its `SETTINGS_MAX_CONCURRENT_STREAMS`, at most [`MAX_STREAMS`]); a request that finds
-//! every connection full opens another, so none waits inside keygate for a stream.
+//! (its `SETTINGS_MAX_CONCURRENT_STREAMS`, at most 256); a request that finds every
+//! connection full opens another, so none waits inside keygate for a stream.
 //!
 //! Why: image generation holds a request for seconds. Over HTTP/1.1 each request in flight
 //! holds a connection of its own (a socket, a TLS session, hyper's buffers and channel);
 //! over HTTP/2 a hundred share one (PERFORMANCE.md, session 9).
 //!
 //! A connection counts its streams from the moment it is asked for: requests that come
-//! while it connects wait for it (up to [`ASSUMED_STREAMS`]) instead of each opening one of
-//! their own, and those over the limit the upstream then announces move on to another.
+//! while it connects wait for it (up to 100, until its settings say) instead of each
+//! opening one of their own, and those over the limit the upstream then announces move on
+//! to another.
 
 use std::future::Future;
 use std::pin::pin;
