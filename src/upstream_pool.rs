@@ -483,6 +483,30 @@ mod tests {
         assert_eq!(connections.load(Ordering::SeqCst), 1);
     }
 
+    /// The gauge behind `keygate_upstream_connections` follows a connection from its
+    /// handshake to its close.
+    #[tokio::test]
+    async fn open_connections_are_counted_until_they_close() {
+        let (origin, connections) = upstream(OK, usize::MAX).await;
+        let pool = pool(origin);
+        let open = pool.shared.open.clone();
+        let response = pool.send(get()).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        until_idle(&pool, 1).await;
+        assert_eq!(open.current(), 1, "kept alive, still open");
+        // The pool gone, its idle connection is closed.
+        drop(pool);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while open.current() != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still counted as open"
+            );
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+    }
+
     #[tokio::test]
     async fn an_answer_without_a_body_gives_the_connection_back_unread() {
         let (origin, connections) = upstream("HTTP/1.1 204 No Content\r\n\r\n", usize::MAX).await;
