@@ -1,4 +1,4 @@
-# Shared by run.sh and profile.sh (sourced, not run).
+# Shared by run.sh, phases.sh and profile.sh (sourced, not run).
 
 # Stops every process whose pid file is in $1 and waits until each is gone: daemons
 # (Redis, nginx) are not the script's children, and one still closing would keep its port
@@ -11,4 +11,15 @@ stop_pidfiles() { # dir
     kill "$pid" 2>/dev/null || continue
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   done
+}
+
+# UPSTREAM_H2 without TLS: an h2c listener on port + 30 beside an nginx stand-in's plain one
+# (nginx 1.22 takes HTTP/2 without TLS by prior knowledge only, on a port of its own).
+add_h2c_listener() { # nginx.conf port
+  sed -i -E "s#^( *)listen 127.0.0.1:$2 (.*)#&\n\1listen 127.0.0.1:$(($2 + 30)) http2 \2#" "$1"
+}
+
+# keygate's config speaks HTTP/2 to the upstream (upstream.protocol).
+use_upstream_http2() { # keygate.toml
+  sed -i 's#^\[upstream\]#[upstream]\nprotocol = "http2"#' "$1"
 }

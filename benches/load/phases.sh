@@ -28,13 +28,13 @@ sed -e "s#PREFIX#$work#g" -e "s#SLOWPORT#$slow#g" -e "s#SLOWSECS#2#g" "$here/ups
 up=$slow
 if [ -n "${UPSTREAM_H2:-}" ]; then
   up=$((slow + 30))
-  sed -i -E "s#^( *)listen 127.0.0.1:$slow (.*)#&\n\1listen 127.0.0.1:$up http2 \2#" "$work/slow.conf"
+  add_h2c_listener "$work/slow.conf" "$slow"
 fi
 nginx -c "$work/slow.conf" -p "$work" -e "$work/slow.err"
 # The bench's config without its [store] table: the memory store.
 sed -e "s#LISTENPORT#$kg#" -e "s#ADMINPORT#$kg_admin#" -e "s#UPPORT#$up#" -e "s#USAGELOG#$work/usage.log#" \
   "$here/keygate.toml" | sed -e '/^\[store\]/,/^timeout/d' > "$work/keygate.toml"
-if [ -n "${UPSTREAM_H2:-}" ]; then sed -i 's#^\[upstream\]#[upstream]\nprotocol = "http2"#' "$work/keygate.toml"; fi
+if [ -n "${UPSTREAM_H2:-}" ]; then use_upstream_http2 "$work/keygate.toml"; fi
 # shellcheck disable=SC2086
 BENCH_UPSTREAM_KEY=sk-upstream-REAL-0123456789 KEYGATE_LOG=warn MIMALLOC_ARENA_EAGER_COMMIT=0 \
   ${WRAP:-} "$bin" serve --config "$work/keygate.toml" > "$work/keygate.out" 2>&1 &

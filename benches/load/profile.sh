@@ -39,14 +39,14 @@ sed -e "s#PREFIX#$work#g" -e "s#UPPORT#$up#g" "$here/upstream.conf" > "$work/ups
 kg_up=$up
 if [ -n "${UPSTREAM_H2:-}" ]; then
   kg_up=$((up + 30))
-  sed -i -E "s#^( *)listen 127.0.0.1:$up (.*)#&\n\1listen 127.0.0.1:$kg_up http2 \2#" "$work/upstream.conf"
+  add_h2c_listener "$work/upstream.conf" "$up"
 fi
 nginx -c "$work/upstream.conf" -p "$work" -e "$work/upstream.err"
 sed -e "s#LISTENPORT#$kg#" -e "s#ADMINPORT#$kg_admin#" -e "s#UPPORT#$kg_up#" -e "s#STOREURL#redis://127.0.0.1:$redis_port#" \
   -e "s#STORETIMEOUT#5s#" -e "s#USAGELOG#$work/usage.log#" "$here/keygate.toml" > "$work/keygate.toml"
 if [ -n "${LOCAL_SLICES:-}" ]; then sed -i "s#^\[store\]#[store]\nlocal_slices = true#" "$work/keygate.toml"; fi
 if [ -n "${SHARDS:-}" ]; then sed -i "/^\[server\]/a shards = $SHARDS" "$work/keygate.toml"; fi
-if [ -n "${UPSTREAM_H2:-}" ]; then sed -i 's#^\[upstream\]#[upstream]\nprotocol = "http2"#' "$work/keygate.toml"; fi
+if [ -n "${UPSTREAM_H2:-}" ]; then use_upstream_http2 "$work/keygate.toml"; fi
 if [ "${PROFILER:-callgrind}" = perf ]; then
   profiler=(perf record -e cpu-clock -F "${PERF_FREQ:-2000}" --call-graph "${PERF_CALL_GRAPH:-fp}" -o "$out.perf")
 else

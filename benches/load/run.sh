@@ -104,7 +104,7 @@ nginx_up() { # conf
           sed -i "s#listen \(127.0.0.1:[0-9]*\) ssl #listen \1 ssl http2 #" "$work/$1.conf"
         else # h2c needs a port of its own on nginx 1.22: prior knowledge only
           local port=$up; [ "$1" = upstream-slow ] && port=$slow
-          sed -i -E "s#^( *)listen 127.0.0.1:$port (.*)#&\n\1listen 127.0.0.1:$((port + 30)) http2 \2#" "$work/$1.conf"
+          add_h2c_listener "$work/$1.conf" "$port"
         fi ;;
     esac
   fi
@@ -139,7 +139,7 @@ keygate_up() { # name listen admin upstream_port [binary]
     sed -i "s#^url = \"http://127.0.0.1:$4\"#url = \"https://localhost:$4\"\nca_file = \"$work/ca.pem\"#" "$work/$1.toml"
   fi
   if [ "${UPSTREAM_H2:-}" = both ] || { [ -n "${UPSTREAM_H2:-}" ] && [ "$1" = "${1#keygate-b}" ]; }; then
-    sed -i "s#^\[upstream\]#[upstream]\nprotocol = \"http2\"#" "$work/$1.toml"
+    use_upstream_http2 "$work/$1.toml"
     if [ -z "${UPSTREAM_TLS:-}" ]; then sed -i "s#^url = \"http://127.0.0.1:$4\"#url = \"http://127.0.0.1:$(($4 + 30))\"#" "$work/$1.toml"; fi
   fi
   # The allocator settings of deploy/systemd and deploy/docker.
