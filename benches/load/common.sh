@@ -13,13 +13,19 @@ stop_pidfiles() { # dir
   done
 }
 
-# UPSTREAM_H2 without TLS: an h2c listener on port + 30 beside an nginx stand-in's plain one
-# (nginx 1.22 takes HTTP/2 without TLS by prior knowledge only, on a port of its own).
-add_h2c_listener() { # nginx.conf port
-  sed -i -E "s#^( *)listen 127.0.0.1:$2 (.*)#&\n\1listen 127.0.0.1:$(($2 + 30)) http2 \2#" "$1"
+# UPSTREAM_H2 without TLS: an nginx stand-in takes h2c on its plain port + 30 (nginx 1.22
+# takes HTTP/2 without TLS by prior knowledge only, on a port of its own).
+h2c_port() { # plain port
+  echo $(($1 + 30))
 }
 
-# keygate's config speaks HTTP/2 to the upstream (upstream.protocol).
-use_upstream_http2() { # keygate.toml
-  sed -i 's#^\[upstream\]#[upstream]\nprotocol = "http2"#' "$1"
+add_h2c_listener() { # nginx.conf port
+  sed -i -E "s#^( *)listen 127.0.0.1:$2 (.*)#&\n\1listen 127.0.0.1:$(h2c_port "$2") http2 \2#" "$1"
+}
+
+# keygate's config speaks HTTP/2 to the upstream: upstream.protocol, and a plain upstream's
+# h2c port (an https:// one takes h2 by ALPN on its own port).
+use_upstream_http2() { # keygate.toml upstream_port
+  sed -i -e 's#^\[upstream\]#[upstream]\nprotocol = "http2"#' \
+    -e "s#^url = \"http://127.0.0.1:$2\"#url = \"http://127.0.0.1:$(h2c_port "$2")\"#" "$1"
 }

@@ -25,16 +25,16 @@ work=$(mktemp -d /tmp/keygate-phases.XXXX)
 . "$here/common.sh"
 trap 'stop_pidfiles "$work"; wait 2>/dev/null || true' EXIT
 sed -e "s#PREFIX#$work#g" -e "s#SLOWPORT#$slow#g" -e "s#SLOWSECS#2#g" "$here/upstream-slow.conf" > "$work/slow.conf"
-up=$slow
+up=$slow   # the port keygate's upstream connections go to
 if [ -n "${UPSTREAM_H2:-}" ]; then
-  up=$((slow + 30))
   add_h2c_listener "$work/slow.conf" "$slow"
+  up=$(h2c_port "$slow")
 fi
 nginx -c "$work/slow.conf" -p "$work" -e "$work/slow.err"
 # The bench's config without its [store] table: the memory store.
-sed -e "s#LISTENPORT#$kg#" -e "s#ADMINPORT#$kg_admin#" -e "s#UPPORT#$up#" -e "s#USAGELOG#$work/usage.log#" \
+sed -e "s#LISTENPORT#$kg#" -e "s#ADMINPORT#$kg_admin#" -e "s#UPPORT#$slow#" -e "s#USAGELOG#$work/usage.log#" \
   "$here/keygate.toml" | sed -e '/^\[store\]/,/^timeout/d' > "$work/keygate.toml"
-if [ -n "${UPSTREAM_H2:-}" ]; then use_upstream_http2 "$work/keygate.toml"; fi
+if [ -n "${UPSTREAM_H2:-}" ]; then use_upstream_http2 "$work/keygate.toml" "$slow"; fi
 # shellcheck disable=SC2086
 BENCH_UPSTREAM_KEY=sk-upstream-REAL-0123456789 KEYGATE_LOG=warn MIMALLOC_ARENA_EAGER_COMMIT=0 \
   ${WRAP:-} "$bin" serve --config "$work/keygate.toml" > "$work/keygate.out" 2>&1 &

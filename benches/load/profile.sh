@@ -36,17 +36,13 @@ redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --d
 for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
 redis-cli -p "$redis_port" ping >/dev/null || { echo "redis on $redis_port did not start" >&2; exit 1; }
 sed -e "s#PREFIX#$work#g" -e "s#UPPORT#$up#g" "$here/upstream.conf" > "$work/upstream.conf"
-kg_up=$up
-if [ -n "${UPSTREAM_H2:-}" ]; then
-  kg_up=$((up + 30))
-  add_h2c_listener "$work/upstream.conf" "$up"
-fi
+if [ -n "${UPSTREAM_H2:-}" ]; then add_h2c_listener "$work/upstream.conf" "$up"; fi
 nginx -c "$work/upstream.conf" -p "$work" -e "$work/upstream.err"
-sed -e "s#LISTENPORT#$kg#" -e "s#ADMINPORT#$kg_admin#" -e "s#UPPORT#$kg_up#" -e "s#STOREURL#redis://127.0.0.1:$redis_port#" \
+sed -e "s#LISTENPORT#$kg#" -e "s#ADMINPORT#$kg_admin#" -e "s#UPPORT#$up#" -e "s#STOREURL#redis://127.0.0.1:$redis_port#" \
   -e "s#STORETIMEOUT#5s#" -e "s#USAGELOG#$work/usage.log#" "$here/keygate.toml" > "$work/keygate.toml"
 if [ -n "${LOCAL_SLICES:-}" ]; then sed -i "s#^\[store\]#[store]\nlocal_slices = true#" "$work/keygate.toml"; fi
 if [ -n "${SHARDS:-}" ]; then sed -i "/^\[server\]/a shards = $SHARDS" "$work/keygate.toml"; fi
-if [ -n "${UPSTREAM_H2:-}" ]; then use_upstream_http2 "$work/keygate.toml"; fi
+if [ -n "${UPSTREAM_H2:-}" ]; then use_upstream_http2 "$work/keygate.toml" "$up"; fi
 if [ "${PROFILER:-callgrind}" = perf ]; then
   profiler=(perf record -e cpu-clock -F "${PERF_FREQ:-2000}" --call-graph "${PERF_CALL_GRAPH:-fp}" -o "$out.perf")
 else

@@ -139,8 +139,7 @@ keygate_up() { # name listen admin upstream_port [binary]
     sed -i "s#^url = \"http://127.0.0.1:$4\"#url = \"https://localhost:$4\"\nca_file = \"$work/ca.pem\"#" "$work/$1.toml"
   fi
   if [ "${UPSTREAM_H2:-}" = both ] || { [ -n "${UPSTREAM_H2:-}" ] && [ "$1" = "${1#keygate-b}" ]; }; then
-    use_upstream_http2 "$work/$1.toml"
-    if [ -z "${UPSTREAM_TLS:-}" ]; then sed -i "s#^url = \"http://127.0.0.1:$4\"#url = \"http://127.0.0.1:$(($4 + 30))\"#" "$work/$1.toml"; fi
+    use_upstream_http2 "$work/$1.toml" "$4"
   fi
   # The allocator settings of deploy/systemd and deploy/docker.
   BENCH_UPSTREAM_KEY=sk-upstream-REAL-0123456789 KEYGATE_LOG=warn \
