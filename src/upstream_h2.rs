@@ -68,6 +68,9 @@ pub struct Http2Pool {
 
 struct Shared {
     connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority/`: what the connector connects to.
+    origin: Uri,
+    /// The origin's parts, which every request names (`to_absolute_form`).
     scheme: Scheme,
     authority: Authority,
     /// How long a new connection has to connect and send its settings.
@@ -159,6 +162,7 @@ impl Http2Pool {
                 connector,
                 scheme: scheme.clone(),
                 authority: authority.clone(),
+                origin: origin.clone(),
                 settle_within,
                 lists: std::array::from_fn(|_| ConnList::default()),
                 next_id: AtomicU64::new(0),
@@ -434,13 +438,7 @@ type Driven = http2::Connection<Io, UpstreamBody, BoxedExecutor>;
 async fn connect(pool: &Weak<Shared>) -> Result<(Sender, Driven), String> {
     let (mut connector, origin) = {
         let pool = pool.upgrade().ok_or("the pool is gone")?;
-        let origin = Uri::builder()
-            .scheme(pool.scheme.clone())
-            .authority(pool.authority.clone())
-            .path_and_query("/")
-            .build()
-            .map_err(|e| e.to_string())?;
-        (pool.connector.clone(), origin)
+        (pool.connector.clone(), pool.origin.clone())
     };
     std::future::poll_fn(|cx| connector.poll_ready(cx))
         .await
