@@ -29,27 +29,7 @@ async fn sharded_connections_answer_admit_exactly_the_plan_and_drain_on_shutdown
     // shards decide on the same team at once.
     const CLIENTS: u64 = 8;
     let per_client = DESIGN_RPM * 2 / CLIENTS;
-    let mut clients = Vec::new();
-    for _ in 0..CLIENTS {
-        let (client, base_url) = (client(), gateway.proxy.clone());
-        clients.push(tokio::spawn(async move {
-            let mut statuses = Vec::new();
-            for _ in 0..per_client {
-                let answer = generate_request(&client, &base_url, Some(TOKEN_DESIGN_GENERATE))
-                    .send()
-                    .await
-                    .expect("the gateway answers");
-                statuses.push(answer.status().as_u16());
-                let body = answer.bytes().await.expect("the whole body");
-                assert!(!body.is_empty());
-            }
-            statuses
-        }));
-    }
-    let mut statuses = Vec::new();
-    for client in clients {
-        statuses.extend(client.await.unwrap());
-    }
+    let statuses = generate_from_own_clients(&gateway, CLIENTS as usize, per_client as usize).await;
     assert_eq!(statuses.len() as u64, CLIENTS * per_client);
     assert_eq!(
         count_status(&statuses, 200) as u64,

@@ -431,6 +431,37 @@ pub async fn generate_all<'a>(
     .await
 }
 
+/// `clients` clients of their own (so connections of their own: with shards, handed to the
+/// shards in turn) each send `each` generate requests one after another at once with the
+/// others, reading every answer whole. Returns every status, client by client.
+pub async fn generate_from_own_clients(
+    gateway: &TestGateway,
+    clients: usize,
+    each: usize,
+) -> Vec<u16> {
+    let clients = (0..clients).map(|_| {
+        let (client, base_url) = (client(), gateway.proxy.clone());
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..each {
+                let answer = generate_request(&client, &base_url, Some(TOKEN_DESIGN_GENERATE))
+                    .send()
+                    .await
+                    .expect("the gateway answers");
+                statuses.push(answer.status().as_u16());
+                let body = answer.bytes().await.expect("the whole body");
+                assert!(!body.is_empty());
+            }
+            statuses
+        })
+    });
+    let mut statuses = Vec::new();
+    for client in futures_util::future::join_all(clients).await {
+        statuses.extend(client.expect("a client task ends"));
+    }
+    statuses
+}
+
 pub fn count_status(statuses: &[u16], status: u16) -> usize {
     statuses.iter().filter(|s| **s == status).count()
 }
