@@ -569,8 +569,9 @@ async fn slices_keep_answering_while_redis_is_killed_and_resume_after_restart() 
 }
 
 /// `store.local_slices` end to end: a busy team on a big plan is served mostly from its
-/// replica's slice, each answer still carrying its own count, and Redis counts exactly what
-/// was admitted once the slice's second is over.
+/// replica's slice, each answer still carrying its own count (but for counts a refund of
+/// unused slots made free again), and Redis counts exactly what was admitted once the
+/// slice's second is over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_slices_serve_a_busy_team_with_each_answer_its_own_count() {
     local_slices_serve_a_busy_team(None).await;
@@ -613,7 +614,21 @@ async fn local_slices_serve_a_busy_team(shards: Option<usize>) {
     for task in tasks {
         remaining.extend(task.await.unwrap());
     }
-    assert_eq!(remaining.len(), REQUESTS, "each admission its own count");
+    // Each admission is answered its own count, except that a slice's unused slots,
+    // refunded when its second ends, let later admissions count again what earlier ones
+    // were answered: repeats are at most the slots given back while answers were given.
+    // (Answers copied from the slice's first would repeat for nearly every request.)
+    let returned_meanwhile = common::observe::series(
+        &gateway.metrics().await,
+        "keygate_quota_slice_returned_total",
+        &[],
+    )
+    .unwrap() as usize;
+    assert!(
+        REQUESTS - remaining.len() <= returned_meanwhile,
+        "{} distinct counts for {REQUESTS} admissions, {returned_meanwhile} slots refunded",
+        remaining.len()
+    );
     let stats = redis.cli(&["INFO", "commandstats"]).unwrap();
     let scripts: usize = stats
         .lines()

@@ -20,7 +20,8 @@
 //! Slots a replica holds are used as far as every other replica can tell until the
 //! second ends; then the unused ones are refunded to that bucket and day. A slice is
 //! at most 1/[`ROOM_SHARE`] of the least room any of its windows had at the last answer,
-//! sized to this replica's own demand for the rest of the second; a set of subjects with
+//! sized to this replica's own demand for the rest of the second (its pace over the last
+//! whole period, or over this one so far when that is faster); a set of subjects with
 //! less than [`MIN_SLICE`] to take is decided call by call as before. So no more than the
 //! limit is ever admitted, and under excess demand the limit is reached within a second
 //! of the slices' refunds: a burst that ends within one second may be admitted that
@@ -40,6 +41,9 @@ pub(crate) const MIN_SLICE: u64 = 16;
 const MAX_SLICE: u64 = 1 << 16;
 /// The period this replica's demand per set of subjects is counted over.
 const PERIOD: Duration = Duration::from_secs(1);
+/// The shortest span the current period's pace is read over: a handful of decisions at
+/// one instant is not a rate of thousands a second.
+const MIN_PACE_SPAN_MS: u64 = 100;
 
 /// A set idle this long, with no slice and no ask, leaves the table at the next sweep.
 const IDLE: Duration = Duration::from_secs(60);
@@ -156,11 +160,12 @@ impl Slices {
         table.sweep_when_grown(now);
         let state = table.sets.entry_ref(subjects).or_default();
         let start = *state.period_start.get_or_insert(now);
-        let elapsed = now.saturating_duration_since(start);
+        let mut elapsed = now.saturating_duration_since(start);
         if elapsed >= PERIOD {
             state.rate = state.seen * 1000 / (elapsed.as_millis() as u64).max(1);
             state.seen = 0;
             state.period_start = Some(now);
+            elapsed = Duration::ZERO;
         }
         state.seen += 1;
         if let Some(slice) = state.slice.as_mut() {
@@ -178,7 +183,11 @@ impl Slices {
         if state.asking {
             return Take::Alone;
         }
-        let demand = state.rate.max(state.seen) * ms_left().clamp(0, 1000) as u64 / 1000;
+        // The current period's pace counts too: a team that has just turned busy (or whose
+        // first second this is) would otherwise get slices sized to the few decisions seen
+        // so far, each spent at once, and ask call after call while its demand is known.
+        let pace = state.seen * 1000 / (elapsed.as_millis() as u64).max(MIN_PACE_SPAN_MS);
+        let demand = state.rate.max(pace) * ms_left().clamp(0, 1000) as u64 / 1000;
         let extra = demand.min(state.room / ROOM_SHARE).min(MAX_SLICE);
         if extra < MIN_SLICE {
             return Take::Alone;
@@ -455,6 +464,36 @@ mod tests {
         assert_eq!((table.sets.len(), table.swept_to), (2, 1));
         drop(table);
         drop(ask);
+    }
+
+    #[test]
+    fn a_set_turning_busy_gets_a_slice_at_its_pace_so_far() {
+        let slices = Arc::new(Slices::default());
+        let alpha = team("alpha");
+        let t0 = Instant::now();
+        // Its first period: 100 decisions in the first 250 ms, then 500 ms of Redis's
+        // second left: 400 a second for half a second, not the 100 seen so far halved.
+        for i in 0..100 {
+            let at = t0 + Duration::from_micros(2_500 * i);
+            assert!(matches!(slices.take(&alpha, 0, || 500, at), Take::Alone));
+        }
+        slices.learn_room(&alpha, 1_000_000);
+        let Take::Ask(ask) = slices.take(&alpha, 0, || 500, t0 + Duration::from_millis(250))
+        else {
+            panic!("a busy set with room asks for a slice")
+        };
+        assert_eq!(ask.extra, 202);
+        drop(ask);
+        // A burst at one instant is read over the least span, not as thousands a second.
+        let beta = team("beta");
+        for _ in 0..30 {
+            let _ = slices.take(&beta, 0, || 1000, t0);
+        }
+        slices.learn_room(&beta, 1_000_000);
+        let Take::Ask(ask) = slices.take(&beta, 0, || 1000, t0) else {
+            panic!("a burst with room asks for a slice")
+        };
+        assert_eq!(ask.extra, 31 * 1000 / MIN_PACE_SPAN_MS);
     }
 
     #[test]
