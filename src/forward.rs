@@ -198,6 +198,13 @@ impl Upstream {
         Ok(Uri::from(path_and_query))
     }
 
+    /// Whether a request refused before it reached the upstream's application (an HTTP/2
+    /// stream refused, or racing a GOAWAY) is sent again by the connections themselves,
+    /// retries or not, provided its body is held.
+    pub fn resends_refused_requests(&self) -> bool {
+        matches!(self.pool, Connections::Http2(_))
+    }
+
     /// Sends a prepared request; the timeout covers connecting and the response head.
     /// While the upstream waits on a slow client upload, the clock restarts: the body's own
     /// stall timer governs then, and its failure is reported as the client's.

@@ -350,7 +350,9 @@ async fn forward(
         },
         progress.clone(),
     );
-    let replayable = gateway.retry.attempts > 1
+    // A held body can go again: for the retry policy, and over HTTP/2 after a refused
+    // stream even with retries off (a refusal is not a failure the upstream saw).
+    let replayable = (gateway.retry.attempts > 1 || gateway.upstream.resends_refused_requests())
         && body
             .known_length()
             .is_some_and(|length| length <= gateway.retry.max_replay_bytes);

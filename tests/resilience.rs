@@ -392,17 +392,7 @@ async fn a_body_too_large_to_hold_streams_once_and_is_never_replayed() {
 
     // A small body of unknown length (chunked) streams once too.
     upstream.script(vec![Reply::Json(503, UPSTREAM_503)]);
-    let chunks = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(
-        bytes::Bytes::from_static(PROMPT_BODY.as_bytes()),
-    )]);
-    let response = gateway
-        .client
-        .post(gateway.url("/v1/text-to-image"))
-        .bearer_auth(TOKEN_DESIGN_GENERATE)
-        .body(reqwest::Body::wrap_stream(chunks))
-        .send()
-        .await
-        .unwrap();
+    let response = gateway.generate_chunked(TOKEN_DESIGN_GENERATE).await;
     assert_eq!(response.status(), 503);
     assert_eq!(upstream.count(), 2);
     gateway.shutdown().await;

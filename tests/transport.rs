@@ -6,6 +6,8 @@
 mod common;
 
 use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use common::upstream::{test_cert, TestCert};
 use common::*;
@@ -404,6 +406,74 @@ async fn tls_with_http1_and_http2(shards: Option<usize>) {
     // Plain HTTP on the TLS listener gets nowhere.
     let plain = gateway.client.get(gateway.url("/v1/models")).send().await;
     assert!(plain.is_err() || plain.unwrap().status() != 200);
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+/// A plain upstream speaking HTTP/2 with prior knowledge that refuses (`REFUSED_STREAM`)
+/// its first `refuse` streams, whatever the connection, and answers the others 200 with
+/// the standard JSON once it has read their body: the streams it saw, refused or not.
+async fn refusing_h2c_upstream(refuse: usize) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let streams = Arc::new(AtomicUsize::new(0));
+    let seen = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    if seen.fetch_add(1, Ordering::SeqCst) < refuse {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    tokio::spawn(async move {
+                        let mut body = request.into_body();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                        }
+                        let answer = http::Response::new(());
+                        let mut send = respond.send_response(answer, false).unwrap();
+                        let ok = bytes::Bytes::from_static(common::upstream::OK_JSON.as_bytes());
+                        let _ = send.send_data(ok, true);
+                    });
+                }
+            });
+        }
+    });
+    (url, streams)
+}
+
+/// A refused stream reached no application (RFC 9113, 8.7): a request whose body keygate
+/// holds goes out again at once on another stream; one whose body streams from the client
+/// cannot be replayed, so it is a 502 like a failed connect, refunded, and sent only once.
+#[tokio::test]
+async fn a_refused_http2_stream_is_sent_again_when_its_body_is_held_and_a_502_when_streamed() {
+    let (url, streams) = refusing_h2c_upstream(2).await;
+    let mut config = config_from(&standard_config_text(&url, ""));
+    config.upstream.protocol = UpstreamProtocol::Http2;
+    let gateway = TestGateway::start(config).await;
+
+    // A body of unknown length streams from the client as it comes.
+    let answer = Answer::read(gateway.generate_chunked(TOKEN_DESIGN_GENERATE).await).await;
+    assert_eq!(answer.status, 502);
+    assert_eq!(answer.body, BAD_GATEWAY_BODY);
+    assert_eq!(
+        streams.load(Ordering::SeqCst),
+        1,
+        "a streamed body goes once"
+    );
+    gateway.wait_team_used("design", 0).await;
+
+    // The next stream is refused too; the held body goes again on the one after.
+    let answer = Answer::read(gateway.generate(TOKEN_DESIGN_GENERATE).await).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body, common::upstream::OK_JSON);
+    assert_eq!(streams.load(Ordering::SeqCst), 3);
+    gateway.wait_team_used("design", 1).await;
     gateway.shutdown().await;
     logs::assert_clean(ALL_SECRETS);
 }

@@ -478,8 +478,7 @@ mod tests {
             assert!(matches!(slices.take(&alpha, 0, || 500, at), Take::Alone));
         }
         slices.learn_room(&alpha, 1_000_000);
-        let Take::Ask(ask) = slices.take(&alpha, 0, || 500, t0 + Duration::from_millis(250))
-        else {
+        let Take::Ask(ask) = slices.take(&alpha, 0, || 500, t0 + Duration::from_millis(250)) else {
             panic!("a busy set with room asks for a slice")
         };
         assert_eq!(ask.extra, 202);

@@ -330,6 +330,22 @@ impl TestGateway {
             .expect("request reaches the gateway")
     }
 
+    /// The generate request with the same body, of unknown length (chunked): keygate
+    /// streams it through and never holds it.
+    pub async fn generate_chunked(&self, token: &str) -> reqwest::Response {
+        let chunks = futures_util::stream::iter([Ok::<_, std::io::Error>(
+            bytes::Bytes::from_static(PROMPT_BODY.as_bytes()),
+        )]);
+        self.client
+            .post(self.url("/v1/text-to-image"))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(chunks))
+            .send()
+            .await
+            .expect("request reaches the gateway")
+    }
+
     /// `GET /readyz`: status code and JSON body.
     pub async fn readyz(&self) -> (u16, serde_json::Value) {
         let response = self
