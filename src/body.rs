@@ -343,8 +343,7 @@ impl Body for ResponseBody {
         let this = &mut *self;
         let polled: Option<Result<Frame<Bytes>, BoxError>> = match &mut this.inner {
             Inner::Full(bytes) => bytes.take().map(|b| Ok(Frame::data(b))),
-            Inner::Upstream(body) => ready!(Pin::new(body).poll_frame(cx))
-                .map(|r| r.map_err(|e| Box::new(e) as BoxError)),
+            Inner::Upstream(body) => ready!(Pin::new(body).poll_frame(cx)),
         };
         match &polled {
             Some(Ok(frame)) => {

@@ -1,8 +1,9 @@
-//! Owns how hyper's HTTP/2 futures become tasks: boxed first, then spawned on the current
-//! runtime. hyper hands its executor a future per stream (the server's per request, the
-//! client's two per request), each an enum sized for its largest variant (several KB);
-//! spawned as it is, the enum is copied into the task on the way (`spawn`, `bind`,
-//! `set_stage`); boxed once, the task moves a pointer (PERFORMANCE.md, session 9).
+//! Owns how hyper's HTTP/2 server futures become tasks: boxed first, then spawned on the
+//! current runtime. hyper hands its executor a future per stream (one a request), an enum
+//! sized for its largest variant (several KB); spawned as it is, the enum is copied into
+//! the task on the way (`spawn`, `bind`, `set_stage`); boxed once, the task moves a pointer
+//! (PERFORMANCE.md, session 9; the upstream side, which spawned two a request through
+//! hyper's client, now drives `h2` itself and spawns none: [`crate::upstream_h2`]).
 
 use std::future::Future;
 

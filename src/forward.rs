@@ -247,7 +247,7 @@ impl Upstream {
             Err(PoolError::Connect(cause)) => Err(ForwardError::Connect(cause)),
             Err(PoolError::Request(e)) => match client_body.failure() {
                 Some(failure) => Err(ForwardError::ClientBody(failure)),
-                None => Err(ForwardError::Failed(error_chain(&e))),
+                None => Err(ForwardError::Failed(error_chain(e.as_ref()))),
             },
         }
     }

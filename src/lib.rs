@@ -22,7 +22,7 @@
 //!   and close, TLS, `/healthz` `/readyz`; [`shards`]: the optional thread-per-core event
 //!   loops proxy connections are handed to; [`event_loop`]: a thread with its own event
 //!   loop (each shard, and the quota store's Redis calls); [`boxed_executor`]: how hyper's
-//!   HTTP/2 futures become tasks.
+//!   HTTP/2 server futures become tasks.
 //! - [`gateway`]: shared state and the hot-swappable [`gateway::Snapshot`];
 //!   [`in_flight`]: the cap on requests served at once.
 //! - [`pipeline`]: the steps above; [`body`]: streamed, counted bodies.
@@ -32,7 +32,7 @@
 //!   outage modes, quota headers, local slices of a busy team's room (Redis);
 //!   [`shared_redis`]: the connection to a fleet's Redis.
 //! - [`forward`]: the upstream request and header rewrite; [`upstream_pool`]: the kept-alive
-//!   HTTP/1.1 connections to the upstream, [`upstream_h2`]: the shared HTTP/2 ones (opt-in);
+//!   HTTP/1.1 connections to the upstream, [`upstream_h2`]: the shared HTTP/2 ones (opt-in, on `h2` directly);
 //!   [`upstream_keys`]: real keys;
 //!   [`retry`]: retries of 429 / 503 / failed connects with backoff and key failover;
 //!   [`circuit`]: the breaker that answers 503 at once while the upstream is down.

@@ -11,6 +11,12 @@
 //! while it connects wait for it (up to 100, until its settings say) instead of each
 //! opening one of their own, and those over the limit the upstream then announces move on
 //! to another.
+//!
+//! The connections are driven on the `h2` crate directly, not through hyper's HTTP/2
+//! client: hyper's spawns two tasks a request (~5 KB each, for as long as the request is
+//! in flight) and hands requests to the connection over a channel; here a request's own
+//! future opens its stream, hands a held body to `h2` whole, pumps a streamed one as the
+//! windows open, and the answer's body reads the stream (PERFORMANCE.md, session 10).
 
 use std::future::Future;
 use std::pin::pin;
@@ -22,21 +28,20 @@ use std::time::Duration;
 // Tokio's clock, so that tests can move it.
 use tokio::time::Instant;
 
+use bytes::Bytes;
 use http::header;
 use http::uri::{Authority, Scheme};
-use http::{Request, Response, Uri, Version};
-use hyper::body::Incoming;
-use hyper::client::conn::http2;
+use http::{HeaderMap, Request, Response, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 #[cfg(test)]
 use hyper_util::rt::TokioExecutor;
-use hyper_util::rt::TokioTimer;
+use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tower_service::Service;
 
-use crate::body::UpstreamBody;
-use crate::boxed_executor::BoxedExecutor;
+use crate::body::{BoxError, InboundBody, UpstreamBody};
 use crate::upstream_pool::{
     OpenConnections, PoolError, PooledBody, IDLE_LISTS, IDLE_TIMEOUT, REAP_EVERY,
 };
@@ -50,15 +55,18 @@ const ASSUMED_STREAMS: usize = 100;
 /// Times a request is sent again after the upstream refused its stream unprocessed, or its
 /// connection ended before taking it.
 const RESENDS: usize = 3;
-/// How soon a new connection is first looked at again for the upstream's settings, and
-/// how far apart the looks grow (doubling).
-const FIRST_LOOK: Duration = Duration::from_micros(500);
-const LAST_LOOK: Duration = Duration::from_millis(100);
 /// Pings on a connection, idle or not: a dead one is found before a request is sent on it.
 const PING_EVERY: Duration = Duration::from_secs(30);
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Flow-control windows and frame limits: hyper's HTTP/2 client defaults, which this pool
+/// used before it drove `h2` itself (an answer keeps flowing while the client reads it).
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+const MAX_FRAME: u32 = 16 * 1024;
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
 
-type Sender = http2::SendRequest<UpstreamBody>;
+type Sender = h2::client::SendRequest<Bytes>;
 
 /// The HTTP/2 connections to one origin.
 #[derive(Clone)]
@@ -185,7 +193,7 @@ impl Http2Pool {
     async fn send_on_stream(
         &self,
         mut request: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, StreamLease), PoolError> {
+    ) -> Result<(Response<AnswerStream>, StreamLease), PoolError> {
         self.to_absolute_form(&mut request)?;
         let mut resends = 0;
         loop {
@@ -221,46 +229,36 @@ impl Http2Pool {
                 UpstreamBody::Held(bytes) if resends < RESENDS => Some(copy(&request, bytes)),
                 _ => None,
             };
-            match sender.try_send_request(request).await {
-                Ok(mut response) => {
-                    // The answer goes on to the client over the client's own connection,
-                    // whatever its version: an HTTP/1.1 one would log a coercion each time.
-                    *response.version_mut() = Version::HTTP_11;
-                    return Ok((response, lease));
+            let failure = match exchange(&mut sender, request).await {
+                Ok(response) => return Ok((response, lease)),
+                Err(failure) => failure,
+            };
+            let (cause, unsent) = match failure {
+                Failure::Unsent(cause, unsent) => {
+                    // The connection is closing or gone (maybe before its task has taken
+                    // it out of the list): no more for it.
+                    self.shared.forget(lease.list, lease.id);
+                    (cause, unsent)
                 }
-                Err(mut failed) => match failed.take_message() {
-                    // The connection ended before it took the request (after a GOAWAY, say),
-                    // maybe before its task has taken it out of the list: no more for it.
-                    Some(unsent) => {
-                        self.shared.forget(lease.list, lease.id);
-                        if resends == RESENDS {
-                            return Err(PoolError::Connect(format!(
-                                "{RESENDS} upstream connections ended before taking the request"
-                            )));
-                        }
-                        resends += 1;
-                        request = unsent;
-                    }
-                    None => {
-                        let error = failed.into_error();
-                        match refusal(&error) {
-                            None => return Err(PoolError::Request(error)),
-                            // No more streams for it.
-                            Some(Refusal::GoingAway) => self.shared.forget(lease.list, lease.id),
-                            Some(Refusal::Stream) => {}
-                        }
-                        match again {
-                            Some(copy) => {
-                                resends += 1;
-                                request = copy;
-                            }
-                            None => {
-                                return Err(PoolError::Connect(crate::forward::error_chain(&error)))
-                            }
-                        }
-                    }
-                },
-            }
+                Failure::Refused(Refusal::GoingAway, cause) => {
+                    self.shared.forget(lease.list, lease.id);
+                    (cause, None)
+                }
+                Failure::Refused(Refusal::Stream, cause) => (cause, None),
+                Failure::Failed(cause) => return Err(PoolError::Request(cause)),
+            };
+            request = match unsent.map(|request| *request).or(again) {
+                Some(request) if resends < RESENDS => request,
+                Some(_) => {
+                    return Err(PoolError::Connect(format!(
+                        "{RESENDS} upstream connections refused the request or ended before \
+                         taking it: {}",
+                        crate::forward::error_chain(&cause)
+                    )))
+                }
+                None => return Err(PoolError::Connect(crate::forward::error_chain(&cause))),
+            };
+            resends += 1;
         }
     }
 
@@ -432,8 +430,8 @@ async fn connect_and_drive(pool: Weak<Shared>, list: usize, id: u64, tell: watch
     }
 }
 
-type Io = hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>;
-type Driven = http2::Connection<Io, UpstreamBody, BoxedExecutor>;
+type Io = TokioIo<hyper_rustls::MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>>;
+type Driven = h2::client::Connection<Io, Bytes>;
 
 async fn connect(pool: &Weak<Shared>) -> Result<(Sender, Driven), String> {
     let (mut connector, origin) = {
@@ -451,15 +449,17 @@ async fn connect(pool: &Weak<Shared>) -> Result<(Sender, Driven), String> {
     {
         return Err("the upstream did not agree to HTTP/2 (ALPN h2)".into());
     }
-    http2::Builder::new(BoxedExecutor)
-        .timer(TokioTimer::new())
+    h2::client::Builder::new()
         // No stream before the upstream's settings: a first stream count other than the
         // upstream's own is how requests come to wait inside keygate for a stream.
         .initial_max_send_streams(0)
-        .keep_alive_interval(PING_EVERY)
-        .keep_alive_timeout(PING_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .handshake(io)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .enable_push(false)
+        .handshake(TokioIo::new(io))
         .await
         .map_err(|e| crate::forward::error_chain(&e))
 }
@@ -474,7 +474,9 @@ struct Settling<'a> {
 }
 
 /// Polls the connection until it ends; after each poll, passes on what the upstream's
-/// settings now allow. Until they arrive, nothing is sent on it.
+/// settings now allow (the connection reads its frames in this task, so their arrival
+/// wakes it). Until they arrive, nothing is sent on it. Pings every [`PING_EVERY`], idle or
+/// not, and ends the connection when one goes unanswered for [`PING_TIMEOUT`].
 async fn drive(settling: Settling<'_>, sender: Sender, connection: Driven) -> Result<(), String> {
     let Settling {
         pool,
@@ -483,19 +485,18 @@ async fn drive(settling: Settling<'_>, sender: Sender, connection: Driven) -> Re
         tell,
         by,
     } = settling;
-    let mut connection = pin!(connection);
+    let mut connection = connection;
+    let mut pings = connection.ping_pong();
     let mut unsettled = Some(sender);
     let mut allowed = 0;
     let mut settle_by = pin!(tokio::time::sleep_until(by));
-    // hyper reads the upstream's frames in a task of its own, which wakes this one for
-    // requests to send, never for the settings: until they are seen, look again shortly.
-    let mut look_again = FIRST_LOOK;
-    let mut next_look = pin!(tokio::time::sleep(look_again));
+    let mut ping_timer = pin!(tokio::time::sleep(PING_EVERY));
+    let mut awaiting_pong = false;
     std::future::poll_fn(|cx| loop {
-        if let Poll::Ready(ended) = connection.as_mut().poll(cx) {
+        if let Poll::Ready(ended) = std::pin::Pin::new(&mut connection).poll(cx) {
             return Poll::Ready(ended.map_err(|e| crate::forward::error_chain(&e)));
         }
-        let now_allowed = connection.current_max_send_streams().min(MAX_STREAMS);
+        let now_allowed = connection.max_concurrent_send_streams().min(MAX_STREAMS);
         // 0 before the settings (see `initial_max_send_streams`); after them, 0 is the
         // upstream asking for no new streams for now.
         if now_allowed != allowed && (now_allowed > 0 || unsettled.is_none()) {
@@ -510,13 +511,34 @@ async fn drive(settling: Settling<'_>, sender: Sender, connection: Driven) -> Re
                 tell.send_replace(Settled::Ready);
             }
         }
-        if unsettled.is_some() {
-            if settle_by.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err("no HTTP/2 settings from the upstream in time".into()));
+        if unsettled.is_some() && settle_by.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err("no HTTP/2 settings from the upstream in time".into()));
+        }
+        if let Some(pings) = pings.as_mut() {
+            if awaiting_pong {
+                match pings.poll_pong(cx) {
+                    Poll::Ready(Ok(_)) => {
+                        awaiting_pong = false;
+                        ping_timer.as_mut().reset(Instant::now() + PING_EVERY);
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => {
+                        return Poll::Ready(Err(crate::forward::error_chain(&e)))
+                    }
+                    Poll::Pending => {}
+                }
             }
-            if next_look.as_mut().poll(cx).is_ready() {
-                look_again = (look_again * 2).min(LAST_LOOK);
-                next_look.as_mut().reset(Instant::now() + look_again);
+            if ping_timer.as_mut().poll(cx).is_ready() {
+                if awaiting_pong {
+                    return Poll::Ready(Err(format!(
+                        "no answer to a ping within {PING_TIMEOUT:?}"
+                    )));
+                }
+                if let Err(e) = pings.send_ping(h2::Ping::opaque()) {
+                    return Poll::Ready(Err(crate::forward::error_chain(&e)));
+                }
+                awaiting_pong = true;
+                ping_timer.as_mut().reset(Instant::now() + PING_TIMEOUT);
                 continue;
             }
         }
@@ -526,7 +548,7 @@ async fn drive(settling: Settling<'_>, sender: Sender, connection: Driven) -> Re
 }
 
 /// Another request like `request`, with `body`'s bytes (shared, not copied).
-fn copy(request: &Request<UpstreamBody>, body: &Option<bytes::Bytes>) -> Request<UpstreamBody> {
+fn copy(request: &Request<UpstreamBody>, body: &Option<Bytes>) -> Request<UpstreamBody> {
     let mut copy = Request::new(UpstreamBody::Held(body.clone()));
     *copy.method_mut() = request.method().clone();
     *copy.uri_mut() = request.uri().clone();
@@ -544,18 +566,220 @@ enum Refusal {
     Stream,
 }
 
-fn refusal(error: &hyper::Error) -> Option<Refusal> {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(current) = cause {
-        if let Some(h2) = current.downcast_ref::<h2::Error>() {
-            if h2.is_go_away() && h2.is_remote() {
-                return Some(Refusal::GoingAway);
-            }
-            return (h2.reason() == Some(h2::Reason::REFUSED_STREAM)).then_some(Refusal::Stream);
-        }
-        cause = current.source();
+fn refusal(error: &h2::Error) -> Option<Refusal> {
+    if error.is_go_away() && error.is_remote() {
+        return Some(Refusal::GoingAway);
     }
-    None
+    (error.reason() == Some(h2::Reason::REFUSED_STREAM)).then_some(Refusal::Stream)
+}
+
+/// Why an exchange on a stream got no answer.
+enum Failure {
+    /// The connection would open no stream for it (closing, or gone): nothing was sent.
+    /// The request, when it was not yet given to `h2`.
+    /// (Boxed: a request is ten times the size of the other variants, and rare here.)
+    Unsent(h2::Error, Option<Box<Request<UpstreamBody>>>),
+    /// The upstream refused the stream before processing it.
+    Refused(Refusal, h2::Error),
+    /// Anything else: the upstream may have seen the request.
+    Failed(BoxError),
+}
+
+/// Sends `request` on a new stream of `sender`'s connection and waits for the answer's
+/// head, sending a streamed body meanwhile. No task is spawned: a held body is handed to
+/// `h2` whole (it sends it as the windows allow), a streamed one is pumped here and then by
+/// the answer's body ([`AnswerStream`]).
+async fn exchange(
+    sender: &mut Sender,
+    request: Request<UpstreamBody>,
+) -> Result<Response<AnswerStream>, Failure> {
+    if let Err(cause) = std::future::poll_fn(|cx| sender.poll_ready(cx)).await {
+        return Err(Failure::Unsent(cause, Some(Box::new(request))));
+    }
+    let (mut head, body) = request.into_parts();
+    if let Some(length) = body.size_hint().exact() {
+        // hyper's HTTP/1.1 client says it for a held body too: the upstream sees the same.
+        let has_payload_semantics = !matches!(
+            head.method,
+            http::Method::GET | http::Method::HEAD | http::Method::DELETE | http::Method::OPTIONS
+        );
+        if !head.headers.contains_key(header::CONTENT_LENGTH)
+            && (length > 0 || has_payload_semantics)
+        {
+            head.headers
+                .insert(header::CONTENT_LENGTH, http::HeaderValue::from(length));
+        }
+    }
+    let end_of_stream = body.is_end_stream();
+    let (answer, mut send) = sender
+        .send_request(Request::from_parts(head, ()), end_of_stream)
+        .map_err(|cause| Failure::Unsent(cause, None))?;
+    let mut pump = match body {
+        UpstreamBody::Held(Some(bytes)) => {
+            // Buffered by `h2` and sent as the windows open; a failure shows in the answer.
+            let _ = send.send_data(bytes, true);
+            None
+        }
+        UpstreamBody::Held(None) => None,
+        UpstreamBody::Streamed(body) => Some(Pump {
+            body,
+            send,
+            pending: None,
+        }),
+    };
+    let mut answer = pin!(answer);
+    let head = std::future::poll_fn(|cx| {
+        if let Some(running) = pump.as_mut() {
+            if running.poll(cx).is_ready() {
+                pump = None;
+            }
+        }
+        answer.as_mut().poll(cx)
+    })
+    .await;
+    match head {
+        Ok(response) => {
+            let (mut parts, stream) = response.into_parts();
+            // The answer goes on to the client over the client's own connection, whatever
+            // its version: an HTTP/1.1 one would log a coercion each time.
+            parts.version = Version::HTTP_11;
+            let remaining = content_length(&parts.headers);
+            Ok(Response::from_parts(
+                parts,
+                AnswerStream {
+                    stream,
+                    pump,
+                    remaining,
+                    data_done: false,
+                },
+            ))
+        }
+        Err(cause) => Err(match refusal(&cause) {
+            Some(refused) => Failure::Refused(refused, cause),
+            None => Failure::Failed(Box::new(cause)),
+        }),
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Sends a body streamed from the client on its stream as the upstream's windows open:
+/// no more of it read than can be sent.
+struct Pump {
+    body: Box<InboundBody>,
+    send: h2::SendStream<Bytes>,
+    /// Read from the client, not yet sent.
+    pending: Option<Bytes>,
+}
+
+impl Pump {
+    /// Ready when the body has been sent whole, or the stream failed (the answer tells
+    /// the upstream's side; a client body that failed is the client's, and resets it).
+    fn poll(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        loop {
+            if let Some(data) = self.pending.as_mut() {
+                self.send.reserve_capacity(data.len());
+                match std::task::ready!(self.send.poll_capacity(cx)) {
+                    Some(Ok(0)) => continue,
+                    Some(Ok(capacity)) => {
+                        let chunk = data.split_to(capacity.min(data.len()));
+                        if data.is_empty() {
+                            self.pending = None;
+                        }
+                        if self.send.send_data(chunk, false).is_err() {
+                            return Poll::Ready(());
+                        }
+                    }
+                    Some(Err(_)) | None => return Poll::Ready(()),
+                }
+                continue;
+            }
+            match std::task::ready!(std::pin::Pin::new(&mut *self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.pending = (!data.is_empty()).then_some(data),
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            let _ = self.send.send_trailers(trailers);
+                            return Poll::Ready(());
+                        }
+                    }
+                },
+                None => {
+                    let _ = self.send.send_data(Bytes::new(), true);
+                    return Poll::Ready(());
+                }
+                Some(Err(_)) => {
+                    self.send.send_reset(h2::Reason::CANCEL);
+                    return Poll::Ready(());
+                }
+            }
+        }
+    }
+}
+
+/// The upstream's answer body on its stream, with what is left of a streamed request body
+/// (an answer may come before the upload ends). Dropped before its end, the stream is
+/// reset (`h2` cancels a stream nothing holds any more).
+pub(crate) struct AnswerStream {
+    stream: h2::RecvStream,
+    pump: Option<Pump>,
+    /// What the answer's `Content-Length` says is still to come.
+    remaining: Option<u64>,
+    data_done: bool,
+}
+
+impl Body for AnswerStream {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        if let Some(pump) = this.pump.as_mut() {
+            if pump.poll(cx).is_ready() {
+                this.pump = None;
+            }
+        }
+        if !this.data_done {
+            match std::task::ready!(this.stream.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // The window opens as keygate passes the bytes on.
+                    let _ = this.stream.flow_control().release_capacity(data.len());
+                    if let Some(remaining) = this.remaining.as_mut() {
+                        *remaining = remaining.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => this.data_done = true,
+            }
+        }
+        match std::task::ready!(this.stream.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stream.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(remaining) => SizeHint::with_exact(remaining),
+            None => SizeHint::default(),
+        }
+    }
 }
 
 /// Closes connections idle past [`IDLE_TIMEOUT`] every [`REAP_EVERY`] until the pool is
@@ -615,14 +839,15 @@ mod tests {
     async fn upstream_settling_after(delay: Duration) -> (Uri, Arc<AtomicUsize>) {
         listen(move |stream| async move {
             tokio::time::sleep(delay).await;
-            let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
-                if request.uri().path() == "/hang" {
-                    std::future::pending::<()>().await;
-                }
-                Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                    bytes::Bytes::from_static(b"ok"),
-                )))
-            });
+            let service =
+                hyper::service::service_fn(|request: Request<hyper::body::Incoming>| async move {
+                    if request.uri().path() == "/hang" {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                        bytes::Bytes::from_static(b"ok"),
+                    )))
+                });
             let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .max_concurrent_streams(50)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)

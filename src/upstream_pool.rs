@@ -32,8 +32,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower_service::Service;
 
-use crate::body::UpstreamBody;
-use crate::upstream_h2::StreamLease;
+use crate::body::{BoxError, UpstreamBody};
+use crate::upstream_h2::{AnswerStream, StreamLease};
 
 /// How long an idle connection is kept; upstreams commonly close theirs after 60–75 s, and
 /// a connection found closed is skipped anyway.
@@ -83,7 +83,7 @@ pub enum PoolError {
     Connect(String),
     /// The connection failed while the request was being sent or answered.
     #[error("{0}")]
-    Request(#[source] hyper::Error),
+    Request(#[source] BoxError),
 }
 
 /// The connections to one origin.
@@ -162,11 +162,11 @@ impl UpstreamPool {
                         sender,
                         pool: self.shared.clone(),
                     };
-                    return Ok(PooledBody::lent(response, lease));
+                    return Ok(PooledBody::lent(response.map(AnswerBody::Http1), lease));
                 }
                 Err(mut failed) => match failed.take_message() {
                     Some(unsent) if reused => request = unsent,
-                    _ => return Err(PoolError::Request(failed.into_error())),
+                    _ => return Err(PoolError::Request(failed.into_error().into())),
                 },
             }
         }
@@ -306,18 +306,37 @@ enum Lease {
 /// The upstream's answer body. Read to its end, it gives its connection back for the next
 /// request; dropped before (the client went away) or broken, the connection is closed.
 pub struct PooledBody {
-    body: Incoming,
+    body: AnswerBody,
     lease: Option<Lease>,
+}
+
+/// An answer's bytes as they come: from hyper's HTTP/1.1 client, or from an HTTP/2 stream
+/// keygate drives itself.
+enum AnswerBody {
+    Http1(Incoming),
+    Http2(AnswerStream),
+}
+
+impl AnswerBody {
+    fn is_end_stream(&self) -> bool {
+        match self {
+            AnswerBody::Http1(body) => body.is_end_stream(),
+            AnswerBody::Http2(body) => body.is_end_stream(),
+        }
+    }
 }
 
 impl PooledBody {
     /// An answer over an HTTP/2 stream ([`crate::upstream_h2`]): the stream is given back
     /// as the answer's connection would be.
-    pub(crate) fn on_stream(response: Response<Incoming>, stream: StreamLease) -> Response<Self> {
-        Self::lent(response, Lease::Stream(stream))
+    pub(crate) fn on_stream(
+        response: Response<AnswerStream>,
+        stream: StreamLease,
+    ) -> Response<Self> {
+        Self::lent(response.map(AnswerBody::Http2), Lease::Stream(stream))
     }
 
-    fn lent(response: Response<Incoming>, lease: Lease) -> Response<Self> {
+    fn lent(response: Response<AnswerBody>, lease: Lease) -> Response<Self> {
         let (parts, body) = response.into_parts();
         let mut body = PooledBody {
             body,
@@ -352,14 +371,21 @@ impl PooledBody {
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        let frame = match &mut this.body {
+            AnswerBody::Http1(body) => {
+                ready!(Pin::new(body).poll_frame(cx)).map(|r| r.map_err(BoxError::from))
+            }
+            AnswerBody::Http2(body) => {
+                ready!(Pin::new(body).poll_frame(cx)).map(|r| r.map_err(BoxError::from))
+            }
+        };
         match &frame {
             Some(Ok(_)) if !this.body.is_end_stream() => {}
             Some(Ok(_)) | None => this.release(),
@@ -373,7 +399,10 @@ impl Body for PooledBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.body {
+            AnswerBody::Http1(body) => body.size_hint(),
+            AnswerBody::Http2(body) => body.size_hint(),
+        }
     }
 }
 

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use common::raw;
 use common::*;
 use futures_util::StreamExt;
+use keygate::config::UpstreamProtocol;
 use tokio::sync::Mutex;
 
 const BIG: u64 = 64 * 1024 * 1024;
@@ -65,12 +66,36 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The standard config, speaking `protocol` to the upstream.
+fn config_speaking(upstream: &MockUpstream, protocol: UpstreamProtocol) -> keygate::config::Config {
+    let mut config = config_from(&standard_config_text(&upstream.url(), ""));
+    config.upstream.protocol = protocol;
+    config
+}
+
+fn version_of(protocol: UpstreamProtocol) -> http::Version {
+    match protocol {
+        UpstreamProtocol::Http1 => http::Version::HTTP_11,
+        UpstreamProtocol::Http2 => http::Version::HTTP_2,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_64_mib_response_streams_through_in_bounded_memory() {
+    response_streams_through_in_bounded_memory(UpstreamProtocol::Http1).await;
+}
+
+/// From an HTTP/2 upstream, the stream's window opens only as the client reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_64_mib_response_streams_through_from_an_http2_upstream_in_bounded_memory() {
+    response_streams_through_in_bounded_memory(UpstreamProtocol::Http2).await;
+}
+
+async fn response_streams_through_in_bounded_memory(protocol: UpstreamProtocol) {
     let _alone = ALONE.lock().await;
     let upstream = MockUpstream::start().await;
     upstream.set_reply(Reply::Sized(200, BIG));
-    let gateway = TestGateway::start(config_from(&standard_config_text(&upstream.url(), ""))).await;
+    let gateway = TestGateway::start(config_speaking(&upstream, protocol)).await;
     // The mock sends b'x' repeated; hash the expectation the same way, chunk by chunk.
     let mut expected = ring::digest::Context::new(&ring::digest::SHA256);
     let x = vec![b'x'; CHUNK];
@@ -98,7 +123,8 @@ async fn a_64_mib_response_streams_through_in_bounded_memory() {
     .await;
     assert_eq!(received, BIG);
     assert_eq!(hex(digest.finish().as_ref()), expected);
-    eprintln!("64 MiB response: peak RSS grew {growth} KiB");
+    assert_eq!(upstream.received()[0].version, version_of(protocol));
+    eprintln!("64 MiB response ({protocol:?}): peak RSS grew {growth} KiB");
     assert!(
         growth < MAX_RSS_GROWTH_KIB,
         "peak RSS grew {growth} KiB while streaming a {} KiB response",
@@ -110,10 +136,21 @@ async fn a_64_mib_response_streams_through_in_bounded_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_64_mib_request_streams_through_in_bounded_memory() {
+    request_streams_through_in_bounded_memory(UpstreamProtocol::Http1).await;
+}
+
+/// To an HTTP/2 upstream, keygate reads no more of the upload than the stream's window
+/// lets it send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_64_mib_request_streams_through_to_an_http2_upstream_in_bounded_memory() {
+    request_streams_through_in_bounded_memory(UpstreamProtocol::Http2).await;
+}
+
+async fn request_streams_through_in_bounded_memory(protocol: UpstreamProtocol) {
     let _alone = ALONE.lock().await;
     let expected = pattern_sha256();
     let upstream = MockUpstream::start().await;
-    let mut config = config_from(&standard_config_text(&upstream.url(), ""));
+    let mut config = config_speaking(&upstream, protocol);
     config.server.max_body_bytes = 2 * BIG;
     // upstream.timeout runs until the response head, so it covers the upload (it restarts
     // only while keygate waits on the client): give a debug build time for 64 MiB.
@@ -139,9 +176,10 @@ async fn a_64_mib_request_streams_through_in_bounded_memory() {
     })
     .await;
     let received = &upstream.received()[0];
+    assert_eq!(received.version, version_of(protocol));
     assert_eq!(received.body_len, BIG);
     assert_eq!(received.body_sha256, expected);
-    eprintln!("64 MiB request: peak RSS grew {growth} KiB");
+    eprintln!("64 MiB request ({protocol:?}): peak RSS grew {growth} KiB");
     assert!(
         growth < MAX_RSS_GROWTH_KIB,
         "peak RSS grew {growth} KiB while streaming a {} KiB request",

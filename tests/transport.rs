@@ -6,10 +6,11 @@
 mod common;
 
 use std::io::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use common::upstream::{test_cert, TestCert};
+use common::upstream::{test_cert, TestCert, OK_JSON};
 use common::*;
 use keygate::config::{Config, TlsFiles, UpstreamProtocol};
 use reqwest::Version;
@@ -410,41 +411,69 @@ async fn tls_with_http1_and_http2(shards: Option<usize>) {
     logs::assert_clean(ALL_SECRETS);
 }
 
-/// A plain upstream speaking HTTP/2 with prior knowledge that refuses (`REFUSED_STREAM`)
-/// its first `refuse` streams, whatever the connection, and answers the others 200 with
-/// the standard JSON once it has read their body: the streams it saw, refused or not.
-async fn refusing_h2c_upstream(refuse: usize) -> (String, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let streams = Arc::new(AtomicUsize::new(0));
-    let seen = streams.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                let Ok(mut connection) = h2::server::handshake(tcp).await else {
-                    return;
-                };
-                while let Some(Ok((request, mut respond))) = connection.accept().await {
-                    if seen.fetch_add(1, Ordering::SeqCst) < refuse {
-                        respond.send_reset(h2::Reason::REFUSED_STREAM);
-                        continue;
-                    }
-                    tokio::spawn(async move {
-                        let mut body = request.into_body();
-                        while let Some(Ok(chunk)) = body.data().await {
-                            let _ = body.flow_control().release_capacity(chunk.len());
+/// A plain upstream speaking HTTP/2 with prior knowledge through the `h2` crate, for what
+/// hyper's server does not let a test script: it refuses (`REFUSED_STREAM`) its first
+/// `refuse` streams, whatever the connection, and reads the others' bodies only once
+/// `reading` is true; then answers 200 with the standard JSON.
+struct RawH2Upstream {
+    url: String,
+    /// Streams seen, refused or not.
+    streams: Arc<AtomicUsize>,
+    /// Body bytes read, over all streams.
+    body_bytes: Arc<AtomicU64>,
+    reading: tokio::sync::watch::Sender<bool>,
+}
+
+impl RawH2Upstream {
+    async fn start(refuse: usize, reading: bool) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let streams = Arc::new(AtomicUsize::new(0));
+        let body_bytes = Arc::new(AtomicU64::new(0));
+        let (reading, may_read) = tokio::sync::watch::channel(reading);
+        let (seen, read) = (streams.clone(), body_bytes.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (seen, read, may_read) = (seen.clone(), read.clone(), may_read.clone());
+                tokio::spawn(async move {
+                    let Ok(mut connection) = h2::server::handshake(tcp).await else {
+                        return;
+                    };
+                    while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        if seen.fetch_add(1, Ordering::SeqCst) < refuse {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            continue;
                         }
-                        let answer = http::Response::new(());
-                        let mut send = respond.send_response(answer, false).unwrap();
-                        let ok = bytes::Bytes::from_static(common::upstream::OK_JSON.as_bytes());
-                        let _ = send.send_data(ok, true);
-                    });
-                }
-            });
+                        let (read, mut may_read) = (read.clone(), may_read.clone());
+                        tokio::spawn(async move {
+                            let _ = may_read.wait_for(|reading| *reading).await;
+                            let mut body = request.into_body();
+                            while let Some(Ok(chunk)) = body.data().await {
+                                read.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                                let _ = body.flow_control().release_capacity(chunk.len());
+                            }
+                            let answer = http::Response::new(());
+                            let mut send = respond.send_response(answer, false).unwrap();
+                            let ok = bytes::Bytes::from_static(OK_JSON.as_bytes());
+                            let _ = send.send_data(ok, true);
+                        });
+                    }
+                });
+            }
+        });
+        Self {
+            url,
+            streams,
+            body_bytes,
+            reading,
         }
-    });
-    (url, streams)
+    }
+
+    fn gateway_config(&self) -> Config {
+        let mut config = config_from(&standard_config_text(&self.url, ""));
+        config.upstream.protocol = UpstreamProtocol::Http2;
+        config
+    }
 }
 
 /// A refused stream reached no application (RFC 9113, 8.7): a request whose body keygate
@@ -452,10 +481,9 @@ async fn refusing_h2c_upstream(refuse: usize) -> (String, Arc<AtomicUsize>) {
 /// cannot be replayed, so it is a 502 like a failed connect, refunded, and sent only once.
 #[tokio::test]
 async fn a_refused_http2_stream_is_sent_again_when_its_body_is_held_and_a_502_when_streamed() {
-    let (url, streams) = refusing_h2c_upstream(2).await;
-    let mut config = config_from(&standard_config_text(&url, ""));
-    config.upstream.protocol = UpstreamProtocol::Http2;
-    let gateway = TestGateway::start(config).await;
+    let upstream = RawH2Upstream::start(2, true).await;
+    let streams = &upstream.streams;
+    let gateway = TestGateway::start(upstream.gateway_config()).await;
 
     // A body of unknown length streams from the client as it comes.
     let answer = Answer::read(gateway.generate_chunked(TOKEN_DESIGN_GENERATE).await).await;
@@ -474,6 +502,58 @@ async fn a_refused_http2_stream_is_sent_again_when_its_body_is_held_and_a_502_wh
     assert_eq!(answer.body, common::upstream::OK_JSON);
     assert_eq!(streams.load(Ordering::SeqCst), 3);
     gateway.wait_team_used("design", 1).await;
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+/// An upload to an HTTP/2 upstream that is not reading goes no further than the stream's
+/// window and the sockets' buffers: keygate reads from the client only what it can send,
+/// never the whole body into memory. Then, reading, the upstream gets every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_to_an_http2_upstream_not_reading_waits_for_its_window() {
+    const BIG: u64 = 64 * 1024 * 1024;
+    const CHUNK: u64 = 64 * 1024;
+    let upstream = RawH2Upstream::start(0, false).await;
+    let mut config = upstream.gateway_config();
+    config.server.max_body_bytes = 2 * BIG;
+    config.upstream.timeout = Duration::from_secs(60);
+    let gateway = TestGateway::start(config).await;
+
+    let taken = Arc::new(AtomicU64::new(0));
+    let counted = taken.clone();
+    let chunks = futures_util::stream::iter((0..BIG / CHUNK).map(move |_| {
+        counted.fetch_add(CHUNK, Ordering::SeqCst);
+        Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'p'; CHUNK as usize]))
+    }));
+    let upload = gateway
+        .client
+        .post(gateway.url("/v1/text-to-image"))
+        .bearer_auth(TOKEN_DESIGN_GENERATE)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .timeout(Duration::from_secs(60))
+        .send();
+    let upload = tokio::spawn(upload);
+    // Until the client can hand over no more: the bytes taken stop growing.
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = taken.load(Ordering::SeqCst);
+        if now > 0 && now == last {
+            break;
+        }
+        last = now;
+    }
+    assert!(
+        last < BIG / 2,
+        "the client handed over {} MiB while the upstream read nothing",
+        last >> 20
+    );
+    assert_eq!(upstream.body_bytes.load(Ordering::SeqCst), 0);
+
+    upstream.reading.send_replace(true);
+    let answer = Answer::read(upload.await.unwrap().unwrap()).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(upstream.body_bytes.load(Ordering::SeqCst), BIG);
     gateway.shutdown().await;
     logs::assert_clean(ALL_SECRETS);
 }
