@@ -301,6 +301,37 @@ async fn a_stalled_request_body_answers_408_even_when_the_upstream_timeout_is_sh
     logs::assert_clean(ALL_SECRETS);
 }
 
+/// Over an HTTP/2 upstream, a body streaming from the client (chunked: never held) that
+/// stalls ends its stream: 408 to the client, a reset stream for the upstream, which sees
+/// the body broken off.
+#[tokio::test]
+async fn a_stalled_streamed_body_to_an_http2_upstream_answers_408_and_resets_its_stream() {
+    let upstream = MockUpstream::start().await;
+    let gateway = gateway(&upstream, |c| {
+        c.server.body_read_timeout = Duration::from_millis(1000);
+        c.upstream.protocol = keygate::config::UpstreamProtocol::Http2;
+    })
+    .await;
+    let gw = gateway.proxy_addr();
+    let mut stream = raw::connect(gw).await;
+    let head = post_head(gw, "Transfer-Encoding: chunked\r\n");
+    stream
+        .write_all(format!("{head}9\r\n{{\"prompt\"\r\n").as_bytes())
+        .await
+        .unwrap();
+    let outcome = raw::read_response(&mut stream).await;
+    assert_eq!(outcome.response().status, 408);
+    assert_eq!(outcome.response().body_text(), REQUEST_TIMEOUT_BODY);
+    upstream.wait_for(1, Duration::from_secs(5)).await;
+    let received = &upstream.received()[0];
+    assert_eq!(received.version, http::Version::HTTP_2);
+    assert_eq!(received.body, "{\"prompt\"");
+    assert!(!received.body_complete, "the stream was reset, not ended");
+    gateway.wait_team_used("design", 0).await;
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
 /// Sends `head`, then `parts` one every `pace`, while reading the answer.
 async fn paced_exchange(
     gw: std::net::SocketAddr,
