@@ -690,10 +690,12 @@ impl Pump {
                     Some(Ok(0)) => continue,
                     Some(Ok(capacity)) => {
                         let chunk = data.split_to(capacity.min(data.len()));
+                        // The last bytes end the stream themselves, not a frame after them.
+                        let last = data.is_empty() && self.body.is_end_stream();
                         if data.is_empty() {
                             self.pending = None;
                         }
-                        if self.send.send_data(chunk, false).is_err() {
+                        if self.send.send_data(chunk, last).is_err() || last {
                             return Poll::Ready(());
                         }
                     }
