@@ -1089,6 +1089,48 @@ mod tests {
         assert!(pool.connections().is_empty(), "closed once past it");
     }
 
+    /// An upstream that sends its settings (none: defaults) and acknowledges the client's,
+    /// then goes silent: no answer, no pong.
+    async fn silent_upstream() -> Uri {
+        let (origin, _) = listen(|mut stream| async move {
+            use tokio::io::AsyncReadExt;
+            let settings_then_ack = [0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0];
+            stream.write_all(&settings_then_ack).await.unwrap();
+            let mut sink = [0u8; 4096];
+            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+        origin
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_whose_ping_goes_unanswered_is_closed_with_its_requests() {
+        let origin = silent_upstream().await;
+        let pool = pool(&origin);
+        let started = Instant::now();
+        let request = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.send(get("/ok")).await.map(|_| ()) }
+        });
+        while pool.connections() != [(1, MAX_STREAMS)] {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep_until(started + PING_EVERY + PING_TIMEOUT - Duration::from_secs(1))
+            .await;
+        assert_eq!(
+            pool.connections().len(),
+            1,
+            "kept until the ping's answer is late"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(pool.connections().is_empty(), "closed once it is");
+        let failed = tokio::time::timeout(Duration::from_secs(1), request)
+            .await
+            .expect("the request ends with its connection")
+            .unwrap();
+        assert!(matches!(failed, Err(PoolError::Request(_))));
+    }
+
     #[tokio::test]
     async fn an_upstream_that_does_not_speak_h2c_is_a_connect_error() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
