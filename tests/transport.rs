@@ -414,7 +414,8 @@ async fn tls_with_http1_and_http2(shards: Option<usize>) {
 /// A plain upstream speaking HTTP/2 with prior knowledge through the `h2` crate, for what
 /// hyper's server does not let a test script: it refuses (`REFUSED_STREAM`) its first
 /// `refuse` streams, whatever the connection, and reads the others' bodies only once
-/// `reading` is true; then answers 200 with the standard JSON.
+/// `reading` is true, then answers 200 with the standard JSON; or, answering first, it
+/// answers 413 at once on one stream at a time and then sees how the body ends.
 struct RawH2Upstream {
     url: String,
     /// Streams seen, refused or not.
@@ -422,21 +423,41 @@ struct RawH2Upstream {
     /// Body bytes read, over all streams.
     body_bytes: Arc<AtomicU64>,
     reading: tokio::sync::watch::Sender<bool>,
+    /// Streams whose body the client reset instead of ending it.
+    resets: tokio::sync::watch::Receiver<usize>,
+    connections: Arc<AtomicUsize>,
 }
 
 impl RawH2Upstream {
     async fn start(refuse: usize, reading: bool) -> Self {
+        Self::start_with(refuse, reading, false).await
+    }
+
+    async fn start_answering_first() -> Self {
+        Self::start_with(0, true, true).await
+    }
+
+    async fn start_with(refuse: usize, reading: bool, answer_first: bool) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let streams = Arc::new(AtomicUsize::new(0));
         let body_bytes = Arc::new(AtomicU64::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
         let (reading, may_read) = tokio::sync::watch::channel(reading);
-        let (seen, read) = (streams.clone(), body_bytes.clone());
+        let (count_reset, resets) = tokio::sync::watch::channel(0);
+        let count_reset = Arc::new(count_reset);
+        let (seen, read, accepted) = (streams.clone(), body_bytes.clone(), connections.clone());
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let (seen, read, may_read) = (seen.clone(), read.clone(), may_read.clone());
+                let count_reset = count_reset.clone();
                 tokio::spawn(async move {
-                    let Ok(mut connection) = h2::server::handshake(tcp).await else {
+                    let mut builder = h2::server::Builder::new();
+                    if answer_first {
+                        builder.max_concurrent_streams(1);
+                    }
+                    let Ok(mut connection) = builder.handshake(tcp).await else {
                         return;
                     };
                     while let Some(Ok((request, mut respond))) = connection.accept().await {
@@ -445,17 +466,34 @@ impl RawH2Upstream {
                             continue;
                         }
                         let (read, mut may_read) = (read.clone(), may_read.clone());
+                        let count_reset = count_reset.clone();
                         tokio::spawn(async move {
+                            if answer_first {
+                                let mut answer = http::Response::new(());
+                                *answer.status_mut() = http::StatusCode::PAYLOAD_TOO_LARGE;
+                                let _ = respond.send_response(answer, true);
+                            }
                             let _ = may_read.wait_for(|reading| *reading).await;
                             let mut body = request.into_body();
-                            while let Some(Ok(chunk)) = body.data().await {
-                                read.fetch_add(chunk.len() as u64, Ordering::SeqCst);
-                                let _ = body.flow_control().release_capacity(chunk.len());
+                            loop {
+                                match body.data().await {
+                                    Some(Ok(chunk)) => {
+                                        read.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                                        let _ = body.flow_control().release_capacity(chunk.len());
+                                    }
+                                    Some(Err(_)) => {
+                                        count_reset.send_modify(|resets| *resets += 1);
+                                        return;
+                                    }
+                                    None => break,
+                                }
                             }
-                            let answer = http::Response::new(());
-                            let mut send = respond.send_response(answer, false).unwrap();
-                            let ok = bytes::Bytes::from_static(OK_JSON.as_bytes());
-                            let _ = send.send_data(ok, true);
+                            if !answer_first {
+                                let answer = http::Response::new(());
+                                let mut send = respond.send_response(answer, false).unwrap();
+                                let _ = send
+                                    .send_data(bytes::Bytes::from_static(OK_JSON.as_bytes()), true);
+                            }
                         });
                     }
                 });
@@ -466,6 +504,8 @@ impl RawH2Upstream {
             streams,
             body_bytes,
             reading,
+            resets,
+            connections,
         }
     }
 
@@ -554,6 +594,43 @@ async fn an_upload_to_an_http2_upstream_not_reading_waits_for_its_window() {
     let answer = Answer::read(upload.await.unwrap().unwrap()).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(upstream.body_bytes.load(Ordering::SeqCst), BIG);
+    gateway.shutdown().await;
+    logs::assert_clean(ALL_SECRETS);
+}
+
+/// An upstream may answer before the upload ends (RFC 9113, 8.1): the answer goes to the
+/// client, the rest of the upload is not sent (its stream is reset), and the stream is
+/// free again at once: the next request goes on the same connection, which takes one
+/// stream at a time.
+#[tokio::test]
+async fn an_http2_upstream_answering_before_the_upload_ends_frees_its_stream() {
+    let mut upstream = RawH2Upstream::start_answering_first().await;
+    let gateway = TestGateway::start(upstream.gateway_config()).await;
+    let gw = gateway.proxy_addr();
+    let mut client = common::raw::connect(gw).await;
+    let head = format!(
+        "POST /v1/text-to-image HTTP/1.1\r\nHost: {gw}\r\nAuthorization: Bearer \
+         {TOKEN_DESIGN_GENERATE}\r\nTransfer-Encoding: chunked\r\n\r\n9\r\n{{\"prompt\"\r\n"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut client, head.as_bytes())
+        .await
+        .unwrap();
+    // The upload goes no further; the answer comes anyway.
+    let answer = common::raw::read_response(&mut client).await;
+    assert_eq!(answer.response().status, 413);
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        upstream.resets.wait_for(|r| *r == 1),
+    )
+    .await
+    .expect("the rest of the upload is reset, not left open")
+    .unwrap();
+
+    let answer = Answer::read(gateway.generate(TOKEN_DESIGN_GENERATE).await).await;
+    assert_eq!(answer.status, 413);
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(upstream.streams.load(Ordering::SeqCst), 2);
+    drop(client);
     gateway.shutdown().await;
     logs::assert_clean(ALL_SECRETS);
 }
