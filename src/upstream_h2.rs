@@ -777,6 +777,10 @@ impl Body for AnswerStream {
     }
 
     fn size_hint(&self) -> SizeHint {
+        // An answer to HEAD says the length of a body it does not carry.
+        if self.stream.is_end_stream() {
+            return SizeHint::with_exact(0);
+        }
         match self.remaining {
             Some(remaining) => SizeHint::with_exact(remaining),
             None => SizeHint::default(),

@@ -634,3 +634,42 @@ async fn an_http2_upstream_answering_before_the_upload_ends_frees_its_stream() {
     gateway.shutdown().await;
     logs::assert_clean(ALL_SECRETS);
 }
+
+/// An answer to HEAD names the length of a body it does not carry: the client gets the
+/// length and no body, and its connection serves the next request, whichever protocol
+/// keygate speaks to the upstream.
+#[tokio::test]
+async fn an_answer_to_head_carries_its_length_and_no_body_over_either_upstream_protocol() {
+    for protocol in [UpstreamProtocol::Http1, UpstreamProtocol::Http2] {
+        let upstream = MockUpstream::start().await;
+        let route = "[[routes]]\nmatch = \"HEAD /v1/models\"\nscope = \"read\"\n";
+        let mut config = config_from(&standard_config_text(&upstream.url(), route));
+        config.upstream.protocol = protocol;
+        let gateway = TestGateway::start(config).await;
+        for _ in 0..2 {
+            let response = gateway
+                .client
+                .head(gateway.url("/v1/models"))
+                .bearer_auth(TOKEN_DESIGN_READ)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{protocol:?}");
+            assert_eq!(
+                response.headers()["content-length"],
+                OK_JSON.len().to_string().as_str(),
+                "{protocol:?}"
+            );
+            assert_eq!(response.bytes().await.unwrap().len(), 0);
+        }
+        let answer = Answer::read(gateway.generate(TOKEN_DESIGN_GENERATE).await).await;
+        assert_eq!(answer.status, 200, "{protocol:?}: {}", answer.body);
+        assert!(upstream
+            .received()
+            .iter()
+            .take(2)
+            .all(|r| r.method == "HEAD"));
+        gateway.shutdown().await;
+    }
+    logs::assert_clean(ALL_SECRETS);
+}
