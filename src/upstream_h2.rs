@@ -944,13 +944,15 @@ mod tests {
         assert_eq!(pool.connections().len(), 1);
     }
 
-    /// Settings that come after the connection's first look still let the requests
-    /// waiting for it go (hyper wakes nothing for them), well before the settle timeout.
+    /// Settings that come after the connection's first poll still let the requests
+    /// waiting for it go, well before the settle timeout (hyper's client woke nothing for
+    /// them: the driver had to look again on a timer; reading the frames itself, it is
+    /// woken by their arrival).
     #[tokio::test]
     async fn requests_go_once_late_settings_arrive() {
         let (origin, _) = upstream_settling_after(Duration::from_millis(100)).await;
         let pool = pool_settling_within(&origin, Duration::from_secs(60));
-        // Without another look, they wait until the settle timeout wakes the connection.
+        // Were the settings' arrival to wake nothing, they would wait for the settle timeout.
         let response = tokio::time::timeout(Duration::from_secs(5), pool.send(get("/ok")))
             .await
             .expect("not held until the settle timeout")
