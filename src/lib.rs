@@ -32,8 +32,8 @@
 //!   outage modes, quota headers, local slices of a busy team's room (Redis);
 //!   [`shared_redis`]: the connection to a fleet's Redis.
 //! - [`forward`]: the upstream request and header rewrite; [`upstream_pool`]: the kept-alive
-//!   HTTP/1.1 connections to the upstream, [`upstream_h2`]: the shared HTTP/2 ones (opt-in, on `h2` directly);
-//!   [`upstream_keys`]: real keys;
+//!   HTTP/1.1 connections to the upstream, [`upstream_h2`]: the shared HTTP/2 ones (opt-in,
+//!   on `h2` directly); [`upstream_keys`]: real keys;
 //!   [`retry`]: retries of 429 / 503 / failed connects with backoff and key failover;
 //!   [`circuit`]: the breaker that answers 503 at once while the upstream is down.
 //! - [`context`], [`observe`], [`request_id`], [`telemetry`]: what is recorded;

@@ -477,7 +477,11 @@ struct Settling<'a> {
 /// settings now allow (the connection reads its frames in this task, so their arrival
 /// wakes it). Until they arrive, nothing is sent on it. Pings every [`PING_EVERY`], idle or
 /// not, and ends the connection when one goes unanswered for [`PING_TIMEOUT`].
-async fn drive(settling: Settling<'_>, sender: Sender, connection: Driven) -> Result<(), String> {
+async fn drive(
+    settling: Settling<'_>,
+    sender: Sender,
+    mut connection: Driven,
+) -> Result<(), String> {
     let Settling {
         pool,
         list,
@@ -485,7 +489,6 @@ async fn drive(settling: Settling<'_>, sender: Sender, connection: Driven) -> Re
         tell,
         by,
     } = settling;
-    let mut connection = connection;
     let mut pings = connection.ping_pong();
     let mut unsettled = Some(sender);
     let mut allowed = 0;
