@@ -177,6 +177,7 @@ fn upstream() -> &'static Upstream {
             "[upstream]\nurl = \"https://api.example\"\n[upstream.keys.prod]\nenv = \"UNUSED\"\n",
         )
         .expect("minimal config");
-        Upstream::new(&config.upstream, Default::default()).expect("upstream client builds")
+        Upstream::new(&config.upstream, Default::default(), Default::default())
+            .expect("upstream client builds")
     })
 }

@@ -13,7 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::body::UpstreamBody;
 use crate::config::{UpstreamConfig, UpstreamProtocol};
-use crate::upstream_h2::Http2Pool;
+use crate::upstream_h2::{Http2Pool, Resends};
 use crate::upstream_pool::{OpenConnections, PoolError, PooledBody, UpstreamPool};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -131,8 +131,13 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// `open` counts the connections to it (`keygate_upstream_connections`).
-    pub fn new(config: &UpstreamConfig, open: OpenConnections) -> Result<Self, String> {
+    /// `open` counts the connections to it (`keygate_upstream_connections`), `resends` the
+    /// requests its HTTP/2 connections sent again (`keygate_upstream_resends_total`).
+    pub fn new(
+        config: &UpstreamConfig,
+        open: OpenConnections,
+        resends: Resends,
+    ) -> Result<Self, String> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(ca_file) = &config.ca_file {
@@ -178,6 +183,7 @@ impl Upstream {
                 &origin,
                 config.connect_timeout,
                 open,
+                resends,
             )?),
         };
         Ok(Self {

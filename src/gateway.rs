@@ -260,7 +260,12 @@ impl Gateway {
         clock: Arc<dyn Clock>,
         mut observer: Observer,
     ) -> Result<Self, String> {
-        let upstream = Upstream::new(&config.upstream, observer.metrics.upstream_connections())?;
+        let metrics = &observer.metrics;
+        let upstream = Upstream::new(
+            &config.upstream,
+            metrics.upstream_connections(),
+            metrics.upstream_resends(),
+        )?;
         let upstream_keys = UpstreamKeys::load(&config.upstream.keys);
         for (env, problem) in upstream_keys.problems() {
             tracing::warn!(env = %env, problem = %problem, "no usable upstream key: requests for this env answer 503");

@@ -346,6 +346,8 @@ pub struct Metrics {
     upstream_retries: AtomicU64,
     /// Connections to the upstream open now, counted by the upstream pool.
     upstream_connections: crate::upstream_pool::OpenConnections,
+    /// Requests the HTTP/2 upstream pool sent again, by reason, counted by the pool.
+    upstream_resends: crate::upstream_h2::Resends,
     /// [`CircuitState::gauge`] of the upstream circuit.
     circuit_state: std::sync::atomic::AtomicU8,
     circuit_opened: AtomicU64,
@@ -375,6 +377,7 @@ impl Metrics {
             alerts_dropped: AtomicU64::new(0),
             upstream_retries: AtomicU64::new(0),
             upstream_connections: Default::default(),
+            upstream_resends: Default::default(),
             circuit_state: Default::default(),
             circuit_opened: AtomicU64::new(0),
             usage_log_dropped: Default::default(),
@@ -386,6 +389,11 @@ impl Metrics {
     /// What the upstream pool counts its open connections in.
     pub fn upstream_connections(&self) -> crate::upstream_pool::OpenConnections {
         self.upstream_connections.clone()
+    }
+
+    /// What the HTTP/2 upstream pool counts the requests it sends again in.
+    pub fn upstream_resends(&self) -> crate::upstream_h2::Resends {
+        self.upstream_resends.clone()
     }
 
     /// Records one finished request: every per-request series, from the one context the
@@ -673,6 +681,14 @@ impl Metrics {
             ("keygate_upstream_connections", "gauge"),
             "Connections to the upstream open now: one per request in flight over HTTP/1.1, shared by up to the upstream's stream limit with upstream.protocol = \"http2\".",
             self.upstream_connections.current(),
+        );
+        labelled(
+            &mut out,
+            ("keygate_upstream_resends_total", "counter", "reason"),
+            "Requests sent again at once on another HTTP/2 stream (upstream.protocol = \"http2\"): the upstream refused the stream, or its connection went away, before processing them.",
+            crate::upstream_h2::ResendReason::ALL
+                .iter()
+                .map(|reason| (reason.as_str(), self.upstream_resends.get(*reason))),
         );
         if let Some(in_flight) = in_flight {
             scalar(

@@ -68,6 +68,47 @@ const MAX_SEND_BUFFER: usize = 1024 * 1024;
 
 type Sender = h2::client::SendRequest<Bytes>;
 
+/// Why a request went out again on another stream: the upstream's application never saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResendReason {
+    /// The upstream refused the stream (`REFUSED_STREAM`): often its stream limit, lowered.
+    RefusedStream,
+    /// The stream raced the upstream closing the connection (GOAWAY).
+    GoingAway,
+    /// The connection had closed or was closing before the stream could open.
+    ConnectionClosed,
+}
+
+impl ResendReason {
+    pub const ALL: [ResendReason; 3] = [
+        ResendReason::RefusedStream,
+        ResendReason::GoingAway,
+        ResendReason::ConnectionClosed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResendReason::RefusedStream => "refused_stream",
+            ResendReason::GoingAway => "going_away",
+            ResendReason::ConnectionClosed => "connection_closed",
+        }
+    }
+}
+
+/// Requests the HTTP/2 pool sent again, by reason (`keygate_upstream_resends_total`).
+#[derive(Clone, Default)]
+pub struct Resends(Arc<[std::sync::atomic::AtomicU64; ResendReason::ALL.len()]>);
+
+impl Resends {
+    fn count(&self, reason: ResendReason) {
+        self.0[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, reason: ResendReason) -> &std::sync::atomic::AtomicU64 {
+        &self.0[reason as usize]
+    }
+}
+
 /// The HTTP/2 connections to one origin.
 #[derive(Clone)]
 pub struct Http2Pool {
@@ -89,6 +130,7 @@ struct Shared {
     next_id: AtomicU64,
     reaping: AtomicBool,
     open: OpenConnections,
+    resends: Resends,
 }
 
 #[derive(Default)]
@@ -155,12 +197,13 @@ impl Http2Pool {
     /// HTTP/2 connections to `origin` (`scheme://authority/`), counted in `open`, each taking
     /// as many requests at once as the upstream allows; a new one has `settle_within` to
     /// connect and send its settings. `connector` must offer only h2 by ALPN
-    /// ([`crate::forward::https_connector`]).
+    /// ([`crate::forward::https_connector`]). Requests sent again are counted in `resends`.
     pub fn new(
         connector: HttpsConnector<HttpConnector>,
         origin: &Uri,
         settle_within: Duration,
         open: OpenConnections,
+        resends: Resends,
     ) -> Result<Self, String> {
         let (Some(scheme), Some(authority)) = (origin.scheme(), origin.authority()) else {
             return Err(format!("upstream {origin} is not scheme://host"));
@@ -176,6 +219,7 @@ impl Http2Pool {
                 next_id: AtomicU64::new(0),
                 reaping: AtomicBool::new(false),
                 open,
+                resends,
             }),
         })
     }
@@ -233,22 +277,27 @@ impl Http2Pool {
                 Ok(response) => return Ok((response, lease)),
                 Err(failure) => failure,
             };
-            let (cause, unsent) = match failure {
+            let (cause, unsent, reason) = match failure {
                 Failure::Unsent(cause, unsent) => {
                     // The connection is closing or gone (maybe before its task has taken
                     // it out of the list): no more for it.
                     self.shared.forget(lease.list, lease.id);
-                    (cause, unsent)
+                    (cause, unsent, ResendReason::ConnectionClosed)
                 }
                 Failure::Refused(Refusal::GoingAway, cause) => {
                     self.shared.forget(lease.list, lease.id);
-                    (cause, None)
+                    (cause, None, ResendReason::GoingAway)
                 }
-                Failure::Refused(Refusal::Stream, cause) => (cause, None),
+                Failure::Refused(Refusal::Stream, cause) => {
+                    (cause, None, ResendReason::RefusedStream)
+                }
                 Failure::Failed(cause) => return Err(PoolError::Request(cause)),
             };
             request = match unsent.map(|request| *request).or(again) {
-                Some(request) if resends < RESENDS => request,
+                Some(request) if resends < RESENDS => {
+                    self.shared.resends.count(reason);
+                    request
+                }
                 Some(_) => {
                     return Err(PoolError::Connect(format!(
                         "{RESENDS} upstream connections refused the request or ended before \
@@ -876,7 +925,14 @@ mod tests {
             crate::config::UpstreamProtocol::Http2,
         )
         .unwrap();
-        Http2Pool::new(connector, origin, settle_within, OpenConnections::default()).unwrap()
+        Http2Pool::new(
+            connector,
+            origin,
+            settle_within,
+            OpenConnections::default(),
+            Resends::default(),
+        )
+        .unwrap()
     }
 
     fn get(path: &'static str) -> Request<UpstreamBody> {

@@ -542,6 +542,19 @@ async fn a_refused_http2_stream_is_sent_again_when_its_body_is_held_and_a_502_wh
     assert_eq!(answer.body, common::upstream::OK_JSON);
     assert_eq!(streams.load(Ordering::SeqCst), 3);
     gateway.wait_team_used("design", 1).await;
+    // The operator sees the one resend and why; the streamed body's refusal is a 502.
+    let metrics = gateway.metrics().await;
+    let resends = |reason| {
+        common::observe::series(
+            &metrics,
+            "keygate_upstream_resends_total",
+            &[("reason", reason)],
+        )
+    };
+    assert_eq!(resends("refused_stream"), Some(1.0));
+    assert_eq!(resends("going_away"), Some(0.0));
+    assert_eq!(resends("connection_closed"), Some(0.0));
+    common::observe::promtool_check(&metrics);
     gateway.shutdown().await;
     logs::assert_clean(ALL_SECRETS);
 }
