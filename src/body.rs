@@ -16,6 +16,16 @@ use tokio::time::{Instant, Sleep};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The length a message's `Content-Length` announces, when it is one number.
+pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// Why the client's body stopped before its end. The forward step reads it so that a
 /// client's fault is answered 4xx, never blamed on the upstream with a 5xx.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -14,7 +14,8 @@ use hyper::body::Incoming;
 
 use crate::auth::{self, ApiKey};
 use crate::body::{
-    BodyEnd, BodyLimits, InboundBody, InboundFailure, InboundProgress, OnFinish, ResponseBody,
+    content_length, BodyEnd, BodyLimits, InboundBody, InboundFailure, InboundProgress, OnFinish,
+    ResponseBody,
 };
 use crate::config::OnStoreError;
 use crate::connection::Endpoints;
@@ -148,12 +149,7 @@ fn route<'a>(
         }
     };
     ctx.path = path.clone();
-    if let Some(length) = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+    if let Some(length) = content_length(request.headers()) {
         if length > max_body_bytes {
             return Err(GatewayError::PayloadTooLarge {
                 limit: max_body_bytes,

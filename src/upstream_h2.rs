@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use http::header;
 use http::uri::{Authority, Scheme};
-use http::{HeaderMap, Request, Response, Uri, Version};
+use http::{Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
@@ -41,7 +41,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tower_service::Service;
 
-use crate::body::{BoxError, InboundBody, UpstreamBody};
+use crate::body::{content_length, BoxError, InboundBody, UpstreamBody};
 use crate::upstream_pool::{
     OpenConnections, PoolError, PooledBody, IDLE_LISTS, IDLE_TIMEOUT, REAP_EVERY,
 };
@@ -711,15 +711,6 @@ async fn exchange(
             None => Failure::Failed(Box::new(cause)),
         }),
     }
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 /// Sends a body streamed from the client on its stream as the upstream's windows open:
